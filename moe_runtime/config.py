@@ -1,0 +1,109 @@
+"""Typed configuration of the offloaded engine, validated in one place.
+
+Everything a user can set lives in `OffloadConfig`; `validate()` checks the values that can be
+checked without the model, `validate_for_model()` the ones that depend on it (cache size against
+the number of experts). Both raise ValueError naming the allowed values, before any work is done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+DEVICES_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
+OFFLOAD_TIERS = ("ram", "disk")
+EXPERT_BITS = (None, 2, 3, 4, 8)
+ATTN_BITS = (None, 4, 8)
+POLICIES = ("lru", "lfu", "lfru")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class OffloadConfig:
+    """How a Mixture-of-Experts model is split between the compute device and a slower tier.
+
+    device:       where attention and the expert cache live: "auto" (CUDA when present), "cpu",
+                  "cuda" or "cuda:N".
+    offload:      the slow tier holding every expert: "ram" (host memory, pinned on CUDA) or
+                  "disk" (read from the on-disk expert store on demand).
+    cache_size:   experts per MoE layer kept resident on the device (1..num_experts).
+    prefetch:     experts of layer L+1 guessed from layer L and loaded ahead (0 disables).
+    expert_bits:  None (unquantized) or 2, 3, 4, 8 (HQQ).
+    attn_bits:    None (unquantized) or 4, 8 (HQQ) for the attention projections.
+    store_dir:    folder of the expert store, reused across runs (keyed by model and quant settings).
+    policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
+    dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one.
+    record_trace: keep a per-token routing trace (selected experts per layer) in the stats.
+    """
+
+    device: str = "auto"
+    offload: str = "ram"
+    cache_size: int = 2
+    prefetch: int = 2
+    expert_bits: int | None = None
+    expert_group_size: int = 16
+    attn_bits: int | None = None
+    attn_group_size: int = 64
+    quantize_meta: bool = True
+    store_dir: str = "expert-store"
+    policy: str = "lru"
+    dtype: str = "auto"
+    record_trace: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _check_device(self.device)
+        _check_choice("offload", self.offload, OFFLOAD_TIERS)
+        _check_choice("expert_bits", self.expert_bits, EXPERT_BITS)
+        _check_choice("attn_bits", self.attn_bits, ATTN_BITS)
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_int("cache_size", self.cache_size, minimum=1)
+        _check_int("prefetch", self.prefetch, minimum=0)
+        for name in ("expert_group_size", "attn_group_size"):
+            value = getattr(self, name)
+            _check_int(name, value, minimum=1)
+            if value & (value - 1):
+                raise ValueError(f"{name}={value!r} is not allowed: use a power of two (8, 16, 32, 64, 128...)")
+        if not isinstance(self.store_dir, str) or not self.store_dir:
+            raise ValueError(f"store_dir={self.store_dir!r} is not allowed: give a folder path")
+
+    def validate_for_model(self, num_experts: int, top_k: int) -> None:
+        if not 1 <= self.cache_size <= num_experts:
+            raise ValueError(
+                f"cache_size={self.cache_size} is not allowed for this model: "
+                f"use 1..{num_experts} (it has {num_experts} experts per layer)"
+            )
+        if self.prefetch > num_experts:
+            raise ValueError(
+                f"prefetch={self.prefetch} is not allowed for this model: use 0..{num_experts}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> OffloadConfig:
+        """Build from a dict, ignoring keys that are not settings (so saved files stay readable)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed or isinstance(value, bool):
+        shown = ", ".join("None" if a is None else repr(a) for a in allowed)
+        raise ValueError(f"{name}={value!r} is not allowed: use one of {shown}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not allowed: use an integer >= {minimum}")
+
+
+def _check_device(device: str) -> None:
+    if device in ("auto", "cpu", "cuda"):
+        return
+    if isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit():
+        return
+    raise ValueError(f"device={device!r} is not allowed: use {DEVICES_HELP}")
