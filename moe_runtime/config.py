@@ -28,6 +28,8 @@ class OffloadConfig:
     cache_size:   experts per MoE layer kept resident on the device (1..num_experts).
     prefetch:     experts of layer L+1 guessed from layer L and loaded ahead (0 disables).
     expert_bits:  None (unquantized) or 2, 3, 4, 8 (HQQ).
+    expert_group_size: HQQ group size of experts; None picks the paper's choice for the bits
+                  (16 for 2- and 3-bit, 64 for 4- and 8-bit, where 16 would cost more than it saves).
     attn_bits:    None (unquantized) or 4, 8 (HQQ) for the attention projections.
     store_dir:    folder of the expert store, reused across runs (keyed by model and quant settings).
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
@@ -40,7 +42,7 @@ class OffloadConfig:
     cache_size: int = 2
     prefetch: int = 2
     expert_bits: int | None = None
-    expert_group_size: int = 16
+    expert_group_size: int | None = None
     attn_bits: int | None = None
     attn_group_size: int = 64
     quantize_meta: bool = True
@@ -63,6 +65,8 @@ class OffloadConfig:
         _check_int("prefetch", self.prefetch, minimum=0)
         for name in ("expert_group_size", "attn_group_size"):
             value = getattr(self, name)
+            if value is None and name == "expert_group_size":
+                continue
             _check_int(name, value, minimum=1)
             if value & (value - 1):
                 raise ValueError(f"{name}={value!r} is not allowed: use a power of two (8, 16, 32, 64, 128...)")
@@ -79,6 +83,12 @@ class OffloadConfig:
             raise ValueError(
                 f"prefetch={self.prefetch} is not allowed for this model: use 0..{num_experts}"
             )
+
+    @property
+    def expert_group(self) -> int:
+        if self.expert_group_size is not None:
+            return self.expert_group_size
+        return 16 if self.expert_bits is not None and self.expert_bits <= 3 else 64
 
     def to_dict(self) -> dict:
         return asdict(self)

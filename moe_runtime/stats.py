@@ -214,23 +214,24 @@ class StatsCollector:
             self.trace = RoutingTrace(n_layers, n_experts, top_k, self.model) if self.record_trace else None
 
     # --- written by the experts modules, cache and prefetcher -------------------------------
-    def record_routing(self, layer: int, selected: list[list[int]], guess: list[int] | None) -> None:
-        """selected: per token, its K experts; guess: the ranking predicted for this layer, if any."""
+    def record_routing(self, layer: int, selected: list[list[int]], guess: list[list[int]] | None,
+                       width: int) -> None:
+        """selected: per token, its K experts; guess: per token, the ranking predicted for this
+        layer from the previous one (None at layer 0). Recall counts the top-`width` guesses."""
         with self._lock:
             counts = self.expert_counts[layer]
             for experts in selected:
                 for e in experts:
                     counts[e] += 1
             if guess is not None:
-                guessed = set(guess)
-                needed = {e for experts in selected for e in experts}
-                self.guess_hits[layer] += len(needed & guessed)
-                self.guess_total[layer] += len(needed)
+                for experts, ranking in zip(selected, guess):
+                    self.guess_hits[layer] += len(set(experts) & set(ranking[:width]))
+                    self.guess_total[layer] += len(experts)
             if self.trace is not None:
                 if layer == 0:
                     self.trace.phase.extend([self.phase] * len(selected))
                 self.trace.selected[layer].extend(selected)
-                self.trace.guess[layer].extend([list(guess) if guess is not None else []] * len(selected))
+                self.trace.guess[layer].extend(guess if guess is not None else [[] for _ in selected])
 
     def record_access(self, layer: int, hit: bool) -> None:
         with self._lock:

@@ -1,0 +1,216 @@
+"""The engine: a transformers model with offloaded experts, plus streaming generation and stats.
+
+Generation is transformers' `generate` (KV cache, sampling, chat template); the engine adds a
+streaming iterator that yields `StreamUpdate`s a UI can show directly, with tokens/s and the cache
+hit rate of the reply so far.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from .arch import MoEShape
+from .config import OffloadConfig
+from .stats import Stats, StatsCollector
+
+
+@dataclass
+class GenerationSettings:
+    """Sampling settings of one reply. temperature 0 means greedy decoding."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or not 1 <= self.max_new_tokens <= 4096:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} is not allowed: use an integer in 1..4096")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 5:
+            raise ValueError(f"temperature={self.temperature!r} is not allowed: use a number in 0..5 (0 = greedy)")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p!r} is not allowed: use a number in (0, 1]")
+
+
+@dataclass
+class StreamUpdate:
+    """The reply so far. `text` is the whole reply, not only the newest piece."""
+
+    text: str
+    new_tokens: int
+    tokens_per_second: float
+    hit_rate: float
+    finished: bool = False
+    finish_reason: str | None = None  # "length", "stop" (end of sequence) or "cancelled"
+
+
+class _TimedStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer that also timestamps every generated token in the stats."""
+
+    def __init__(self, tokenizer, stats: StatsCollector, **kwargs) -> None:
+        super().__init__(tokenizer, **kwargs)
+        self.stats = stats
+        self.count = 0
+
+    def put(self, value) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.stats.mark_token()
+            self.count += 1
+        super().put(value)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    """What `moe_runtime.load` returns. `model` and `tokenizer` are plain transformers objects."""
+
+    def __init__(self, model, tokenizer, config: OffloadConfig, shape: MoEShape, device: torch.device,
+                 model_name: str, experts: list, transfer, tier, stats: StatsCollector,
+                 store_path: Path | None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.shape = shape
+        self.device = device
+        self.model_name = model_name
+        self.experts = experts
+        self.transfer = transfer
+        self.tier = tier
+        self.store_path = store_path
+        self._stats = stats
+        self._lock = threading.Lock()
+
+    # --- statistics ---------------------------------------------------------------------------
+    def stats(self) -> Stats:
+        return self._stats.snapshot()
+
+    def reset_stats(self) -> None:
+        self._stats.reset()
+
+    def describe(self) -> dict:
+        """Facts about the loaded engine, for UIs and benchmark reports."""
+        expert_bytes = self.experts[0].codec.nbytes if self.experts else 0
+        dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dense += sum(b.numel() * b.element_size() for b in self.model.buffers())
+        return {
+            "model": self.model_name,
+            "device": str(self.device),
+            "dtype": str(self.experts[0].codec.dtype).replace("torch.", "") if self.experts else None,
+            "layers": self.shape.num_layers,
+            "experts": self.shape.num_experts,
+            "top_k": self.shape.top_k,
+            "expert_bytes": expert_bytes,
+            "all_experts_bytes": expert_bytes * self.shape.num_layers * self.shape.num_experts,
+            "cache_bytes": expert_bytes * self.shape.num_layers * self.config.cache_size,
+            "dense_bytes": dense,
+            "offload": self.config.offload,
+            "direct_io": getattr(self.tier, "direct_io", None),
+            "store": str(self.store_path) if self.store_path else None,
+            **{k: v for k, v in self.config.to_dict().items() if k not in ("device", "offload")},
+        }
+
+    # --- generation ---------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict]) -> torch.Tensor:
+        """Token ids of a chat (list of {"role", "content"}) through the model's chat template."""
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError("each chat message must be a dict with 'role' and 'content'")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)["input_ids"]
+        return ids.to(self.device)
+
+    def stream(self, input_ids: torch.Tensor, settings: GenerationSettings | None = None,
+               stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
+        """Generate from `input_ids` [1, T], yielding the growing reply after every piece of text."""
+        settings = settings or GenerationSettings()
+        settings.validate()
+        stop = stop or threading.Event()
+        with self._lock:
+            self._stats.start_generation()
+            streamer = _TimedStreamer(self.tokenizer, self._stats, skip_prompt=True, skip_special_tokens=True)
+            kwargs = self._generate_kwargs(input_ids, settings, stop, streamer)
+            errors: list[BaseException] = []
+            worker = threading.Thread(target=self._generate_into, args=(kwargs, errors), daemon=True)
+            hits0, sel0 = self._hits_and_selections()
+            worker.start()
+            text = ""
+            try:
+                for piece in streamer:
+                    text += piece
+                    yield self._update(text, streamer.count, hits0, sel0)
+            finally:
+                stop.set() if worker.is_alive() and errors else None
+                worker.join()
+            if errors:
+                raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
+            reason = "cancelled" if stop.is_set() else self._finish_reason(streamer.count, settings)
+            yield self._update(text, streamer.count, hits0, sel0, finished=True, reason=reason)
+
+    def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
+             stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
+        return self.stream(self.chat_prompt(messages), settings, stop)
+
+    def generate_text(self, prompt: str, settings: GenerationSettings | None = None) -> str:
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
+        update = None
+        for update in self.stream(ids, settings):
+            pass
+        return update.text if update else ""
+
+    def _generate_kwargs(self, input_ids, settings, stop, streamer) -> dict:
+        kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                      max_new_tokens=settings.max_new_tokens, streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        if settings.temperature > 0:
+            kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),
+                          top_k=0)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        return kwargs
+
+    def _generate_into(self, kwargs: dict, errors: list) -> None:
+        try:
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+        except BaseException as err:
+            errors.append(err)
+            kwargs["streamer"].end()
+
+    def _hits_and_selections(self) -> tuple[int, int]:
+        s = self._stats
+        return sum(s.hits), sum(s.selections)
+
+    def _update(self, text, count, hits0, sel0, finished=False, reason=None) -> StreamUpdate:
+        hits, selections = self._hits_and_selections()
+        snapshot = self._stats
+        elapsed = snapshot.token_times[-1] if snapshot.token_times else 0.0
+        tps = (len(snapshot.token_times) - 1) / elapsed if elapsed > 0 else 0.0
+        rate = (hits - hits0) / (selections - sel0) if selections > sel0 else 0.0
+        return StreamUpdate(text, count, tps, rate, finished, reason)
+
+    def _finish_reason(self, count: int, settings: GenerationSettings) -> str:
+        return "length" if count >= settings.max_new_tokens else "stop"
+
+    def close(self) -> None:
+        self.transfer.close()
+        for module in self.experts:
+            module.cache.drain()
+        close = getattr(self.tier, "close", None)
+        if close:
+            close()

@@ -1,0 +1,130 @@
+"""The offloaded experts module that replaces transformers' fused experts in every MoE layer.
+
+Pipeline of one MoE layer, as named stages (T tokens, H hidden, K experts per token, E experts):
+
+    Router (transformers)  -> top_k_index [T, K], top_k_weights [T, K]
+    Speculate              -> guess layer L+1's experts from this layer's input; prefetch them
+    Dispatch               -> per expert: the tokens routed to it and their routing weights
+    Fetch                  -> cache.acquire(expert): resident slot, or a load from the slow tier
+    Compute                -> expert_ffn on the expert's tokens
+    Combine                -> weighted scatter-add into the output [T, H]
+
+`expert_ffn`, `dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path
+the tests compare against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ExpertCache
+from .quant import ExpertCodec
+from .stats import StatsCollector
+
+MAX_GUESS_RECORDED = 8
+
+
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """SwiGLU expert: down(act(gate x) * up x). x [t, H]; gate, up [I, H]; down [H, I]."""
+    return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def dispatch(top_k_index: torch.Tensor, num_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """expert -> (token indices, position in the token's top-k), for the experts used at all."""
+    plan = {}
+    for expert in torch.unique(top_k_index).tolist():
+        if 0 <= expert < num_experts:
+            token_idx, k_pos = torch.where(top_k_index == expert)
+            plan[expert] = (token_idx, k_pos)
+    return plan
+
+
+def combine(out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, k_pos: torch.Tensor,
+            top_k_weights: torch.Tensor) -> None:
+    out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+
+
+def reference_moe(hidden_states, top_k_index, top_k_weights, weights, act) -> torch.Tensor:
+    """The plain path: every expert's (gate, up, down) in memory, `weights[e]`."""
+    out = torch.zeros_like(hidden_states)
+    for expert, (token_idx, k_pos) in dispatch(top_k_index, len(weights)).items():
+        y = expert_ffn(hidden_states[token_idx], *weights[expert], act)
+        combine(out, y, token_idx, k_pos, top_k_weights)
+    return out
+
+
+class Speculator:
+    """Guesses layer L+1's experts from layer L's MoE input and starts loading them.
+
+    Layer L's MoE input is x = r / rms(r) * w_L (r: residual stream, w_L: L's norm weight). Layer
+    L+1's router would see r' / rms(r') * w_{L+1}; taking r' ~ r, that is x * (w_{L+1} / w_L), so
+    the ratio is folded into the next router's weight once, and a guess is one small matmul.
+    """
+
+    def __init__(self, next_router: torch.Tensor, norm_here: torch.Tensor, norm_next: torch.Tensor,
+                 next_cache: ExpertCache, prefetch: int) -> None:
+        ratio = norm_next.float() / torch.where(norm_here.float().abs() < 1e-6, 1e-6, norm_here.float())
+        self.weight = (next_router.float() * ratio[None, :]).to(next_router.dtype)  # [E, H]
+        self.next_cache = next_cache
+        self.prefetch = prefetch
+        self.last_guess: list[list[int]] | None = None  # per token, ranking of L+1's experts
+
+    def __call__(self, hidden_states: torch.Tensor) -> None:
+        logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)  # [T, E]
+        ranking = torch.argsort(logits, dim=-1, descending=True)
+        self.last_guess = ranking[:, :MAX_GUESS_RECORDED].tolist()
+        if self.prefetch:
+            # one token: its ranking; a prompt: experts ranked by mean routing probability
+            mean_prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)
+            wanted = torch.argsort(mean_prob, descending=True)[: self.prefetch].tolist()
+            self.next_cache.prefetch(wanted)
+
+
+class OffloadedExperts(nn.Module):
+    """forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]."""
+
+    def __init__(self, layer: int, cache: ExpertCache, codec: ExpertCodec, act, stats: StatsCollector,
+                 num_experts: int, top_k: int, prefetch: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.cache = cache
+        self.codec = codec
+        self.act_fn = act
+        self.stats = stats
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.guess_width = prefetch or top_k
+        self.speculator: Speculator | None = None  # guesses layer + 1 (set by the loader)
+        self.incoming: Speculator | None = None  # the previous layer's speculator
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, experts={self.num_experts}, cache_size={self.cache.cache_size}"
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        if self.speculator is not None:
+            self.speculator(hidden_states)
+        self._record(top_k_index)
+        plan = dispatch(top_k_index, self.num_experts)
+        resident = self.cache.resident()
+        # resident experts first, so that loads for the others cannot evict them before their turn
+        order = sorted(plan, key=lambda e: e not in resident)
+        out = torch.zeros_like(hidden_states)
+        for expert in order:
+            token_idx, k_pos = plan[expert]
+            record = self.cache.acquire(expert)
+            try:
+                y = expert_ffn(hidden_states[token_idx], *self.codec.decode(record), self.act_fn)
+            finally:
+                self.cache.release(expert)
+            combine(out, y, token_idx, k_pos, top_k_weights)
+        return out
+
+    def _record(self, top_k_index: torch.Tensor) -> None:
+        selected = top_k_index.tolist()
+        guess = self.incoming.last_guess if self.incoming is not None else None
+        if guess is not None and len(guess) != len(selected):
+            guess = None
+        self.stats.record_routing(self.layer, selected, guess, self.guess_width)

@@ -1,0 +1,193 @@
+"""HQQ quantization of experts and attention, and the packed byte layout of one expert.
+
+One expert = gate [I, H], up [I, H], down [H, I]. `ExpertCodec.encode` turns them into ONE
+contiguous uint8 buffer (so a single copy moves a whole expert between tiers); `decode` turns a
+buffer (on any device) back into the three matrices in the compute dtype. Quantization and
+dequantization are hqq's (`Quantizer.quantize` / `Quantizer.dequantize`, data-free); this module
+only lays the pieces out. Scales and zeros are optionally meta-quantized to 8 bits, as in the paper.
+
+Dimensions: H hidden size, I expert FFN size, G group size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from hqq.core.quantize import Quantizer
+from torch import nn
+
+MATRICES = ("gate", "up", "down")
+ALIGN = 64
+META_GROUP = 128
+META_BITS = 8
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives inside an expert's byte buffer."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def view(self, buffer: torch.Tensor) -> torch.Tensor:
+        return buffer[self.offset : self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+@dataclass
+class ExpertLayout:
+    slots: dict[str, TensorSlot] = field(default_factory=dict)
+    hqq_meta: dict[str, dict] = field(default_factory=dict)
+    nbytes: int = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        offset = -(-self.nbytes // ALIGN) * ALIGN
+        slot = TensorSlot(name, tuple(tensor.shape), tensor.dtype, offset)
+        self.slots[name] = slot
+        self.nbytes = offset + slot.nbytes
+
+
+def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, quantize_meta: bool,
+                    optimize: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """HQQ-quantize one matrix: packed codes, fp16 scale/zero (or their 8-bit codes + meta)."""
+    if weight.numel() % group_size:
+        raise ValueError(f"group size {group_size} does not divide a {tuple(weight.shape)} matrix")
+    w_q, meta = Quantizer.quantize(
+        weight.float(), nbits=bits, channel_wise=True, group_size=group_size, optimize=optimize,
+        round_zero=(bits == 4), axis=1, bitpack=True, device="cpu",
+    )
+    tensors = {"W_q": w_q}
+    info = {k: meta[k] for k in ("nbits", "group_size", "axis", "packing")}
+    info["shape"] = tuple(meta["shape"])
+    for part in ("scale", "zero"):
+        value = meta[part].half()
+        if quantize_meta:
+            group = math.gcd(META_GROUP, value.numel())
+            codes, sub = Quantizer.quantize(
+                value.float(), nbits=META_BITS, channel_wise=True, group_size=group, optimize=False,
+                axis=0, bitpack=True, device="cpu",
+            )
+            tensors[f"{part}_q"] = codes
+            tensors[f"{part}_scale"] = sub["scale"].half()
+            tensors[f"{part}_zero"] = sub["zero"].half()
+            info[f"{part}_meta"] = {k: sub[k] for k in ("nbits", "group_size", "axis", "packing")}
+            info[f"{part}_meta"]["shape"] = tuple(sub["shape"])
+        else:
+            tensors[part] = value
+    return tensors, info
+
+
+def _hqq_meta(info: dict, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> dict:
+    packing = info["packing"]
+    return {
+        **info, "scale": scale, "zero": zero, "compute_dtype": dtype, "view_as_float": False,
+        "unpack_view_dtype": Quantizer.unpack_view_dtype[packing],
+    }
+
+
+def dequantize_matrix(tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The plain reference dequantization (hqq's), used by the engine and by the tests alike."""
+    parts = {}
+    for part in ("scale", "zero"):
+        if f"{part}_q" in tensors:
+            sub = _hqq_meta(info[f"{part}_meta"], tensors[f"{part}_scale"].to(dtype),
+                            tensors[f"{part}_zero"].to(dtype), dtype)
+            parts[part] = Quantizer.dequantize(tensors[f"{part}_q"], sub)
+        else:
+            parts[part] = tensors[part].to(dtype)
+    return Quantizer.dequantize(tensors["W_q"], _hqq_meta(info, parts["scale"], parts["zero"], dtype))
+
+
+class ExpertCodec:
+    """Packs (gate, up, down) into one byte buffer and back, quantized with HQQ or not."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bits: int | None, group_size: int,
+                 quantize_meta: bool, dtype: torch.dtype, optimize: bool = True) -> None:
+        self.bits, self.group_size, self.quantize_meta = bits, group_size, quantize_meta
+        self.dtype, self.optimize = dtype, optimize
+        self.shapes = {"gate": (intermediate_size, hidden_size), "up": (intermediate_size, hidden_size),
+                       "down": (hidden_size, intermediate_size)}
+        if bits is not None:
+            for name, shape in self.shapes.items():
+                if math.prod(shape) % group_size:
+                    raise ValueError(
+                        f"expert_group_size={group_size} does not divide the {name} matrix {shape}: "
+                        "use a power of two that divides hidden_size * intermediate_size"
+                    )
+        # The layout depends only on shapes and settings: derive it from zero matrices.
+        zeros = [torch.zeros(s) for s in self.shapes.values()]
+        self.layout = self._layout(self._pieces(*zeros, optimize=False))
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    def _pieces(self, gate, up, down, optimize: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        tensors, meta = {}, {}
+        for name, weight in zip(MATRICES, (gate, up, down)):
+            if tuple(weight.shape) != self.shapes[name]:
+                raise ValueError(f"expert {name} has shape {tuple(weight.shape)}, expected {self.shapes[name]}")
+            if self.bits is None:
+                tensors[name] = weight.to(self.dtype)
+                continue
+            parts, meta[name] = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize)
+            tensors.update({f"{name}.{k}": v for k, v in parts.items()})
+        return tensors, meta
+
+    @staticmethod
+    def _layout(pieces) -> ExpertLayout:
+        tensors, meta = pieces
+        layout = ExpertLayout(hqq_meta=meta)
+        for name, tensor in tensors.items():
+            layout.add(name, tensor)
+        return layout
+
+    def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        tensors, _ = self._pieces(gate, up, down, optimize=self.optimize)
+        buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
+        for name, tensor in tensors.items():
+            slot = self.layout.slots[name]
+            if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+                raise RuntimeError(f"expert piece {name} does not match the store layout")
+            slot.view(buffer).copy_(tensor)
+        return buffer
+
+    def decode(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Buffer -> (gate [I, H], up [I, H], down [H, I]) in the compute dtype, on its device."""
+        slots = self.layout.slots
+        if self.bits is None:
+            return tuple(slots[name].view(buffer) for name in MATRICES)
+        out = []
+        for name in MATRICES:
+            parts = {k.split(".", 1)[1]: s.view(buffer) for k, s in slots.items() if k.startswith(name + ".")}
+            out.append(dequantize_matrix(parts, self.layout.hqq_meta[name], self.dtype).reshape(self.shapes[name]))
+        return tuple(out)
+
+
+class HQQLinear(nn.Module):
+    """A bias-free linear layer whose weight is kept HQQ-quantized and dequantized per call."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool) -> None:
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("HQQLinear here supports bias-free projections only")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
+        tensors, self.info = quantize_matrix(linear.weight.detach().cpu(), bits, group_size, quantize_meta)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor.to(linear.weight.device))
+        self.names = list(tensors)
+
+    def dequantize(self) -> torch.Tensor:
+        tensors = {name: getattr(self, name) for name in self.names}
+        return dequantize_matrix(tensors, self.info, self.dtype).reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize())
