@@ -165,10 +165,8 @@ class Engine:
 
     def generate_text(self, prompt: str, settings: GenerationSettings | None = None) -> str:
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        update = None
-        for update in self.stream(ids, settings):
-            pass
-        return update.text if update else ""
+        updates = list(self.stream(ids, settings))
+        return updates[-1].text
 
     def _generate_kwargs(self, input_ids, settings, stop, streamer) -> dict:
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
