@@ -1,0 +1,94 @@
+"""The offloaded engine is the same model as transformers' own from_pretrained of the folder."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_runtime import OffloadConfig, load
+from tiny_models import save_tiny_mixtral
+
+CONFIGS = {
+    "gqa-4x2": dict(hidden=32, intermediate=48, layers=3, experts=4, top_k=2, heads=4, kv_heads=2, shards=2),
+    "odd-8x2": dict(hidden=48, intermediate=40, layers=2, experts=8, top_k=2, heads=6, kv_heads=3, shards=3),
+    "top1-2x1": dict(hidden=32, intermediate=32, layers=2, experts=2, top_k=1, heads=2, kv_heads=1, shards=1),
+    "fused-3x2": dict(hidden=32, intermediate=24, layers=2, experts=3, top_k=2, heads=4, kv_heads=4, shards=2,
+                      layout="fused"),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def model_case(request, tmp_path_factory):
+    spec = CONFIGS[request.param]
+    path = save_tiny_mixtral(tmp_path_factory.mktemp(request.param) / "model", **spec)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, reference, spec
+
+
+def _cache_sizes(spec):
+    return sorted({1, spec["experts"] - 1 or 1})
+
+
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("which_cache", [0, 1])
+def test_logits_and_greedy_tokens_match_transformers(model_case, offload, prefetch, which_cache, tmp_path):
+    path, reference, spec = model_case
+    sizes = _cache_sizes(spec)
+    cache_size = sizes[min(which_cache, len(sizes) - 1)]
+    config = OffloadConfig(device="cpu", offload=offload, cache_size=cache_size,
+                           prefetch=min(prefetch, spec["experts"]), store_dir=str(tmp_path / "store"))
+    engine = load(path, config)
+    try:
+        ids = torch.randint(0, engine.model.config.vocab_size, (2, 11))
+        with torch.no_grad():
+            torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        prompt = ids[:1]
+        ours = engine.model.generate(prompt, max_new_tokens=10, do_sample=False)
+        theirs = reference.generate(prompt, max_new_tokens=10, do_sample=False)
+        assert torch.equal(ours, theirs)
+        stats = engine.stats()
+        assert all(h + m == s for h, m, s in zip(stats.hits, stats.misses, stats.selections))
+    finally:
+        engine.close()
+
+
+def _two_turns(model, first, second):
+    out = model.generate(first, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    follow = torch.cat([out.sequences, second], dim=1)
+    again = model.generate(follow, past_key_values=out.past_key_values, max_new_tokens=6, do_sample=False)
+    return again
+
+
+def test_two_turn_chat_reusing_kv_cache_matches(tiny_dir, tmp_path):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    engine = load(tiny_dir, OffloadConfig(device="cpu", offload="disk", cache_size=1, prefetch=1,
+                                          store_dir=str(tmp_path)))
+    try:
+        first = engine.chat_prompt([{"role": "user", "content": "To be or not"}])
+        second = engine.tokenizer(" USER: nobler?\nASSISTANT:", return_tensors="pt")["input_ids"]
+        assert torch.equal(_two_turns(engine.model, first, second), _two_turns(reference, first, second))
+    finally:
+        engine.close()
+
+
+def test_streaming_chat_reports_tokens_and_hit_rate(tiny_dir, tmp_path):
+    from moe_runtime import GenerationSettings
+
+    engine = load(tiny_dir, OffloadConfig(device="cpu", cache_size=2, prefetch=2, store_dir=str(tmp_path)))
+    try:
+        updates = list(engine.chat([{"role": "user", "content": "Speak"}],
+                                   GenerationSettings(max_new_tokens=8, temperature=0)))
+        last = updates[-1]
+        assert last.finished and last.finish_reason in ("length", "stop")
+        assert 1 <= last.new_tokens <= 8
+        assert 0.0 <= last.hit_rate <= 1.0
+        stats = engine.stats()
+        assert stats.tokens_generated == last.new_tokens - 1  # decode tokens after the first
+        assert len(stats.token_times) == last.new_tokens
+        assert stats.trace is not None and stats.trace.num_tokens == sum(stats.expert_counts[0]) // 2
+        # greedy streaming equals greedy generate
+        ids = engine.chat_prompt([{"role": "user", "content": "Speak"}])
+        tokens = engine.model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+        assert last.text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
+    finally:
+        engine.close()
