@@ -2,11 +2,28 @@
 
     from moe_runtime import OffloadConfig, load
     engine = load("path/or/org-name", OffloadConfig(device="cpu", offload="disk", cache_size=2))
+
+Names are imported lazily, so `python -m moe_runtime.simulate` does not pay for transformers.
 """
 
-from .config import OffloadConfig
-from .engine import Engine, GenerationSettings, StreamUpdate
-from .loading import load
-from .stats import RoutingTrace, Stats
+from importlib import import_module
 
-__all__ = ["Engine", "GenerationSettings", "OffloadConfig", "RoutingTrace", "Stats", "StreamUpdate", "load"]
+_EXPORTS = {
+    "OffloadConfig": ".config",
+    "Engine": ".engine",
+    "GenerationSettings": ".engine",
+    "StreamUpdate": ".engine",
+    "load": ".loading",
+    "RoutingTrace": ".stats",
+    "Stats": ".stats",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'moe_runtime' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

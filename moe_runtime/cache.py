@@ -106,11 +106,11 @@ class ExpertCache:
             return set(self.slot_of)
 
     # --- slot bookkeeping (caller holds the lock) ---------------------------------------------
-    def _free_or_victim(self) -> int | None:
+    def _free_or_victim(self, protect: set[int] = frozenset()) -> int | None:
         for slot, owner in enumerate(self.owner):
             if owner is None:
                 return slot
-        evictable = [e for e, s in self.slot_of.items() if self.pins[s] == 0]
+        evictable = [e for e, s in self.slot_of.items() if self.pins[s] == 0 and e not in protect]
         if not evictable:
             return None
         victim = self.policy.victim(evictable)
@@ -173,13 +173,15 @@ class ExpertCache:
 
     # --- speculative path ---------------------------------------------------------------------
     def prefetch(self, experts: list[int]) -> int:
-        """Start loading the guessed experts that are not resident; never waits for a slot."""
+        """Start loading the guessed experts that are not resident; never waits for a slot, and
+        never evicts another expert of the same guess."""
         issued = 0
+        guessed = set(experts)
         for expert in experts:
             with self._cond:
                 if expert in self.slot_of:
                     continue
-                slot = self._free_or_victim()
+                slot = self._free_or_victim(protect=guessed)
                 if slot is None:
                     break
                 ticket = self._assign(slot, expert)

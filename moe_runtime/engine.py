@@ -152,7 +152,8 @@ class Engine:
                     text += piece
                     yield self._update(text, streamer.count, hits0, sel0)
             finally:
-                stop.set() if worker.is_alive() and errors else None
+                if worker.is_alive():  # the consumer stopped early: end generation at the next token
+                    stop.set()
                 worker.join()
             if errors:
                 raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]

@@ -109,17 +109,25 @@ class OffloadedExperts(nn.Module):
         self._record(top_k_index)
         plan = dispatch(top_k_index, self.num_experts)
         resident = self.cache.resident()
-        # resident experts first, so that loads for the others cannot evict them before their turn
+        # resident experts first, so that loads for the others cannot evict them before their turn;
+        # when the layer's experts fit in the cache they stay pinned until the layer is done, so no
+        # load of this step evicts an expert this step already used
         order = sorted(plan, key=lambda e: e not in resident)
+        hold = len(plan) <= self.cache.cache_size
         out = torch.zeros_like(hidden_states)
-        for expert in order:
-            token_idx, k_pos = plan[expert]
-            record = self.cache.acquire(expert)
-            try:
+        held = []
+        try:
+            for expert in order:
+                token_idx, k_pos = plan[expert]
+                record = self.cache.acquire(expert)
+                held.append(expert)
                 y = expert_ffn(hidden_states[token_idx], *self.codec.decode(record), self.act_fn)
-            finally:
+                combine(out, y, token_idx, k_pos, top_k_weights)
+                if not hold:
+                    self.cache.release(held.pop())
+        finally:
+            for expert in held:
                 self.cache.release(expert)
-            combine(out, y, token_idx, k_pos, top_k_weights)
         return out
 
     def _record(self, top_k_index: torch.Tensor) -> None:

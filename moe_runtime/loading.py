@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .arch import adapter_for
 from .cache import ExpertCache, Transfer
@@ -94,7 +95,7 @@ def _build_tier(config: OffloadConfig, codec: ExpertCodec, shape, reader, model_
         "config": json.loads((model_dir / "config.json").read_text()),
         "weights": checkpoint.fingerprint(),
         "expert_bits": config.expert_bits, "group_size": config.expert_group,
-        "quantize_meta": config.quantize_meta, "dtype": str(codec.dtype),
+        "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
     }
     folder = store_folder(config.store_dir, model_name, identity)
     meta = open_store(folder, shape.num_layers, shape.num_experts, codec)
@@ -140,12 +141,12 @@ def _load_dense(model, checkpoint: Checkpoint, adapter, device, dtype) -> None:
             model._init_weights(module)
 
 
-def _quantize_attention(model, adapter, bits: int, group_size: int, quantize_meta: bool) -> None:
-    for layer in adapter.layers(model):
+def _quantize_attention(model, adapter, config: OffloadConfig) -> None:
+    layers = adapter.layers(model)
+    for layer in tqdm(layers, desc=f"quantizing attention to {config.attn_bits} bits", unit="layer"):
         for name, linear in adapter.attention_linears(layer).items():
-            if linear.weight.numel() % group_size:
-                raise ValueError(f"attn_group_size={group_size} does not divide {name} {tuple(linear.weight.shape)}")
-            setattr(layer.self_attn, name, HQQLinear(linear, bits, group_size, quantize_meta))
+            setattr(layer.self_attn, name, HQQLinear(linear, config.attn_bits, config.attn_group_size,
+                                                     config.quantize_meta, config.hqq_optimize))
 
 
 def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
@@ -163,9 +164,10 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     checkpoint = Checkpoint(model_dir)
     reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
     codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
-                        config.quantize_meta, dtype)
-    if config.attn_bits is not None and hf_config.hidden_size % config.attn_group_size:
-        raise ValueError(f"attn_group_size={config.attn_group_size} does not divide hidden_size={hf_config.hidden_size}")
+                        config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device))
+    if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
+        raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
+                         f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
@@ -198,7 +200,9 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
         modules[index].speculator = speculator
         modules[index + 1].incoming = speculator
     if config.attn_bits is not None:
-        _quantize_attention(hf_model, adapter, config.attn_bits, config.attn_group_size, config.quantize_meta)
+        _quantize_attention(hf_model, adapter, config)
+    if (model_dir / "generation_config.json").exists():
+        hf_model.generation_config = GenerationConfig.from_pretrained(model_dir)
     hf_model.eval()
     return Engine(hf_model, tokenizer, config, shape, device, model_name, modules, transfer, tier, stats,
                   store_path)

@@ -55,14 +55,20 @@ class ExpertLayout:
 
 
 def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, quantize_meta: bool,
-                    optimize: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """HQQ-quantize one matrix: packed codes, fp16 scale/zero (or their 8-bit codes + meta)."""
+                    optimize: bool = True, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """HQQ-quantize one matrix: packed codes, fp16 scale/zero (or their 8-bit codes + meta).
+
+    `device` is where HQQ's optimizer runs (a GPU makes it ~100x faster than these CPUs); the
+    results come back to the CPU.
+    """
     if weight.numel() % group_size:
         raise ValueError(f"group size {group_size} does not divide a {tuple(weight.shape)} matrix")
     w_q, meta = Quantizer.quantize(
-        weight.float(), nbits=bits, channel_wise=True, group_size=group_size, optimize=optimize,
-        round_zero=(bits == 4), axis=1, bitpack=True, device="cpu",
+        weight.to(device=device, dtype=torch.float32), nbits=bits, channel_wise=True, group_size=group_size,
+        optimize=optimize, round_zero=(bits == 4), axis=1, bitpack=True, device=device,
     )
+    w_q = w_q.cpu()
+    meta["scale"], meta["zero"] = meta["scale"].cpu(), meta["zero"].cpu()
     tensors = {"W_q": w_q}
     info = {k: meta[k] for k in ("nbits", "group_size", "axis", "packing")}
     info["shape"] = tuple(meta["shape"])
@@ -109,9 +115,9 @@ class ExpertCodec:
     """Packs (gate, up, down) into one byte buffer and back, quantized with HQQ or not."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bits: int | None, group_size: int,
-                 quantize_meta: bool, dtype: torch.dtype, optimize: bool = True) -> None:
+                 quantize_meta: bool, dtype: torch.dtype, optimize: bool = True, quant_device: str = "cpu") -> None:
         self.bits, self.group_size, self.quantize_meta = bits, group_size, quantize_meta
-        self.dtype, self.optimize = dtype, optimize
+        self.dtype, self.optimize, self.quant_device = dtype, optimize, quant_device
         self.shapes = {"gate": (intermediate_size, hidden_size), "up": (intermediate_size, hidden_size),
                        "down": (hidden_size, intermediate_size)}
         if bits is not None:
@@ -137,7 +143,8 @@ class ExpertCodec:
             if self.bits is None:
                 tensors[name] = weight.to(self.dtype)
                 continue
-            parts, meta[name] = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize)
+            parts, meta[name] = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize,
+                                                self.quant_device if optimize else "cpu")
             tensors.update({f"{name}.{k}": v for k, v in parts.items()})
         return tensors, meta
 
@@ -174,13 +181,15 @@ class ExpertCodec:
 class HQQLinear(nn.Module):
     """A bias-free linear layer whose weight is kept HQQ-quantized and dequantized per call."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool) -> None:
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool,
+                 optimize: bool = True) -> None:
         super().__init__()
         if linear.bias is not None:
             raise ValueError("HQQLinear here supports bias-free projections only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
-        tensors, self.info = quantize_matrix(linear.weight.detach().cpu(), bits, group_size, quantize_meta)
+        device = str(linear.weight.device)
+        tensors, self.info = quantize_matrix(linear.weight.detach(), bits, group_size, quantize_meta, optimize, device)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.to(linear.weight.device))
         self.names = list(tensors)

@@ -120,3 +120,13 @@ def test_lfu_keeps_the_frequent_expert_that_lru_would_evict():
             p.access(key)
     assert lru.victim([0, 2]) == 0
     assert lfu.victim([0, 2]) == 2
+
+
+def test_prefetch_does_not_evict_another_expert_of_the_same_guess():
+    cache, tier, stats = make_cache(2)
+    use(cache, 0)
+    use(cache, 1)
+    use(cache, 0)  # 1 is now least recently used
+    assert cache.prefetch([1, 3]) == 1  # 1 is resident and guessed: 0 is evicted for 3, not 1
+    cache.drain()
+    assert cache.resident() == {1, 3}
