@@ -24,7 +24,8 @@ from .stats import StatsCollector
 class LoadTicket:
     """Completion of one load: a host-side flag, plus a CUDA event when the copy is asynchronous."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
         self.done = threading.Event()
         self.cuda_event: torch.cuda.Event | None = None
         self.error: BaseException | None = None
@@ -34,7 +35,7 @@ class LoadTicket:
         if self.error is not None:
             raise RuntimeError(f"loading an expert failed: {self.error}") from self.error
         if self.cuda_event is not None:
-            torch.cuda.current_stream().wait_event(self.cuda_event)
+            torch.cuda.current_stream(self.device).wait_event(self.cuda_event)
 
 
 class Transfer:
@@ -124,7 +125,7 @@ class ExpertCache:
         self.owner[slot] = expert
         self.slot_of[expert] = slot
         self.pins[slot] += 1
-        ticket = LoadTicket()
+        ticket = LoadTicket(self.slots.device)
         self.tickets[slot] = ticket
         self.policy.insert(expert)
         self.loads += 1
@@ -167,7 +168,7 @@ class ExpertCache:
             self.pins[slot] -= 1
             if self.slots.device.type == "cuda":
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(self.slots.device))
                 self.released[slot] = event
             self._cond.notify_all()
 
