@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -72,12 +73,18 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 class Checkpoint:
-    """Lazy access to every tensor of a safetensors checkpoint, by key."""
+    """Lazy access to every tensor of a safetensors checkpoint, by key.
 
-    def __init__(self, model_dir: Path) -> None:
+    safetensors memory-maps each shard, and the pages a read touches count as resident memory for
+    as long as the shard stays mapped; at most `max_open` shards stay open, so streaming through a
+    93 GB checkpoint keeps about one or two shards resident, not the whole model.
+    """
+
+    def __init__(self, model_dir: Path, max_open: int = 2) -> None:
         self.model_dir = Path(model_dir)
         self.files = _weight_files(self.model_dir)
-        self._handles = {}
+        self.max_open = max_open
+        self._handles: OrderedDict[Path, object] = OrderedDict()
         self.key_to_file: dict[str, Path] = {}
         for file in self.files:
             handle = self._open(file)
@@ -85,14 +92,17 @@ class Checkpoint:
                 self.key_to_file[key] = file
 
     def _open(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as err:
-                raise ValueError(
-                    f"{file} is not a readable safetensors file (corrupt or truncated?): {err}"
-                ) from None
-        return self._handles[file]
+        if file in self._handles:
+            self._handles.move_to_end(file)
+            return self._handles[file]
+        try:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as err:
+            raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {err}") from None
+        self._handles[file] = handle
+        while len(self._handles) > self.max_open:
+            self._handles.popitem(last=False)
+        return handle
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)
