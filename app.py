@@ -1,0 +1,445 @@
+"""Web app: chat with an offloaded Mixture-of-Experts model and watch its expert cache at work.
+
+    python app.py                       # the embedded tiny Mixtral, offline, http://127.0.0.1:7860
+    python app.py --model mistralai/Mixtral-8x7B-Instruct-v0.1 --expert-bits 2 --attn-bits 4 --cache-size 4
+    python app.py --help                # every flag
+
+Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache hit rate under
+each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (Plotly
+figures refreshed while a reply streams, counters, routing-trace download, reset).
+API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, figures, trace
+file), /apply_settings, /reset_stats.
+
+UI only: the engine's lifecycle is `moe_runtime.service`, the figures are `moe_runtime.plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # works offline, sends nothing
+
+import gradio as gr  # noqa: E402
+
+from moe_runtime import GenerationSettings, OffloadConfig, plots  # noqa: E402
+from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS, POLICIES  # noqa: E402
+from moe_runtime.service import EMBEDDED_MODEL, EngineService, build_messages, device_choices  # noqa: E402
+
+TITLE = "Mixture-of-Experts with expert offloading"
+THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "monospace"])  # system fonts: no font download
+CSS = ".reply-footer { opacity: 0.7; }"
+STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved")
+DEFAULT_SYSTEM_PROMPT = ""
+LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
+ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
+
+
+# --- values between widgets and the engine --------------------------------------------------------
+def bits_choices(allowed: tuple) -> list[tuple[str, str]]:
+    return [("none (full precision)" if b is None else f"{b}-bit", bits_text(b)) for b in allowed]
+
+
+def bits_text(bits: int | None) -> str:
+    return "none" if bits is None else str(bits)
+
+
+def parse_bits(name: str, value) -> int | None:
+    text = str(value).strip().lower() if value is not None else "none"
+    if text in ("none", ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not allowed: use none or a number of bits") from None
+
+
+def whole_number(name: str, value) -> int:
+    if isinstance(value, bool) or value is None or value == "":
+        raise ValueError(f"{name} is empty: give a whole number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not allowed: give a whole number") from None
+    if not number.is_integer():
+        raise ValueError(f"{name}={value!r} is not allowed: give a whole number")
+    return int(number)
+
+
+def generation_settings(temperature, top_p, max_new_tokens) -> GenerationSettings:
+    try:
+        temperature, top_p = float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise ValueError("temperature and top-p must be numbers") from None
+    settings = GenerationSettings(whole_number("max_new_tokens", max_new_tokens), temperature, top_p)
+    settings.validate()
+    return settings
+
+
+def reply_footer(update) -> str:
+    parts = [f"{update.tokens_per_second:.1f} tokens/s", f"cache hit rate {update.hit_rate:.0%}",
+             f"{update.new_tokens} tokens"]
+    if update.finish_reason == "cancelled":
+        parts.append("stopped")
+    elif update.finish_reason == "length":
+        parts.append("max new tokens reached")
+    return " · ".join(parts)
+
+
+def chatbot_messages(history: list[dict]) -> list[dict]:
+    """What the Chatbot shows: the history, each reply followed by its footer."""
+    shown = []
+    for m in history:
+        content = m["content"] or "…"
+        if m.get("footer"):
+            content += f'\n\n<span class="reply-footer"><sub>{m["footer"]}</sub></span>'
+        shown.append({"role": m["role"], "content": content})
+    return shown
+
+
+def byte_size(n: float) -> str:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def engine_markdown(facts: dict) -> str:
+    rows = [
+        ("model", f"`{facts['model']}`"),
+        ("device / dtype", f"{facts['device']} / {facts.get('dtype')}"),
+        ("layers × experts (top-k)", f"{facts['layers']} × {facts['experts']} (top-{facts['top_k']})"),
+        ("one expert", byte_size(facts["expert_bytes"])),
+        ("all experts (slow tier)", f"{byte_size(facts['all_experts_bytes'])} in {facts['offload']}"),
+        ("expert cache on the device", f"{byte_size(facts['cache_bytes'])} ({facts['cache_size']} per layer)"),
+        ("dense weights", byte_size(facts["dense_bytes"])),
+        ("expert / attention bits", f"{bits_text(facts['expert_bits'])} / {bits_text(facts['attn_bits'])}"),
+        ("prefetch / policy", f"{facts['prefetch']} / {facts['policy']}"),
+    ]
+    if facts.get("store"):
+        rows.append(("expert store", f"`{facts['store']}`"))
+    return "| | |\n|:--|:--|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+# --- event handlers (plain methods, so tests can call them without a browser) ----------------------
+class Handlers:
+    def __init__(self, service: EngineService) -> None:
+        self.service = service
+        self._stops: dict[str, threading.Event] = {}  # browser session -> its running reply
+
+    # chat ------------------------------------------------------------------------------------------
+    def respond(self, message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
+                max_new_tokens: int, request: gr.Request = None):
+        """Stream a reply. Yields (chatbot, history, textbox); on bad input or a failed reply the
+        history is unchanged and the message goes back into the textbox."""
+        history = list(history or [])
+        try:
+            messages = build_messages(message, history, system_prompt)
+            settings = generation_settings(temperature, top_p, max_new_tokens)
+        except ValueError as err:
+            gr.Warning(str(err))
+            yield chatbot_messages(history), history, message
+            return
+        session, stop = _session(request), threading.Event()
+        self._stops[session] = stop
+        user = {"role": "user", "content": message}
+        try:
+            new = history + [user, {"role": "assistant", "content": "", "footer": "waiting for the model…"}]
+            yield chatbot_messages(new), new, ""
+            for update in self.service.chat(messages, settings, stop):
+                new = history + [user, {"role": "assistant", "content": update.text, "footer": reply_footer(update)}]
+                yield chatbot_messages(new), new, ""
+        except Exception as err:  # the app keeps serving; the user keeps their message
+            gr.Warning(f"The reply failed: {err}")
+            yield chatbot_messages(history), history, message
+        finally:
+            if self._stops.get(session) is stop:
+                del self._stops[session]
+
+    def stop(self, request: gr.Request = None) -> None:
+        event = self._stops.get(_session(request))
+        if event is not None:
+            event.set()
+
+    def clear(self, request: gr.Request = None):
+        self.stop(request)
+        return [], [], "", gr.Timer(active=False)
+
+    def chat_api(self, message: str, history: list[dict] | None = None, system_prompt: str = "",
+                 temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 128) -> str:
+        """Stream a reply to `message` after `history` (a list of {"role", "content"} dicts); each
+        streamed value is the whole reply so far."""
+        try:
+            messages = build_messages(message, history, system_prompt)
+            settings = generation_settings(temperature, top_p, max_new_tokens)
+            for update in self.service.chat(messages, settings):
+                yield update.text
+        except Exception as err:  # the caller gets the reason; the app keeps serving
+            raise gr.Error(str(err)) from None
+
+    # stats -----------------------------------------------------------------------------------------
+    def stats_view(self):
+        """(counters, *figures) of the running engine."""
+        try:
+            stats = self.service.stats()
+        except ValueError as err:
+            gr.Warning(str(err))
+            return (gr.skip(),) * (1 + len(STATS_FIGURES))
+        figures = plots.dashboard(stats)
+        return (plots.counters(stats), *(figures[name] for name in STATS_FIGURES))
+
+    def stats_with_trace(self):
+        """(counters, *figures, routing-trace JSON file)."""
+        view = self.stats_view()
+        try:
+            trace = self.service.save_trace()
+        except ValueError:
+            trace = gr.skip()
+        return (*view, trace)
+
+    def after_reply(self):
+        return (*self.stats_with_trace(), gr.Timer(active=False))
+
+    def reset_stats(self):
+        try:
+            self.service.reset_stats()
+        except ValueError as err:
+            gr.Warning(str(err))
+        return self.stats_with_trace()
+
+    # settings --------------------------------------------------------------------------------------
+    def apply(self, model: str, expert_bits: str, attn_bits: str, cache_size: float, prefetch: float,
+              offload: str, device: str, policy: str, progress=LOADING_PROGRESS):
+        """Reload the engine; returns (status, engine facts, header). On failure the running engine
+        keeps serving and the status says why."""
+        try:
+            config = self.service.settings(
+                expert_bits=parse_bits("expert_bits", expert_bits), attn_bits=parse_bits("attn_bits", attn_bits),
+                cache_size=whole_number("cache_size", cache_size), prefetch=whole_number("prefetch", prefetch),
+                offload=offload, device=(device or "").strip(), policy=policy,
+            )
+            progress(0, desc=f"loading {model}")
+            self.service.reload(model, config)
+        except ValueError as err:
+            gr.Warning(f"Settings not applied: {err}")
+            status = f"**Not applied:** {err}\n\nThe running engine ({self._running()}) keeps serving."
+            return status, self.engine_facts(), self.header()
+        return f"**Applied.** Now serving `{self.service.model}`.", self.engine_facts(), self.header()
+
+    def current_settings(self):
+        """Widget values of the running engine's settings (for a page that just opened)."""
+        c = self.service.config
+        return (self.service.model, bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
+                c.offload, c.device, c.policy, self.engine_facts(), self.header())
+
+    def engine_facts(self) -> str:
+        try:
+            return "### Running engine\n" + engine_markdown(self.service.describe())
+        except ValueError as err:
+            return f"**No engine:** {err}"
+
+    def header(self) -> str:
+        return f"# {TITLE}\nServing `{self._running()}`, experts offloaded to " \
+               f"{self.service.config.offload}, {self.service.config.cache_size} cached per layer."
+
+    def _running(self) -> str:
+        try:
+            engine = self.service.engine
+        except ValueError:
+            return "no model"
+        return f"{self.service.model} on {engine.device}"
+
+
+def _session(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "direct-call"
+
+
+# --- layout ---------------------------------------------------------------------------------------
+def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> gr.Blocks:
+    h = Handlers(service)
+    private = {"api_visibility": "private"}
+    with gr.Blocks(title=TITLE) as demo:
+        header = gr.Markdown(h.header())
+        history = gr.State([])
+        timer = gr.Timer(1.0, active=False)
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", buttons=["copy", "copy_all"],
+                                     feedback_options=None, placeholder="Replies stream here, with tokens/s "
+                                     "and the expert-cache hit rate under each one.")
+                with gr.Row():
+                    message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
+                                         scale=6, elem_id="message", autofocus=True)
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+                    clear = gr.Button("Clear", scale=1, elem_id="clear")
+                with gr.Accordion("System prompt and sampling", open=False):
+                    system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2,
+                                               placeholder="Optional; used only if the chat template supports it")
+                    with gr.Row():
+                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
+                        max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
+                                                   label="Max new tokens", elem_id="max-new-tokens")
+            with gr.Tab("Settings", id="settings"):
+                with gr.Row():
+                    model = gr.Dropdown(service.policy.choices, value=service.model, label="Model",
+                                        allow_custom_value=service.policy.allow_local_paths, scale=3,
+                                        info="Local folders are accepted only with --allow-local-paths"
+                                        if not service.policy.allow_local_paths else "A listed model or a local folder")
+                    device = gr.Dropdown(device_choices(), value=service.config.device, label="Device",
+                                         allow_custom_value=True, info="auto, cpu, cuda or cuda:N")
+                with gr.Row():
+                    expert_bits = gr.Dropdown(bits_choices(EXPERT_BITS), value=bits_text(service.config.expert_bits),
+                                              label="Expert bits (HQQ)")
+                    attn_bits = gr.Dropdown(bits_choices(ATTN_BITS), value=bits_text(service.config.attn_bits),
+                                            label="Attention bits (HQQ)")
+                    cache_size = gr.Number(service.config.cache_size, precision=0, label="Cache size per layer",
+                                           info="experts kept on the device per layer")
+                    prefetch = gr.Number(service.config.prefetch, precision=0, label="Prefetch",
+                                         info="experts of the next layer loaded ahead (0 = off)")
+                with gr.Row():
+                    offload = gr.Radio(list(OFFLOAD_TIERS), value=service.config.offload, label="Offload tier")
+                    policy = gr.Radio(list(POLICIES), value=service.config.policy, label="Eviction policy")
+                apply = gr.Button("Apply", variant="primary", elem_id="apply")
+                status = gr.Markdown(elem_id="settings-status")
+                facts = gr.Markdown(h.engine_facts())
+            with gr.Tab("Stats", id="stats"):
+                with gr.Row():
+                    refresh = gr.Button("Refresh", elem_id="refresh")
+                    reset = gr.Button("Reset stats", elem_id="reset")
+                    download = gr.DownloadButton("Download routing trace (JSON)", elem_id="download-trace")
+                counters = gr.JSON(label="Counters", elem_id="counters")
+                figures = [gr.Plot(label="Expert selections", elem_id="expert-heatmap")]
+                with gr.Row():
+                    figures += [gr.Plot(label="Cache hit rate"), gr.Plot(label="Prefetch recall")]
+                with gr.Row():
+                    figures += [gr.Plot(label="Tokens per second"), gr.Plot(label="Bytes moved")]
+
+        stats_outputs = [counters, *figures]
+        chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
+        replies = []
+        for trigger in (message.submit, send.click):
+            reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
+                h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
+                show_progress="minimal", **private)
+            reply.then(h.after_reply, None, [*stats_outputs, download, timer], show_progress="hidden", **private)
+            replies.append(reply)
+        stop.click(h.stop, None, None, queue=False, **private)
+        clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
+        chatbot.clear(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
+        timer.tick(h.stats_view, None, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
+        gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
+
+        refresh.click(h.stats_with_trace, None, [*stats_outputs, download], api_name="stats", concurrency_limit=None)
+        reset.click(h.reset_stats, None, [*stats_outputs, download], api_name="reset_stats")
+
+        settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy]
+        apply.click(h.apply, settings_inputs, [status, facts, header], api_name="apply_settings",
+                    concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
+            h.stats_with_trace, None, [*stats_outputs, download], show_progress="hidden", **private)
+
+        demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
+        demo.load(h.stats_with_trace, None, [*stats_outputs, download], show_progress="hidden", **private)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
+    """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE)."""
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+                       theme=THEME, css=CSS, show_error=True, quiet=not block)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = OffloadConfig()
+    p = argparse.ArgumentParser(
+        prog="app.py",
+        description="Chat with a Mixture-of-Experts model whose experts are offloaded to RAM or disk, with a "
+                    "per-layer expert cache on the compute device and speculative prefetch; watch the cache work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=EMBEDDED_MODEL,
+                   help="a local folder with config.json and *.safetensors, or a hub id such as "
+                        f"mistralai/Mixtral-8x7B-Instruct-v0.1; {EMBEDDED_MODEL} is the embedded tiny Mixtral "
+                        "trained on Tiny Shakespeare (works offline)")
+    o = p.add_argument_group("offloading (moe_runtime.OffloadConfig)")
+    o.add_argument("--device", default=d.device, help="where attention and the expert cache run: auto (CUDA when "
+                   "present), cpu, cuda or cuda:N")
+    o.add_argument("--offload", default=d.offload, choices=OFFLOAD_TIERS,
+                   help="slow tier holding every expert: ram (host memory) or disk (the expert store, read on demand)")
+    o.add_argument("--cache-size", type=int, default=d.cache_size,
+                   help="experts per MoE layer kept on the device (1..experts per layer)")
+    o.add_argument("--prefetch", type=int, default=d.prefetch,
+                   help="experts of the next layer guessed from this layer's hidden state and loaded ahead (0 = off)")
+    o.add_argument("--expert-bits", type=_bits_arg, default=d.expert_bits, metavar="{none,2,3,4,8}",
+                   help="HQQ bits of the experts (none = unquantized)")
+    o.add_argument("--expert-group-size", type=int, default=d.expert_group_size,
+                   help="HQQ group size of the experts (default: 16 for 2-/3-bit, 64 for 4-/8-bit)")
+    o.add_argument("--attn-bits", type=_bits_arg, default=d.attn_bits, metavar="{none,4,8}",
+                   help="HQQ bits of the attention projections (none = unquantized)")
+    o.add_argument("--attn-group-size", type=int, default=d.attn_group_size, help="HQQ group size of attention")
+    o.add_argument("--no-quantize-meta", dest="quantize_meta", action="store_false",
+                   help="keep HQQ scales and zeros in 16-bit instead of quantizing them to 8-bit")
+    o.add_argument("--no-hqq-optimize", dest="hqq_optimize", action="store_false",
+                   help="quantize by round-to-nearest instead of HQQ's optimizer (much faster to build the "
+                        "store on a CPU, a little less accurate)")
+    o.add_argument("--store-dir", default=d.store_dir,
+                   help="folder of the on-disk expert store (built once per model and quantization, then reused)")
+    o.add_argument("--policy", default=d.policy, choices=POLICIES, help="eviction policy of the expert cache")
+    o.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="compute dtype (auto: float16 on CUDA, float32 on CPU)")
+    o.add_argument("--no-trace", dest="record_trace", action="store_false",
+                   help="do not record the per-token routing trace (saves memory on long chats)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                   help="address to listen on; 0.0.0.0 accepts connections from other machines (default: "
+                        "$GRADIO_SERVER_NAME, which Hugging Face Spaces sets, else 127.0.0.1)")
+    s.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                   help="port to listen on (default: $GRADIO_SERVER_PORT, else 7860)")
+    s.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    s.add_argument("--allow-local-paths", action="store_true",
+                   help="let the Settings tab load any local model folder (otherwise only the embedded model, "
+                        "--model and known Mixtral hub ids)")
+    s.add_argument("--max-new-tokens", type=int, default=128, help="initial value of the Max new tokens slider")
+    return p.parse_args(argv)
+
+
+def _bits_arg(text: str) -> int | None:
+    try:
+        return parse_bits("bits", text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def config_from_args(args: argparse.Namespace) -> OffloadConfig:
+    """The offloading flags' destinations are OffloadConfig's field names; the others are ignored."""
+    return OffloadConfig.from_dict(vars(args))
+
+
+def main(argv: list[str] | None = None, block: bool = True) -> gr.Blocks:
+    """Parse the flags, load the engine, serve. With block=False (tests) return the running app;
+    stop it with `.close()`."""
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        sys.exit(f"app.py: error: {err}")
+    service = EngineService(args.model, config, allow_local_paths=args.allow_local_paths)
+    print(f"Loading {args.model} ...", flush=True)
+    try:
+        service.start()
+    except ValueError as err:
+        sys.exit(f"app.py: error: {err}")
+    demo = build_app(service, default_max_new_tokens=args.max_new_tokens)
+    launch(demo, args.host, args.port, args.share, block=block)
+    return demo
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Plotly figures of the engine's counters, for the app's Stats tab and for notebooks.
+
+Every function takes a `Stats` snapshot and returns a `plotly.graph_objects.Figure`; none touches
+the engine or a tensor. A snapshot taken before any token was generated gives empty figures that
+say so, rather than an error.
+
+Dimension names: L layers, E experts per layer, N generated tokens.
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+from .stats import Stats
+
+HEIGHT = 320
+EMPTY_HINT = "no tokens yet: send a message in the Chat tab"
+
+
+def dashboard(stats: Stats) -> dict[str, go.Figure]:
+    """All figures of the Stats tab, in display order."""
+    return {
+        "experts": expert_heatmap(stats),
+        "hit_rate": hit_rate_per_layer(stats),
+        "prefetch_recall": prefetch_recall_per_layer(stats),
+        "tokens_per_second": tokens_per_second(stats),
+        "bytes_moved": bytes_moved_per_layer(stats),
+    }
+
+
+def counters(stats: Stats) -> dict:
+    """`Stats.summary()` plus the cache shape and totals a reader needs to interpret the plots."""
+    return {
+        **stats.summary(),
+        "layers": stats.num_layers,
+        "experts_per_layer": stats.num_experts,
+        "top_k": stats.top_k,
+        "cache_size": stats.cache_size,
+        "prefetch": stats.prefetch,
+        "expert_selections": sum(stats.selections),
+        "cache_hits": sum(stats.hits),
+        "cache_misses": sum(stats.misses),
+        "prefetch_loads": sum(stats.prefetch_issued),
+        "trace_tokens": stats.trace.num_tokens if stats.trace is not None else None,
+    }
+
+
+def expert_heatmap(stats: Stats) -> go.Figure:
+    """How often the router picked each expert: z[L][E] = selections (prompt and reply tokens)."""
+    layers, experts = list(range(stats.num_layers)), list(range(stats.num_experts))
+    fig = go.Figure(go.Heatmap(
+        z=stats.expert_counts, x=experts, y=layers, colorscale="Viridis",
+        colorbar={"title": {"text": "selections"}},
+        hovertemplate="layer %{y}, expert %{x}: %{z} selections<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="expert", **_integer_ticks(stats.num_experts))
+    fig.update_yaxes(title_text="layer", autorange="reversed", **_integer_ticks(stats.num_layers))
+    _layout(fig, "Expert selections (layer × expert)")
+    return _hint_if_empty(fig, sum(stats.selections) == 0)
+
+
+def hit_rate_per_layer(stats: Stats) -> go.Figure:
+    """Fraction of the experts a layer needed that were already in its cache."""
+    fig = _per_layer_bars(stats.layer_hit_rate, "cache hit rate", "%{y:.0%}")
+    fig.add_hline(y=stats.hit_rate, line_dash="dash", line_color="gray",
+                  annotation_text=f"all layers {stats.hit_rate:.0%}", annotation_position="top left")
+    fig.update_yaxes(range=[0, 1.05], tickformat=".0%")
+    _layout(fig, f"Cache hit rate per layer (cache {stats.cache_size} of {stats.num_experts} experts)")
+    return _hint_if_empty(fig, sum(stats.selections) == 0)
+
+
+def prefetch_recall_per_layer(stats: Stats) -> go.Figure:
+    """Of the experts layer L selected, the fraction guessed from layer L-1 (layer 0 has no guess)."""
+    recall = stats.layer_prefetch_recall
+    fig = go.Figure(go.Bar(
+        x=list(range(1, stats.num_layers)), y=recall[1:], marker_color="#ff7f0e",
+        hovertemplate="layer %{x}: %{y:.0%}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="layer", range=[-0.5, stats.num_layers - 0.5], **_integer_ticks(stats.num_layers))
+    fig.update_yaxes(title_text="prefetch recall", range=[0, 1.05], tickformat=".0%")
+    _layout(fig, f"Prefetch recall per layer (top-{stats.prefetch} guesses)")
+    if stats.prefetch == 0:
+        return _annotate(fig, "prefetch is off (prefetch = 0)")
+    return _hint_if_empty(fig, sum(stats.guess_total) == 0)
+
+
+def tokens_per_second(stats: Stats, window: int = 4) -> go.Figure:
+    """Decode throughput over the course of the latest reply (sliding window of `window` tokens)."""
+    series = stats.tokens_per_second_series(window)
+    fig = go.Figure(go.Scatter(
+        x=list(range(2, len(series) + 2)), y=series, mode="lines+markers", marker_size=4,
+        hovertemplate="token %{x}: %{y:.1f} tokens/s<extra></extra>",
+    ))
+    if series:
+        fig.add_hline(y=stats.tokens_per_second, line_dash="dash", line_color="gray",
+                      annotation_text=f"mean {stats.tokens_per_second:.1f} tokens/s",
+                      annotation_position="bottom right")
+    fig.update_xaxes(title_text="token of the reply")
+    fig.update_yaxes(title_text="tokens/s", rangemode="tozero")
+    _layout(fig, "Tokens per second over the reply")
+    return _hint_if_empty(fig, not series)
+
+
+def bytes_moved_per_layer(stats: Stats) -> go.Figure:
+    """Bytes copied from the slow tier into each layer's cache (misses and prefetches)."""
+    scale, unit = _byte_unit(max(stats.bytes_moved, default=0))
+    fig = _per_layer_bars([b / scale for b in stats.bytes_moved], f"moved ({unit})", f"%{{y:.2f}} {unit}",
+                          color="#2ca02c")
+    fig.update_yaxes(rangemode="tozero")
+    total = stats.total_bytes_moved / scale
+    _layout(fig, f"Bytes moved per layer (total {total:.2f} {unit})")
+    return _hint_if_empty(fig, stats.total_bytes_moved == 0)
+
+
+def _per_layer_bars(values: list[float], y_title: str, y_hover: str, color: str = "#1f77b4") -> go.Figure:
+    fig = go.Figure(go.Bar(x=list(range(len(values))), y=values, marker_color=color,
+                           hovertemplate=f"layer %{{x}}: {y_hover}<extra></extra>"))
+    fig.update_xaxes(title_text="layer", **_integer_ticks(len(values)))
+    fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+def _integer_ticks(count: int) -> dict:
+    """Ticks on whole layer/expert numbers: every one when few, else every 4th (Mixtral has 32 layers)."""
+    return {"tickmode": "linear", "tick0": 0, "dtick": 1 if count <= 16 else 4}
+
+
+def _byte_unit(largest: float) -> tuple[int, str]:
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if largest >= scale:
+            return scale, unit
+    return 1, "B"
+
+
+def _layout(fig: go.Figure, title: str) -> None:
+    fig.update_layout(title={"text": title, "font": {"size": 14}}, height=HEIGHT, template="plotly_white",
+                      margin={"l": 50, "r": 20, "t": 45, "b": 40}, showlegend=False)
+
+
+def _annotate(fig: go.Figure, text: str) -> go.Figure:
+    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
+                       font={"size": 13, "color": "gray"})
+    return fig
+
+
+def _hint_if_empty(fig: go.Figure, empty: bool) -> go.Figure:
+    return _annotate(fig, EMPTY_HINT) if empty else fig

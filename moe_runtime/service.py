@@ -1,0 +1,250 @@
+"""One engine per process, shared by every user of a UI or server, and swapped safely.
+
+`EngineService` owns the engine's lifecycle: the first load, reloads with new settings (the running
+engine keeps serving when the new settings or model fail), serialized replies, stats and the routing
+trace. `ModelPolicy` decides which models a remote user may load: the embedded model, the model the
+operator started with and a list of known hub ids, and arbitrary local folders only when the operator
+allows it. Nothing here imports a UI library.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .config import OffloadConfig
+from .engine import Engine, GenerationSettings, StreamUpdate
+from .loading import load
+from .stats import Stats
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = "assets/tiny-mixtral"
+KNOWN_MODELS = (
+    "mistralai/Mixtral-8x7B-Instruct-v0.1",
+    "mistralai/Mixtral-8x7B-v0.1",
+    "mistralai/Mixtral-8x22B-Instruct-v0.1",
+)
+ROLES = ("user", "assistant")
+KEEP_TRACES = 8
+
+
+def device_choices() -> list[str]:
+    """Devices a UI can offer; "cuda" is listed even without a GPU so choosing it explains why not."""
+    count = torch.cuda.device_count()
+    return ["auto", "cpu", "cuda", *(f"cuda:{i}" for i in range(count) if count > 1)]
+
+
+def model_location(name: str) -> str:
+    """What `load` gets for a model name: the embedded model's folder inside this checkout (wherever
+    the process was started from); any other name as given."""
+    return str(REPO_ROOT / EMBEDDED_MODEL) if name == EMBEDDED_MODEL else name
+
+
+@dataclass
+class ModelPolicy:
+    """Which model names a (possibly remote) user may load."""
+
+    startup_model: str = EMBEDDED_MODEL
+    allow_local_paths: bool = False
+    known_models: tuple[str, ...] = KNOWN_MODELS
+
+    @property
+    def choices(self) -> list[str]:
+        return list(dict.fromkeys([EMBEDDED_MODEL, self.startup_model, *self.known_models]))
+
+    def check(self, name) -> str:
+        """The name to load, or ValueError saying what is allowed."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("model is empty: pick a model from the list")
+        name = name.strip()
+        if name in self.choices:
+            return name
+        if self.allow_local_paths:
+            path = Path(name).expanduser()
+            if path.is_dir():
+                return str(path.resolve())
+            raise ValueError(f"model {name!r} is not allowed: it is not a local folder, nor one of "
+                             f"{', '.join(self.choices)}")
+        raise ValueError(f"model {name!r} is not allowed: use one of {', '.join(self.choices)} "
+                         "(local folders only when the app is started with --allow-local-paths)")
+
+
+def message_text(content) -> str:
+    """The text of a chat message's content: a string, or Gradio's list of {"type": "text", "text"} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict) and isinstance(content.get("text"), str):
+        return content["text"]
+    if isinstance(content, (list, tuple)):
+        parts = [message_text(part) for part in content if not isinstance(part, dict) or "text" in part]
+        return "".join(parts)
+    raise ValueError(f"chat message content must be text, not {type(content).__name__}")
+
+
+def build_messages(message: str, history: list | None = None, system_prompt: str | None = None) -> list[dict]:
+    """Chat messages for the model: optional system prompt, the history (only role and content
+    are kept, so a UI may store extra keys), then the new user message. ValueError on bad input."""
+    if not isinstance(message, str) or not message.strip():
+        raise ValueError("the message is empty: type something to send")
+    if history is None:
+        history = []
+    if not isinstance(history, (list, tuple)):
+        raise ValueError("history must be a list of {'role', 'content'} messages")
+    messages = []
+    if system_prompt and system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt.strip()})
+    for index, item in enumerate(history):
+        if not isinstance(item, dict) or item.get("role") not in ROLES or "content" not in item:
+            raise ValueError(f"history[{index}] must be a dict with role 'user' or 'assistant' and content")
+        messages.append({"role": item["role"], "content": message_text(item["content"])})
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+class EngineService:
+    """The process's engine, its settings, and the lock that serializes replies and reloads.
+
+    A reply holds the lock while it streams, so a reload waits for it and never pulls the engine
+    from under it. Reloads load the new engine next to the old one and swap only on success; when
+    the device runs out of memory for two engines, the old one is released first and, if the new
+    one still fails, loaded back.
+    """
+
+    def __init__(self, model: str = EMBEDDED_MODEL, config: OffloadConfig | None = None, *,
+                 allow_local_paths: bool = False, loader: Callable[[str, OffloadConfig], Engine] = load) -> None:
+        self.model = model
+        self.config = config or OffloadConfig()
+        self.policy = ModelPolicy(model, allow_local_paths)
+        self._loader = loader
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+        self._trace_dir = tempfile.TemporaryDirectory(prefix="moe-trace-")  # removed at exit
+        self._trace_lock = threading.Lock()
+        self._trace_count = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Load the startup model (the operator's choice: any folder or hub id is allowed)."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._loader(model_location(self.model), self.config)
+            return self._engine
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise ValueError("no model is loaded: apply settings in the Settings tab to load one")
+        return self._engine
+
+    def settings(self, **changes) -> OffloadConfig:
+        """The current settings with `changes` applied; ValueError naming the allowed values."""
+        unknown = sorted(set(changes) - set(self.config.to_dict()))
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(unknown)}")
+        return replace(self.config, **changes)
+
+    def reload(self, model: str, config: OffloadConfig) -> Engine:
+        """Swap in an engine for `model` with `config`. On any failure the running engine keeps
+        serving and ValueError says why."""
+        name = self.policy.check(model)
+        config.validate()
+        with self._lock:
+            out_of_memory = None
+            try:
+                engine = self._loader(model_location(name), config)
+            except ValueError:
+                raise
+            except (torch.OutOfMemoryError, MemoryError) as err:
+                # handled outside this block: the traceback pins the half-built engine's tensors
+                out_of_memory = f"{type(err).__name__}: {err}"
+            except Exception as err:
+                raise ValueError(f"could not load {name}: {type(err).__name__}: {err}") from err
+            if out_of_memory is not None:
+                engine = self._reload_after_release(name, config, out_of_memory)
+            else:
+                self._drop_engine()
+            self._engine, self.model, self.config = engine, name, config
+            return engine
+
+    def _reload_after_release(self, name: str, config: OffloadConfig, first_error: str) -> Engine:
+        if self._engine is None:
+            raise ValueError(f"could not load {name}: out of memory ({first_error})")
+        self._drop_engine()
+        try:
+            return self._loader(model_location(name), config)
+        except Exception as err:
+            message = f"could not load {name} even after releasing the running engine: {type(err).__name__}: {err}"
+        try:
+            self._engine = self._loader(model_location(self.model), self.config)
+        except Exception as err:
+            raise ValueError(f"{message}; reloading the previous model failed too ({err}): apply settings "
+                             "again to load a model") from None
+        raise ValueError(f"{message}. The previous engine was loaded back.")
+
+    def _drop_engine(self) -> None:
+        """Close the running engine and free its memory (no reference to it may remain)."""
+        if self._engine is None:
+            return
+        on_cuda = self._engine.device.type == "cuda"
+        self._engine.close()
+        self._engine = None
+        gc.collect()
+        if on_cuda:
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_engine()
+
+    # --- replies ------------------------------------------------------------------------------
+    def chat(self, messages: list[dict], settings: GenerationSettings,
+             stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
+        """Stream one reply; replies from all users run one at a time. Leaving the loop early (or
+        closing the iterator) stops the generation instead of letting it run to max_new_tokens."""
+        settings.validate()
+        stop = stop or threading.Event()
+        with self._lock:
+            engine = self.engine
+            try:
+                updates = engine.stream(engine.chat_prompt(messages), settings, stop)
+            except Exception as err:  # e.g. a jinja TemplateError: "roles must alternate user/assistant"
+                raise ValueError(f"the chat template of {self.model} refused these messages: {err}") from err
+            try:
+                yield from updates
+            finally:
+                stop.set()
+                updates.close()
+
+    # --- statistics ---------------------------------------------------------------------------
+    def stats(self) -> Stats:
+        return self.engine.stats()
+
+    def reset_stats(self) -> None:
+        self.engine.reset_stats()
+
+    def describe(self) -> dict:
+        return {"model": self.model, **{k: v for k, v in self.engine.describe().items() if k != "model"}}
+
+    def save_trace(self) -> Path | None:
+        """The routing trace as JSON in a fresh temp file (None when trace recording is off). The
+        newest KEEP_TRACES files are kept, so a web server has time to copy one before it goes."""
+        trace = self.stats().trace
+        if trace is None:
+            return None
+        folder = Path(self._trace_dir.name)
+        with self._trace_lock:
+            self._trace_count += 1
+            path = trace.save(folder / f"routing-trace-{self._trace_count}.json")
+            for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
+                old.unlink(missing_ok=True)
+        return path
+
+
+def _trace_number(path: Path) -> int:
+    return int(path.stem.rsplit("-", 1)[1])

@@ -1,0 +1,108 @@
+"""Plotly figures of the Stats tab: built from hand-made snapshots and from a real run."""
+
+import json
+
+import plotly.graph_objects as go
+import pytest
+
+from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace, load, plots
+from moe_runtime.stats import Stats
+
+
+def make_stats(layers=3, experts=4, prefetch=2, tokens=6, empty=False) -> Stats:
+    zero = [0] * layers
+    counts = [[(layer + 1) * (e + 1) for e in range(experts)] for layer in range(layers)]
+    return Stats(
+        num_layers=layers, num_experts=experts, top_k=2, cache_size=2, prefetch=prefetch,
+        expert_counts=[[0] * experts for _ in range(layers)] if empty else counts,
+        selections=zero if empty else [10] * layers,
+        hits=zero if empty else [5, 8, 9][:layers] + [9] * (layers - 3),
+        misses=zero if empty else [5, 2, 1][:layers] + [1] * (layers - 3),
+        prefetch_issued=zero if empty else [0] + [4] * (layers - 1),
+        prefetch_used=zero if empty else [0] + [3] * (layers - 1),
+        guess_hits=zero if empty or not prefetch else [0] + [7] * (layers - 1),
+        guess_total=zero if empty or not prefetch else [0] + [10] * (layers - 1),
+        bytes_moved=zero if empty else [3 * 2**20, 2**20, 2**19][:layers] + [2**19] * (layers - 3),
+        stall_seconds=[0.0] * layers,
+        tokens_generated=0 if empty else tokens - 1,
+        decode_seconds=0.0 if empty else 0.5,
+        token_times=[] if empty else [0.1 * i for i in range(tokens)],
+        trace=RoutingTrace(layers, experts, 2),
+    )
+
+
+def annotations(fig: go.Figure) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def test_dashboard_has_every_figure_in_order():
+    figures = plots.dashboard(make_stats())
+    assert list(figures) == ["experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved"]
+    for fig in figures.values():
+        assert isinstance(fig, go.Figure) and fig.layout.title.text
+        json.loads(fig.to_json())  # serializable, as Gradio sends it
+
+
+def test_heatmap_is_layers_by_experts_of_selection_counts():
+    stats = make_stats(layers=3, experts=4)
+    fig = plots.expert_heatmap(stats)
+    heat = fig.data[0]
+    assert heat.type == "heatmap"
+    assert [list(row) for row in heat.z] == stats.expert_counts
+    assert list(heat.x) == [0, 1, 2, 3] and list(heat.y) == [0, 1, 2]
+    assert fig.layout.yaxis.autorange == "reversed"  # layer 0 on top, like the model
+    assert plots.EMPTY_HINT not in annotations(fig)
+
+
+def test_per_layer_rates_and_recall():
+    stats = make_stats()
+    hit = plots.hit_rate_per_layer(stats)
+    assert list(hit.data[0].y) == pytest.approx([0.5, 0.8, 0.9])
+    assert any("all layers" in text for text in annotations(hit))
+    recall = plots.prefetch_recall_per_layer(stats)
+    assert list(recall.data[0].x) == [1, 2]  # layer 0 has nothing to guess from
+    assert list(recall.data[0].y) == pytest.approx([0.7, 0.7])
+
+
+def test_tokens_per_second_and_bytes_moved():
+    stats = make_stats(tokens=6)
+    tps = plots.tokens_per_second(stats)
+    assert len(tps.data[0].y) == 5 and list(tps.data[0].x) == [2, 3, 4, 5, 6]
+    assert all(v == pytest.approx(10.0) for v in tps.data[0].y)  # a token every 0.1 s
+    moved = plots.bytes_moved_per_layer(stats)
+    assert list(moved.data[0].y) == pytest.approx([3, 1, 0.5])  # in MiB, the unit of the largest layer
+    assert "MiB" in moved.layout.yaxis.title.text
+
+
+def test_empty_and_prefetch_off_figures_say_so():
+    empty = make_stats(empty=True)
+    for fig in plots.dashboard(empty).values():
+        assert plots.EMPTY_HINT in annotations(fig)
+    off = plots.prefetch_recall_per_layer(make_stats(prefetch=0))
+    assert any("prefetch is off" in text for text in annotations(off))
+
+
+def test_counters_extend_the_summary():
+    stats = make_stats()
+    counters = plots.counters(stats)
+    assert stats.summary().items() <= counters.items()
+    assert counters["cache_hits"] == 22 and counters["cache_misses"] == 8
+    assert counters["experts_per_layer"] == 4 and counters["trace_tokens"] == 0
+    json.dumps(counters)
+
+
+def test_figures_from_a_real_run(tiny_dir, tmp_path):
+    engine = load(tiny_dir, OffloadConfig(device="cpu", store_dir=str(tmp_path / "store")))
+    try:
+        settings = GenerationSettings(max_new_tokens=6, temperature=0)
+        updates = list(engine.chat([{"role": "user", "content": "To be"}], settings))
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert updates[-1].finished
+    figures = plots.dashboard(stats)
+    heat = figures["experts"].data[0]
+    assert sum(map(sum, heat.z)) == stats.trace.num_tokens * stats.top_k * stats.num_layers > 0
+    assert len(figures["hit_rate"].data[0].y) == stats.num_layers
+    assert len(figures["tokens_per_second"].data[0].y) == len(stats.token_times) - 1
+
