@@ -34,6 +34,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui",
 CSS = ".reply-footer { opacity: 0.7; }"
 STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved")
 DEFAULT_SYSTEM_PROMPT = ""
+FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped"}
 LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
 
@@ -82,10 +83,8 @@ def generation_settings(temperature, top_p, max_new_tokens) -> GenerationSetting
 def reply_footer(update) -> str:
     parts = [f"{update.tokens_per_second:.1f} tokens/s", f"cache hit rate {update.hit_rate:.0%}",
              f"{update.new_tokens} tokens"]
-    if update.finish_reason == "cancelled":
-        parts.append("stopped")
-    elif update.finish_reason == "length":
-        parts.append("max new tokens reached")
+    if update.finished:
+        parts.append(FINISH_REASONS.get(update.finish_reason, "finished"))
     return " · ".join(parts)
 
 

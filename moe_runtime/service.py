@@ -208,7 +208,8 @@ class EngineService:
         """Stream one reply; replies from all users run one at a time. Leaving the loop early (or
         closing the iterator) stops the generation instead of letting it run to max_new_tokens."""
         settings.validate()
-        stop = stop or threading.Event()
+        user_stop = stop or threading.Event()
+        stop = _LinkedStop(user_stop)
         with self._lock:
             engine = self.engine
             try:
@@ -216,7 +217,12 @@ class EngineService:
             except Exception as err:  # e.g. a jinja TemplateError: "roles must alternate user/assistant"
                 raise ValueError(f"the chat template of {self.model} refused these messages: {err}") from err
             try:
-                yield from updates
+                for update in updates:
+                    if update.finished and update.finish_reason == "cancelled" and not user_stop.is_set():
+                        # Engine.stream sets `stop` itself when its worker thread outlives the streamer,
+                        # which happens at the end of most replies: only the user's event means cancelled.
+                        update.finish_reason = "length" if update.new_tokens >= settings.max_new_tokens else "stop"
+                    yield update
             finally:
                 stop.set()
                 updates.close()
@@ -244,6 +250,18 @@ class EngineService:
             for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
                 old.unlink(missing_ok=True)
         return path
+
+
+class _LinkedStop(threading.Event):
+    """The stop event handed to the engine: set by the engine itself, or by the user's event, which
+    the engine never sets (so the user's event alone tells whether the user stopped the reply)."""
+
+    def __init__(self, user: threading.Event) -> None:
+        super().__init__()
+        self.user = user
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.user.is_set()
 
 
 def _trace_number(path: Path) -> int:

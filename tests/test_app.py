@@ -187,7 +187,10 @@ def test_respond_streams_a_reply_with_tokens_per_second_and_hit_rate(handlers):
     assert len(steps) >= 3  # a placeholder, then the reply as it grows
     shown, history, textbox = steps[-1]
     assert textbox == "" and [m["role"] for m in history] == ["user", "assistant"]
-    assert "tokens/s" in history[-1]["footer"] and "cache hit rate" in history[-1]["footer"]
+    footer = history[-1]["footer"]
+    assert "tokens/s" in footer and "cache hit rate" in footer
+    assert footer.endswith(("finished", "max new tokens reached"))
+    assert "waiting" in steps[0][1][-1]["footer"]
     assert shown[-1]["content"].startswith(history[-1]["content"]) and "tokens/s" in shown[-1]["content"]
     again = list(handlers.respond("more", history, "be brief", 0, 1, 4))[-1][1]
     assert len(again) == 4 and again[:2] == history

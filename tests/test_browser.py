@@ -60,12 +60,12 @@ def chat_then_stats(context, url: str, out_dir: Path, prompt: str = PROMPT) -> d
     box.fill(prompt)
     box.press("Enter")
     footer = page.locator("#chatbot .reply-footer").last
+    finished = "|".join(app.FINISH_REASONS.values())
     page.wait_for_function(
-        "() => [...document.querySelectorAll('#chatbot .reply-footer')].some("
-        "e => /max new tokens|stopped|tokens ·|tokens$/.test(e.innerText) && !/waiting/.test(e.innerText))",
+        f"() => [...document.querySelectorAll('#chatbot .reply-footer')].some(e => /{finished}/.test(e.innerText))",
         timeout=TIMEOUT_MS,
     )
-    page.wait_for_timeout(300)  # let the final update and the stats refresh land
+    page.wait_for_timeout(500)  # let the stats refresh after the reply land
     shown = {"footer": footer.inner_text(), "states": page.evaluate("window.replyStates")}
     page.screenshot(path=str(out_dir / "chat.png"))
     page.get_by_role("tab", name="Stats").click()
