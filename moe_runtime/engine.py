@@ -147,17 +147,21 @@ class Engine:
             hits0, sel0 = self._hits_and_selections()
             worker.start()
             text = ""
+            cancelled_here = False
             try:
                 for piece in streamer:
                     text += piece
                     yield self._update(text, streamer.count, hits0, sel0)
+            except GeneratorExit:  # the consumer stopped early: end generation at the next token
+                cancelled_here = True
+                stop.set()
+                raise
             finally:
-                if worker.is_alive():  # the consumer stopped early: end generation at the next token
-                    stop.set()
                 worker.join()
             if errors:
                 raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
-            reason = "cancelled" if stop.is_set() else self._finish_reason(streamer.count, settings)
+            cancelled = cancelled_here or stop.is_set()
+            reason = "cancelled" if cancelled else self._finish_reason(streamer.count, settings)
             yield self._update(text, streamer.count, hits0, sel0, finished=True, reason=reason)
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,

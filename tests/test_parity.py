@@ -92,3 +92,27 @@ def test_streaming_chat_reports_tokens_and_hit_rate(tiny_dir, tmp_path):
         assert last.text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
     finally:
         engine.close()
+
+
+def test_stream_reports_why_it_ended(tiny_dir, tmp_path):
+    import threading
+
+    from moe_runtime import GenerationSettings
+
+    engine = load(tiny_dir, OffloadConfig(device="cpu", cache_size=2, store_dir=str(tmp_path)))
+    try:
+        messages = [{"role": "user", "content": "Speak"}]
+        for _ in range(3):  # the end of generate races the end of the stream: never "cancelled"
+            last = list(engine.chat(messages, GenerationSettings(max_new_tokens=3, temperature=0)))[-1]
+            assert last.finish_reason in ("length", "stop")
+        stop = threading.Event()
+        stream = engine.chat(messages, GenerationSettings(max_new_tokens=50, temperature=0), stop)
+        next(stream)
+        stop.set()
+        assert list(stream)[-1].finish_reason == "cancelled"
+        stream = engine.chat(messages, GenerationSettings(max_new_tokens=50, temperature=0))
+        next(stream)
+        stream.close()  # an abandoned stream ends generation and frees the engine
+        assert list(engine.chat(messages, GenerationSettings(max_new_tokens=2, temperature=0)))[-1].finished
+    finally:
+        engine.close()
