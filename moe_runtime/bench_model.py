@@ -1,0 +1,155 @@
+"""The model part of the benchmark: a real checkpoint decoded by every variant, and trace recording.
+
+Every variant decodes the same tokens: a prefill of the first `prompt_tokens` tokens of a fixed text,
+then one forward per token with the KV cache, each step fed the text's next token (teacher forcing),
+so the routing is the same for all of them. accelerate's variant is transformers' own
+`from_pretrained(device_map=..., offload_folder=...)` with every layer's experts on "disk" and the
+rest on the CPU (the engine's split), its page cache dropped before every token.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .baseline import TimedWeightsLoader, drop_page_cache
+from .bench import TEXT, Job, engine_counters, engine_knobs, loader_counters, timed
+from .workload import drop_resident
+
+PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.\n", "KING HENRY:\n",
+           "JULIET:\nO Romeo, Romeo!")
+
+
+def bench_ids(tokenizer, count: int):
+    """[1, count] token ids of the fixed text (repeated as needed)."""
+    import torch
+
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][0]
+    reps = -(-count // max(1, len(ids)))
+    return torch.cat([ids] * reps)[:count][None]
+
+
+def _decoder(model, ids, prompt_tokens: int):
+    """step(i): one decode step feeding token prompt_tokens + i, after a prefill of the prompt."""
+    state = {"past": model(ids[:, :prompt_tokens], use_cache=True).past_key_values}
+
+    def step(i: int) -> None:
+        pos = prompt_tokens + i
+        state["past"] = model(ids[:, pos : pos + 1], past_key_values=state["past"], use_cache=True).past_key_values
+
+    return step
+
+
+def _experts_device_map(config) -> dict:
+    """Everything on the CPU except every layer's experts, which go to disk."""
+    dm = {n: "cpu" for n in ("model.embed_tokens", "model.norm", "lm_head", "model.rotary_emb")}
+    for i in range(config.num_hidden_layers):
+        for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
+            dm[f"model.layers.{i}.{name}"] = "cpu"
+        dm[f"model.layers.{i}.mlp.experts"] = "disk"
+    return dm
+
+
+def _time_accelerate_loads(model):
+    """Swap the loader behind every accelerate hook for one that counts seconds and bytes."""
+    timed = None
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        weights_map = getattr(hook, "weights_map", None)
+        if weights_map is None or not hasattr(weights_map, "dataset"):
+            continue
+        if timed is None:
+            timed = TimedWeightsLoader(weights_map.dataset.save_folder, index=weights_map.dataset.index)
+        weights_map.dataset = timed
+    if timed is None:
+        raise RuntimeError("accelerate placed no weights on disk: nothing would be offloaded")
+    return timed
+
+
+def run_model(job: Job):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from . import OffloadConfig, load
+
+    device = torch.device(job.device)
+    tokenizer = AutoTokenizer.from_pretrained(job.model)
+    ids = bench_ids(tokenizer, job.prompt_tokens + job.warmup + job.tokens + 1).to(device)
+    facts = {"model": str(job.model), "expert_bits": job.expert_bits}
+    if job.variant in ("transformers", "accelerate"):
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        if job.variant == "transformers":
+            model = AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype).to(device).eval()
+            return timed(job, _decoder(model, ids, job.prompt_tokens), lambda: {"bytes_moved": 0,
+                                                                                  "stall_seconds": 0.0}), facts
+        Path(job.store_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=job.store_dir, prefix="accelerate-offload-") as folder:
+            config = AutoConfig.from_pretrained(job.model)
+            model = AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype, offload_folder=folder,
+                                                         device_map=_experts_device_map(config)).eval()
+            loader = _time_accelerate_loads(model)
+            step = _decoder(model, ids, job.prompt_tokens)
+            return timed(job, step, lambda: loader_counters(loader), lambda: drop_page_cache(Path(folder))), facts
+    probe = AutoConfig.from_pretrained(job.model)
+    cache_size, prefetch = engine_knobs(job, probe.num_local_experts)
+    config = OffloadConfig(device=job.device, offload="disk", cache_size=cache_size, prefetch=prefetch,
+                           expert_bits=job.expert_bits, store_dir=job.store_dir, record_trace=False,
+                           hqq_optimize=False)
+    engine = load(job.model, config)
+    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=getattr(engine.tier, "direct_io", None),
+                 engine=engine.describe())
+    try:
+        if job.variant == "resident":
+            for module in engine.experts:
+                for expert in range(cache_size):
+                    module.cache.acquire(expert)
+                    module.cache.release(expert)
+        before = None
+        if job.variant == "no-cache":
+            def before():
+                for module in engine.experts:
+                    module.cache.drain()
+                    drop_resident(module.cache)
+
+        step = _decoder(engine.model, ids, job.prompt_tokens)
+        return timed(job, step, lambda: engine_counters(engine.stats()), before), facts
+    finally:
+        engine.close()
+
+
+# --- recording a routing trace ------------------------------------------------------------------
+def record_trace(model: str | Path, out: str | Path, decode_tokens: int = 400, max_new_tokens: int = 128,
+                 seed: int = 0, temperature: float = 0.8, store_dir: str = "expert-store/bench") -> Path:
+    """Sample replies to PROMPTS (cycling, a new seed each time) until `decode_tokens` were generated,
+    and save the routing with the prefetcher's guesses. Replies that end early (end of a speech)
+    just make room for the next prompt; the engine's cache persists across replies, as in a chat."""
+    import torch
+
+    from . import GenerationSettings, OffloadConfig, load
+
+    probe = json.loads((Path(model) / "config.json").read_text())
+    engine = load(str(model), OffloadConfig(device="cpu", offload="ram", cache_size=probe["num_local_experts"],
+                                            prefetch=2, store_dir=store_dir, record_trace=True))
+    generated = 0
+    try:
+        with tqdm(total=decode_tokens, desc="recording routing", unit="tok") as bar:
+            for i in range(4 * decode_tokens):  # a bound, should every reply be empty
+                if generated >= decode_tokens:
+                    break
+                ids = engine.tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt")["input_ids"]
+                settings = GenerationSettings(max_new_tokens=min(max_new_tokens, decode_tokens - generated),
+                                              temperature=temperature, seed=seed + i)
+                with torch.inference_mode():
+                    *_, last = engine.stream(ids, settings)
+                generated += last.new_tokens
+                bar.update(last.new_tokens)
+        trace = engine.stats().trace
+    finally:
+        engine.close()
+    trace.model = Path(model).name
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return trace.save(out)

@@ -1,0 +1,286 @@
+"""A Mixtral-8x7B-shaped MoE stack that runs on a small machine, with routing replayed from a trace.
+
+The real expert dimensions (H 4096, I 14336, E 8, K 2) for a few layers L, random weights, and the
+routing of a trace recorded from a real model: random routing would have no locality, and locality
+is what the cache exploits. Only the MoE blocks run (no attention): they are where offloading costs.
+
+Dimension legend: L workload layers, Lt trace layers, E experts, K experts per token, H hidden,
+I expert FFN size, N decode tokens of the trace.
+
+`OffloadedStack` replays the tokens with the engine's own pieces (disk-tier expert store, per-layer
+`ExpertCache`, `OffloadedExperts`), `ReplaySpeculator` prefetching the guesses recorded in the trace;
+baseline.py replays the same tokens through accelerate's offloading.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cache import ExpertCache, Transfer
+from .experts import MAX_GUESS_RECORDED, OffloadedExperts
+from .policies import make_policy
+from .quant import MATRICES, ExpertCodec
+from .stats import RoutingTrace, StatsCollector
+from .store import DiskTier, aligned_empty, open_store, round_up, store_folder, write_store
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_STD = 0.02
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Shape and weights of the synthetic stack. bits None = 16-bit experts (`dtype`)."""
+
+    layers: int = 2
+    hidden: int = 4096
+    intermediate: int = 14336
+    experts: int = 8
+    top_k: int = 2
+    bits: int | None = 2
+    group_size: int = 16
+    dtype: str = "bfloat16"
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def codec(self) -> ExpertCodec:
+        return _codec(self)
+
+    def weights_identity(self) -> dict:
+        """What determines the random weights (not how they are packed)."""
+        return {"hidden": self.hidden, "intermediate": self.intermediate, "experts": self.experts,
+                "layers": self.layers, "seed": self.seed, "std": WEIGHT_STD}
+
+
+@lru_cache(maxsize=4)
+def _codec(spec: WorkloadSpec) -> ExpertCodec:
+    # optimize=False: round-to-nearest HQQ, same bytes and layout as optimized codes, seconds faster
+    return ExpertCodec(spec.hidden, spec.intermediate, spec.bits, spec.group_size, True, spec.torch_dtype,
+                       optimize=False)
+
+
+def expert_weights(spec: WorkloadSpec, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate [I, H], up [I, H], down [H, I]) float32, the same for every consumer of a spec."""
+    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + layer * 1_009 + expert)
+    shapes = ((spec.intermediate, spec.hidden), (spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate))
+    return tuple(torch.randn(s, generator=gen).mul_(WEIGHT_STD) for s in shapes)
+
+
+# --- routing trace -> workload layers ----------------------------------------------------------
+@dataclass
+class Replay:
+    """Per workload layer j: selected[j][n] (K experts) and guess[j][n] (ranking predicted from j-1)."""
+
+    selected: list[list[list[int]]]
+    guess: list[list[list[int]]]
+    trace_layers: list[int]
+    num_experts: int
+    top_k: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.selected[0])
+
+
+def map_trace(trace: RoutingTrace, layers: int, first_layer: int | None = None) -> Replay:
+    """Workload layer j replays trace layer (first + j) mod Lt, decode tokens only.
+
+    Consecutive trace layers, so a recorded guess for layer j (made from j-1) is a guess made from
+    the layer the workload runs right before it. Default `first`: the middle block of the trace.
+    """
+    decode = trace.decode_only() if "decode" in trace.phase else trace
+    if not decode.num_tokens:
+        raise ValueError("the routing trace has no tokens to replay")
+    lt = trace.num_layers
+    if first_layer is None:
+        first_layer = max(0, (lt - layers) // 2)
+    if not 0 <= first_layer < lt:
+        raise ValueError(f"first trace layer {first_layer} is not allowed: use 0..{lt - 1}")
+    mapped = [(first_layer + j) % lt for j in range(layers)]
+    # layer 0 of the workload has no layer before it, hence no guess (as in the engine)
+    guess = [decode.guess[m] if j and decode.guess[m] else [[] for _ in decode.selected[m]]
+             for j, m in enumerate(mapped)]
+    return Replay([decode.selected[m] for m in mapped], guess, mapped, trace.num_experts, trace.top_k)
+
+
+class ReplaySpeculator:
+    """Stands in for `experts.Speculator`: prefetches the guess the trace recorded for layer L+1.
+
+    `token` is set by the stack before each step; `last_guess` feeds the recall statistics of
+    layer L+1 exactly as the real speculator's does.
+    """
+
+    def __init__(self, guesses: list[list[int]], next_cache: ExpertCache, prefetch: int) -> None:
+        self.guesses = guesses
+        self.next_cache = next_cache
+        self.prefetch = prefetch
+        self.token = 0
+        self.last_guess: list[list[int]] | None = None
+
+    def __call__(self, hidden_states: torch.Tensor) -> None:
+        ranking = self.guesses[self.token][:MAX_GUESS_RECORDED]
+        self.last_guess = [list(ranking)] * hidden_states.shape[0] if ranking else None
+        if self.prefetch and ranking:
+            self.next_cache.prefetch(ranking[: self.prefetch])
+
+
+def check_replay(spec: WorkloadSpec, replay: Replay) -> None:
+    found = (len(replay.selected), replay.num_experts, replay.top_k)
+    if found != (spec.layers, spec.experts, spec.top_k):
+        raise ValueError(f"the replay has (layers, experts, top_k) = {found}, the workload "
+                         f"{(spec.layers, spec.experts, spec.top_k)}: map the trace onto the workload's layers")
+
+
+def residual_step(hidden: torch.Tensor, moe_out: torch.Tensor) -> torch.Tensor:
+    """Next layer's input: the residual stream plus this MoE block, RMS-normalized."""
+    r = hidden.float() + moe_out.float()
+    return (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6)).to(hidden.dtype)
+
+
+def first_hidden(spec: WorkloadSpec, token: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(spec.seed * 7919 + token)
+    return torch.randn(1, spec.hidden, generator=gen).to(device=device, dtype=spec.torch_dtype)  # [1, H]
+
+
+def routing(replay: Replay, layer: int, token: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.tensor([replay.selected[layer][token]], device=device)  # [1, K]
+    weights = torch.full(index.shape, 1.0 / replay.top_k, device=device)  # [1, K]
+    return index, weights
+
+
+# --- ours: the engine's cache on the disk tier --------------------------------------------------
+def build_store(spec: WorkloadSpec, store_dir: str | Path) -> Path:
+    """The disk-tier expert store of `spec` (built once, reused while the spec is unchanged)."""
+    codec = spec.codec()
+    identity = {**spec.weights_identity(), "bits": spec.bits, "group_size": spec.group_size,
+                "dtype": spec.dtype, "quantize_meta": True, "optimize": False}
+    folder = store_folder(store_dir, "mixtral-shaped", identity)
+    if open_store(folder, spec.layers, spec.experts, codec) is None:
+        write_store(folder, codec, spec.layers, spec.experts, lambda layer, e: expert_weights(spec, layer, e), identity)
+    return folder
+
+
+class DecodingTier:
+    """The disk tier, dequantizing on load: reads an expert's quantized record and writes the decoded
+    (gate, up, down) into the slot, in `plain`'s layout. The cache then holds decoded experts, so a
+    hit costs no dequantization (on a CPU the cache is host RAM either way: more memory per slot,
+    no extra transfer), and prefetch loads dequantize on the prefetch thread, off the critical path.
+    """
+
+    kind = "disk"
+
+    def __init__(self, disk: DiskTier, quantized: ExpertCodec, plain: ExpertCodec) -> None:
+        self.disk, self.quantized, self.plain = disk, quantized, plain
+        self.direct_io = disk.direct_io
+        self._local = threading.local()
+
+    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
+        staging = getattr(self._local, "buf", None)
+        if staging is None:
+            staging = self._local.buf = aligned_empty(self.disk.stride, torch.device("cpu"))
+        self.disk.read(layer, expert, staging)
+        for name, weight in zip(MATRICES, self.quantized.decode(staging)):
+            self.plain.layout.slots[name].view(dst).copy_(weight)
+
+    def close(self) -> None:
+        self.disk.close()
+
+
+class OffloadedStack:
+    """L `OffloadedExperts` modules over one `DiskTier`, each layer with its own `ExpertCache`.
+
+    decoded=True (quantized specs): the cache holds dequantized experts (`DecodingTier`).
+    """
+
+    def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, cache_size: int, prefetch: int,
+                 device: torch.device, policy: str = "lru", decoded: bool = False) -> None:
+        check_replay(spec, replay)
+        self.spec, self.replay, self.device = spec, replay, device
+        codec = spec.codec()
+        self.tier = DiskTier(folder, spec.experts, round_up(codec.nbytes), codec.nbytes, device)
+        compute_codec = codec
+        if decoded and spec.bits is not None:
+            compute_codec = replace(spec, bits=None).codec()
+            self.tier = DecodingTier(self.tier, codec, compute_codec)
+        stride = round_up(compute_codec.nbytes)
+        self.transfer = Transfer(self.tier, device)
+        self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
+        self.modules: list[OffloadedExperts] = []
+        for layer in range(spec.layers):
+            slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
+            # bytes moved = bytes read from the disk: the quantized record
+            cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), self.transfer, self.stats)
+            self.modules.append(OffloadedExperts(layer, cache, compute_codec, F.silu, self.stats, spec.experts,
+                                                 spec.top_k, prefetch))
+        self.speculators = []
+        for layer in range(spec.layers - 1):
+            spec_l = ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)
+            self.modules[layer].speculator = spec_l
+            self.modules[layer + 1].incoming = spec_l
+            self.speculators.append(spec_l)
+
+    @property
+    def direct_io(self) -> bool:
+        return self.tier.direct_io
+
+    def step(self, token: int) -> torch.Tensor:
+        """One decode token through every layer; `token` indexes the replay (wraps around)."""
+        n = token % self.replay.num_tokens
+        for speculator in self.speculators:
+            speculator.token = n
+        hidden = first_hidden(self.spec, n, self.device)
+        for layer, module in enumerate(self.modules):
+            index, weights = routing(self.replay, layer, n, self.device)
+            hidden = residual_step(hidden, module(hidden, index, weights))
+        return hidden
+
+    def warm_all(self) -> None:
+        """Load every expert that fits (all of them when cache_size = E)."""
+        for module in self.modules:
+            for expert in range(min(self.spec.experts, module.cache.cache_size)):
+                module.cache.acquire(expert)
+                module.cache.release(expert)
+
+    def drain(self) -> None:
+        for module in self.modules:
+            module.cache.drain()
+
+    def drop_resident(self) -> None:
+        """Forget every resident expert, so the next use of any expert is a load ("no cache")."""
+        self.drain()
+        for module in self.modules:
+            drop_resident(module.cache)
+
+    def close(self) -> None:
+        self.drain()
+        self.transfer.close()
+        self.tier.close()
+
+
+def drop_resident(cache: ExpertCache) -> None:
+    """Empty one layer's cache. The cache has no public call for it; this mirrors its eviction path."""
+    with cache._cond:
+        for expert, slot in list(cache.slot_of.items()):
+            if cache.pins[slot]:
+                continue
+            del cache.slot_of[expert]
+            cache.owner[slot] = None
+            cache.policy.evict(expert)
+            cache.prefetched.discard(expert)
+
+
+def describe(spec: WorkloadSpec, replay: Replay) -> dict:
+    codec = spec.codec()
+    return {**asdict(spec), "expert_bytes": codec.nbytes,
+            "expert_bytes_16bit": 3 * spec.hidden * spec.intermediate * 2,
+            "store_bytes": round_up(codec.nbytes) * spec.layers * spec.experts,
+            "trace_layers": replay.trace_layers, "trace_tokens": replay.num_tokens}
+

@@ -1,0 +1,187 @@
+"""The benchmark: trace replay, its variants' accounting, and the --quick CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_runtime import baseline, bench, bench_model
+from moe_runtime import workload as wl
+from moe_runtime.simulate import simulate
+from moe_runtime.stats import RoutingTrace
+from tiny_models import save_tiny_mixtral
+
+SHIPPED_TRACE = Path(__file__).resolve().parents[1] / "assets" / "traces" / "tiny-mixtral.json"
+SPEC16 = wl.WorkloadSpec(layers=2, hidden=64, intermediate=128, experts=6, top_k=2, bits=None, dtype="float32")
+
+
+def local_trace(layers=4, experts=6, top_k=2, tokens=30, seed=0) -> RoutingTrace:
+    """Routing with locality: each layer mostly reuses a few favourite experts; guesses rank them."""
+    rng = random.Random(seed)
+    trace = RoutingTrace(layers, experts, top_k, "synthetic")
+    for layer in range(layers):
+        favourites = rng.sample(range(experts), 3)
+        for _ in range(tokens):
+            pool = favourites if rng.random() < 0.8 else list(range(experts))
+            chosen = rng.sample(pool, top_k)
+            trace.selected[layer].append(chosen)
+            rest = [e for e in range(experts) if e not in chosen]
+            trace.guess[layer].append((chosen + rest) if layer and rng.random() < 0.7 else rng.sample(range(experts), experts))
+    trace.phase = ["prefill"] * 2 + ["decode"] * (tokens - 2)
+    return trace
+
+
+def test_map_trace_takes_consecutive_middle_layers_decode_only():
+    trace = local_trace(layers=5)
+    replay = wl.map_trace(trace, 2)
+    assert replay.trace_layers == [1, 2]
+    assert replay.num_tokens == 28  # the two prefill tokens are left out
+    assert replay.selected[1] == trace.selected[2][2:]
+    assert replay.guess[1] == trace.guess[2][2:]
+    assert all(g == [] for g in replay.guess[0])  # workload layer 0 has no layer before it
+    assert wl.map_trace(trace, 7, first_layer=3).trace_layers == [3, 4, 0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="first trace layer"):
+        wl.map_trace(trace, 2, first_layer=5)
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("cache_size", [2, 4])
+def test_replayed_engine_cache_matches_simulator(tmp_path, cache_size, prefetch):
+    trace = local_trace()
+    replay = wl.map_trace(trace, 3, first_layer=0)
+    spec = replace(SPEC16, layers=3)
+    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), cache_size, prefetch, torch.device("cpu"))
+    tokens = 20
+    for n in range(tokens):
+        stack.step(n)
+        stack.drain()  # the simulator has no timing: let every prefetch land before the next token
+    stats = stack.stats.snapshot()
+    stack.close()
+    replayed = RoutingTrace(3, spec.experts, 2, selected=[s[:tokens] for s in replay.selected],
+                            guess=[g[:tokens] for g in replay.guess], phase=["decode"] * tokens)
+    sim = simulate(replayed, "lru", cache_size, prefetch)
+    assert sum(stats.selections) == 3 * tokens * 2 == sum(stats.hits) + sum(stats.misses)
+    assert stats.hits == sim.hits
+    if prefetch:
+        assert stats.prefetch_recall == pytest.approx(sim.prefetch_recall)
+
+
+def test_no_cache_loads_every_selected_expert(tmp_path):
+    replay = wl.map_trace(local_trace(), 2)
+    stack = wl.OffloadedStack(SPEC16, replay, wl.build_store(SPEC16, tmp_path), 2, 0, torch.device("cpu"))
+    for n in range(10):
+        stack.drop_resident()
+        stack.step(n)
+    stats = stack.stats.snapshot()
+    stack.close()
+    assert sum(stats.hits) == 0
+    assert stats.total_bytes_moved == sum(stats.selections) * SPEC16.codec().nbytes
+
+
+@pytest.mark.parametrize("granularity", ["fused", "per-expert"])
+def test_accelerate_stack_computes_what_the_engine_computes(tmp_path, granularity):
+    replay = wl.map_trace(local_trace(), 2)
+    ours = wl.OffloadedStack(SPEC16, replay, wl.build_store(SPEC16, tmp_path), SPEC16.experts, 0, torch.device("cpu"))
+    theirs = baseline.AccelerateStack(SPEC16, replay, baseline.build_offload_folder(SPEC16, tmp_path, granularity),
+                                torch.device("cpu"), granularity)
+    for n in range(4):
+        torch.testing.assert_close(theirs.step(n), ours.step(n))
+    ours.close()
+    expert_bytes = 3 * SPEC16.hidden * SPEC16.intermediate * 4  # float32 spec
+    if granularity == "fused":  # accelerate moves the whole [E, 2I, H] and [E, H, I] parameters
+        assert theirs.loader.nbytes == 4 * SPEC16.layers * SPEC16.experts * expert_bytes
+    else:
+        distinct = sum(len(set(replay.selected[layer][n])) for layer in range(2) for n in range(4))
+        assert theirs.loader.nbytes == distinct * expert_bytes
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    model = save_tiny_mixtral(root / "model", layers=3, experts=6, hidden=32, intermediate=64)
+    trace_path = bench_model.record_trace(model, root / "trace.json", decode_tokens=16, max_new_tokens=8,
+                                             store_dir=str(root / "store"))
+    out = root / "out"
+    code = bench.main(["--quick", "--model", str(model), "--trace", str(trace_path), "--out", str(out),
+                       "--store-dir", str(root / "store"), "--cache-size", "3"])
+    return code, json.loads((out / "bench.json").read_text()), out
+
+
+def test_quick_bench_runs_every_variant(quick_run):
+    code, report, out = quick_run
+    assert code == 0, [r.get("error") for r in report["results"]]
+    got = {(r["part"], r["variant"]) for r in report["results"]}
+    engine = set(bench.ENGINE_VARIANTS)
+    assert got >= {("model", v) for v in {"accelerate", "transformers", *engine}}
+    assert got >= {("workload-16bit", v) for v in {"accelerate", "accelerate-per-expert", *engine}}
+    assert got >= {("workload-2bit", v) for v in {*engine, *bench.DECODED_VARIANTS}}
+    assert (out / "bench.md").read_text().count("| lru+prefetch |") == 3
+    assert (out / "bench.html").stat().st_size > 1000
+
+
+def test_quick_bench_numbers_are_consistent(quick_run):
+    _, report, _ = quick_run
+    for r in report["results"]:
+        w = r["window"]
+        assert r["tokens"] == r["job"]["tokens"] and r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
+        if r["variant"] in bench.ENGINE_VARIANTS + bench.DECODED_VARIANTS:
+            layers = r["workload"]["layers"] if "workload" in r else r["engine"]["layers"]
+            assert w["hits"] + w["misses"] == w["selections"] == r["tokens"] * layers * 2
+        if r["variant"] in ("accelerate", "accelerate-per-expert", "no-cache", "lru"):
+            assert r["bytes_per_token"] > 0 and r["stall_ms_per_token"] > 0
+        if r["variant"] == "no-cache":
+            assert w["hits"] == 0
+        if r["variant"].startswith("resident"):  # everything loaded during warm-up
+            assert w["bytes_moved"] == 0 and r["hit_rate"] == 1.0, (r["part"], r["variant"], w)
+        if r["variant"] == "accelerate" and "workload" in r:
+            spec = r["workload"]
+            assert r["bytes_per_token"] == spec["layers"] * spec["experts"] * spec["expert_bytes_16bit"]
+
+
+def test_simulator_cross_check_agrees_with_the_engine(quick_run):
+    _, report, _ = quick_run
+    for part in ("workload-16bit", "workload-2bit"):
+        check = report["simulator"][part]
+        assert check["engine_lru_matches_sim"], check
+        assert 0 < check["sim_belady_hit_rate"] <= 1 and check["sim_lru_hit_rate"] <= check["sim_belady_hit_rate"]
+    assert {t["target"] for t in report["targets"]} >= {"vs_accelerate", "vs_resident", "prefetch_recall"}
+
+
+def test_isolated_worker_reports_the_same_fields(tmp_path):
+    trace = local_trace()
+    trace_path = trace.save(tmp_path / "trace.json")
+    job = bench.Job("workload-16bit", "resident", 1, 2, store_dir=str(tmp_path), trace=str(trace_path),
+                    spec={"hidden": 64, "intermediate": 128, "layers": 2, "experts": 6, "top_k": 2, "bits": None})
+    result = bench.run_isolated(job)
+    assert "error" not in result, result.get("error")
+    assert result["window"]["bytes_moved"] == 0 and result["tokens"] == 2 and result["peak_rss_bytes"] > 0
+
+
+@pytest.mark.skipif(not SHIPPED_TRACE.exists(), reason="no shipped trace yet")
+def test_shipped_trace_is_replayable():
+    trace = RoutingTrace.load(SHIPPED_TRACE)
+    assert (trace.num_experts, trace.top_k) == (8, 2)
+    replay = wl.map_trace(trace, 2)
+    assert replay.num_tokens >= 100
+    assert all(len(g) >= 2 for g in replay.guess[1])  # the prefetcher's guesses were recorded
+
+
+def test_decoded_cache_computes_what_the_quantized_cache_computes(tmp_path):
+    spec = replace(SPEC16, bits=2, group_size=16)
+    replay = wl.map_trace(local_trace(), 2)
+    folder = wl.build_store(spec, tmp_path)
+    plain = wl.OffloadedStack(spec, replay, folder, 2, 2, torch.device("cpu"))
+    decoded = wl.OffloadedStack(spec, replay, folder, 2, 2, torch.device("cpu"), decoded=True)
+    for n in range(6):
+        torch.testing.assert_close(decoded.step(n), plain.step(n))
+    decoded.drain()
+    plain.drain()
+    assert decoded.stats.snapshot().bytes_moved == plain.stats.snapshot().bytes_moved  # the 2-bit records
+    plain.close()
+    decoded.close()
