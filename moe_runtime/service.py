@@ -213,9 +213,10 @@ class EngineService:
         with self._lock:
             engine = self.engine
             try:
-                updates = engine.stream(engine.chat_prompt(messages), settings, stop)
+                prompt = _prompt_within_context(engine, messages, settings.max_new_tokens)
             except Exception as err:  # e.g. a jinja TemplateError: "roles must alternate user/assistant"
                 raise ValueError(f"the chat template of {self.model} refused these messages: {err}") from err
+            updates = engine.stream(prompt, settings, stop)
             try:
                 for update in updates:
                     if update.finished and update.finish_reason == "cancelled" and not user_stop.is_set():
@@ -250,6 +251,22 @@ class EngineService:
             for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
                 old.unlink(missing_ok=True)
         return path
+
+
+def _prompt_within_context(engine: Engine, messages: list[dict], max_new_tokens: int):
+    """Token ids of the chat, dropping the oldest turns (never the system prompt or the newest
+    message) while prompt + reply would overflow the model's context window."""
+    context = getattr(engine.model.config, "max_position_embeddings", None)
+    ids = engine.chat_prompt(messages)
+    while context and ids.shape[-1] + max_new_tokens > context:
+        first = 1 if messages[0]["role"] == "system" else 0
+        if len(messages) - first <= 1:
+            break  # only the new message is left: let it run, the model copes or truncates
+        messages = messages[:first] + messages[first + 1:]
+        while messages[first]["role"] == "assistant":  # templates want the user to speak first
+            messages = messages[:first] + messages[first + 1:]
+        ids = engine.chat_prompt(messages)
+    return ids
 
 
 class _LinkedStop(threading.Event):

@@ -206,6 +206,17 @@ def test_bad_chat_input_loses_nothing(handlers):
     assert steps[-1][1] == history and steps[-1][2] == "keep me"
 
 
+def test_long_chats_keep_the_newest_turns_that_fit_the_context(handlers, service):
+    context = service.engine.model.config.max_position_embeddings
+    turn = "To be, or not to be, that is the question. " * 3
+    history = [{"role": role, "content": turn} for _ in range(40) for role in ("user", "assistant")]
+    service.reset_stats()
+    *_, (_, new_history, _) = handlers.respond("and then?", history, "be brief", 0.7, 0.95, 8)
+    assert new_history[:-2] == history and new_history[-1]["footer"]  # the UI keeps the whole chat
+    prompt_tokens = service.stats().trace.phase.count("prefill")
+    assert 0 < prompt_tokens <= context - 8
+
+
 def test_a_chat_template_refusal_is_a_message_not_a_crash(handlers, service):
     tokenizer = service.engine.tokenizer
     template = tokenizer.chat_template
@@ -322,7 +333,7 @@ def test_served_app_has_the_named_endpoints(client):
 
 def test_served_app_streams_a_reply_and_reports_stats(client):
     client.predict(api_name="/reset_stats")
-    job = client.submit("To be, or not to be", [], "", 0.7, 0.95, 12, api_name="/chat")
+    job = client.submit("To be, or not to be", [], max_new_tokens=12, api_name="/chat")  # as in the README
     streamed = list(job)
     assert len(streamed) >= 2 and streamed[-1] == job.outputs()[-1]
     assert all(later.startswith(earlier) for earlier, later in zip(streamed, streamed[1:]))
