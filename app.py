@@ -283,7 +283,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
                         top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
                         max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
                                                    label="Max new tokens", elem_id="max-new-tokens")
-            with gr.Tab("Settings", id="settings"):
+            with gr.Tab("Settings", id="settings", elem_id="settings-tab"):
                 with gr.Row():
                     model = gr.Dropdown(service.policy.choices, value=service.model, label="Model",
                                         allow_custom_value=service.policy.allow_local_paths, scale=3,

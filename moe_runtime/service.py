@@ -20,7 +20,7 @@ import torch
 
 from .config import OffloadConfig
 from .engine import Engine, GenerationSettings, StreamUpdate
-from .loading import load
+from .loading import load, resolve_dtype
 from .stats import Stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -236,7 +236,11 @@ class EngineService:
         self.engine.reset_stats()
 
     def describe(self) -> dict:
-        return {"model": self.model, **{k: v for k, v in self.engine.describe().items() if k != "model"}}
+        """`Engine.describe()` under the name the user picked, with the dtype actually in use
+        (Engine.describe lets the config's "auto" overwrite it)."""
+        engine = self.engine
+        dtype = str(resolve_dtype(engine.config.dtype, engine.device)).removeprefix("torch.")
+        return {**engine.describe(), "model": self.model, "dtype": dtype}
 
     def save_trace(self) -> Path | None:
         """The routing trace as JSON in a fresh temp file (None when trace recording is off). The

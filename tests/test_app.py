@@ -292,7 +292,7 @@ def test_apply_good_settings_swaps_the_engine(handlers, service):
     try:
         assert status.startswith("**Applied.**") and service.engine is not engine
         assert service.config.expert_bits == 4 and service.config.offload == "disk"
-        assert "4 / none" in facts and "disk" in header
+        assert "4 / none" in facts and "cpu / float32" in facts and "disk" in header
         assert handlers.current_settings()[:8] == (service.model, "4", "none", 3, 1, "disk", "cpu", "lfu")
         assert list(handlers.respond("To be", [], "", 0.7, 0.95, 3))[-1][1][-1]["footer"]
     finally:

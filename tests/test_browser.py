@@ -50,8 +50,8 @@ def free_port() -> int:
 
 
 def chat_then_stats(context, url: str, out_dir: Path, prompt: str = PROMPT) -> dict:
-    """Send `prompt` in the Chat tab, wait for the whole reply, then open the Stats tab.
-    Saves chat.png and stats.png in `out_dir`; returns what the page showed."""
+    """Send `prompt` in the Chat tab, wait for the whole reply, then open the Stats and Settings tabs.
+    Saves chat.png, stats.png and settings.png in `out_dir`; returns what the page showed."""
     page = context.new_page()
     page.goto(url)
     box = page.locator("#message textarea")
@@ -75,6 +75,11 @@ def chat_then_stats(context, url: str, out_dir: Path, prompt: str = PROMPT) -> d
     shown["heatmap_title"] = page.locator("#expert-heatmap .gtitle").text_content()
     shown["counters"] = page.locator("#counters").inner_text()
     page.screenshot(path=str(out_dir / "stats.png"), full_page=True)
+    page.get_by_role("tab", name="Settings").click()
+    settings = page.locator("#settings-tab")
+    settings.get_by_text("Running engine").wait_for(timeout=TIMEOUT_MS)
+    shown["settings"] = settings.inner_text()
+    settings.screenshot(path=str(out_dir / "settings.png"))
     page.close()
     return shown
 
@@ -117,11 +122,12 @@ def test_chat_streams_a_reply_and_the_stats_tab_shows_the_heatmap(served, tmp_pa
     assert len(updates) >= 2, f"the reply did not stream: {shown['states']}"
     assert shown["heatmap_title"].startswith("Expert selections")
     assert '"tokens_generated"' in shown["counters"]
-    assert (tmp_path / "chat.png").stat().st_size > 0 and (tmp_path / "stats.png").stat().st_size > 0
+    assert "Apply" in shown["settings"] and "layers × experts" in shown["settings"]
+    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("chat", "stats", "settings"))
 
 
-def write_readme_screenshot(out: Path, max_new_tokens: int = 64) -> Path:
-    """Chat (left) and Stats (right) side by side, after one reply of the embedded model."""
+def write_readme_screenshot(out: Path, max_new_tokens: int = 40) -> Path:
+    """Chat and Settings (left) beside Stats (right), after one reply of the embedded model."""
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
@@ -137,10 +143,11 @@ def write_readme_screenshot(out: Path, max_new_tokens: int = 64) -> Path:
                     context.close()
         finally:
             demo.close()
-        chat, stats = Image.open(tmp / "chat.png"), Image.open(tmp / "stats.png")
-        height = max(chat.height, stats.height)
-        sheet = Image.new("RGB", (chat.width + stats.width, height), "white")
+        chat, stats, settings = (Image.open(tmp / f"{name}.png") for name in ("chat", "stats", "settings"))
+        height = max(chat.height + settings.height, stats.height)
+        sheet = Image.new("RGB", (chat.width + stats.width, height), stats.getpixel((0, 0)))
         sheet.paste(chat, (0, 0))
+        sheet.paste(settings, ((chat.width - settings.width) // 2, chat.height))
         sheet.paste(stats, (chat.width, 0))
         sheet = sheet.resize((sheet.width * 2 // 3, height * 2 // 3), Image.LANCZOS)
         sheet.save(out, optimize=True)
