@@ -44,7 +44,7 @@ def load(model_dir: Path):
 def validation_windows(tokenizer, data: Path, context: int) -> tuple[torch.Tensor, int]:
     """[N, context] windows over the held-out text, and how many characters their tokens cover."""
     _, val_text = split_text(data.read_text(encoding="utf-8"))
-    ids = torch.tensor(tokenizer(val_text, add_special_tokens=False).input_ids)
+    ids = torch.tensor(tokenizer(val_text, add_special_tokens=False, verbose=False).input_ids)
     batches = windows(ids, context, tokenizer.bos_token_id)
     covered = batches[:, 1:].reshape(-1)
     return batches, len(tokenizer.decode(covered.tolist()))
