@@ -208,8 +208,7 @@ class EngineService:
         """Stream one reply; replies from all users run one at a time. Leaving the loop early (or
         closing the iterator) stops the generation instead of letting it run to max_new_tokens."""
         settings.validate()
-        user_stop = stop or threading.Event()
-        stop = _LinkedStop(user_stop)
+        stop = stop or threading.Event()
         with self._lock:
             engine = self.engine
             try:
@@ -218,15 +217,9 @@ class EngineService:
                 raise ValueError(f"the chat template of {self.model} refused these messages: {err}") from err
             updates = engine.stream(prompt, settings, stop)
             try:
-                for update in updates:
-                    if update.finished and update.finish_reason == "cancelled" and not user_stop.is_set():
-                        # Engine.stream sets `stop` itself when its worker thread outlives the streamer,
-                        # which happens at the end of most replies: only the user's event means cancelled.
-                        update.finish_reason = "length" if update.new_tokens >= settings.max_new_tokens else "stop"
-                    yield update
+                yield from updates
             finally:
-                stop.set()
-                updates.close()
+                updates.close()  # stops the generation if the caller left early
 
     # --- statistics ---------------------------------------------------------------------------
     def stats(self) -> Stats:
@@ -271,18 +264,6 @@ def _prompt_within_context(engine: Engine, messages: list[dict], max_new_tokens:
             messages = messages[:first] + messages[first + 1:]
         ids = engine.chat_prompt(messages)
     return ids
-
-
-class _LinkedStop(threading.Event):
-    """The stop event handed to the engine: set by the engine itself, or by the user's event, which
-    the engine never sets (so the user's event alone tells whether the user stopped the reply)."""
-
-    def __init__(self, user: threading.Event) -> None:
-        super().__init__()
-        self.user = user
-
-    def is_set(self) -> bool:
-        return super().is_set() or self.user.is_set()
 
 
 def _trace_number(path: Path) -> int:
