@@ -119,7 +119,7 @@ class Engine:
             "offload": self.config.offload,
             "direct_io": getattr(self.tier, "direct_io", None),
             "store": str(self.store_path) if self.store_path else None,
-            **{k: v for k, v in self.config.to_dict().items() if k not in ("device", "offload")},
+            **{k: v for k, v in self.config.to_dict().items() if k not in ("device", "offload", "dtype")},
         }
 
     # --- generation ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from .config import OffloadConfig
 from .engine import Engine, GenerationSettings, StreamUpdate
-from .loading import load, resolve_dtype
+from .loading import load
 from .stats import Stats
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -229,11 +229,8 @@ class EngineService:
         self.engine.reset_stats()
 
     def describe(self) -> dict:
-        """`Engine.describe()` under the name the user picked, with the dtype actually in use
-        (Engine.describe lets the config's "auto" overwrite it)."""
-        engine = self.engine
-        dtype = str(resolve_dtype(engine.config.dtype, engine.device)).removeprefix("torch.")
-        return {**engine.describe(), "model": self.model, "dtype": dtype}
+        """`Engine.describe()` under the name the user picked."""
+        return {**self.engine.describe(), "model": self.model}
 
     def save_trace(self) -> Path | None:
         """The routing trace as JSON in a fresh temp file (None when trace recording is off). The
