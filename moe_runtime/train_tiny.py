@@ -201,7 +201,11 @@ def save_model(model, tokenizer: Tokenizer, out: Path, context: int) -> None:
     state = to_mixtral_checkpoint(model.state_dict(), config.intermediate_size)
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id).save_pretrained(out)
+    # A speech ends with a blank line: generation stops there too, so a chat reply is one speech.
+    turn_end = tokenizer.encode(TURN_END, add_special_tokens=False).ids
+    if len(turn_end) != 1:
+        raise RuntimeError(f"the tokenizer splits the turn end {TURN_END!r} into {turn_end}")
+    GenerationConfig(bos_token_id=bos_id, eos_token_id=[eos_id, turn_end[0]], pad_token_id=eos_id).save_pretrained(out)
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=EOS,
         model_max_length=context, chat_template=CHAT_TEMPLATE,
