@@ -67,6 +67,35 @@ def forward_all(model, batches: torch.Tensor, batch_size: int = 16):
     return nll, [torch.cat(parts) for parts in logits_per_layer]
 
 
+def quantized_figures(model_dir: Path, batches: torch.Tensor, chars: int, bits: int) -> dict:
+    """Validation figures with HQQ-quantized experts, through the offloaded engine (moe_runtime.load).
+
+    Attention stays unquantized, so the figure isolates what expert quantization costs. Every expert
+    stays resident (cache_size = E), since only accuracy is measured here.
+    """
+    import tempfile
+
+    from moe_runtime import OffloadConfig
+    from moe_runtime import load as load_engine
+
+    with tempfile.TemporaryDirectory() as store:
+        engine = load_engine(model_dir, OffloadConfig(device="cpu", offload="ram", cache_size=8, prefetch=0,
+                                                      expert_bits=bits, store_dir=store, record_trace=False))
+        try:
+            nll, _ = forward_all(engine.model, batches)
+            config = engine.config
+            expert_bytes = engine.describe()["expert_bytes"]
+        finally:
+            engine.close()
+    tokens = batches[:, 1:].numel()
+    return {
+        "expert_bits": bits, "group_size": config.expert_group, "meta_quantized": config.quantize_meta,
+        "expert_bytes": expert_bytes,
+        "val_loss": round(nll / tokens, 4), "perplexity": round(math.exp(nll / tokens), 2),
+        "bits_per_char": round(nll / math.log(2) / chars, 4),
+    }
+
+
 def shared_fraction(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per token, the fraction of a's K experts that are also in b (both [..., K])."""
     return (a[..., :, None] == b[..., None, :]).any(-1).float().mean(-1)
@@ -99,15 +128,20 @@ def sample(model, tokenizer, seed: int, max_new_tokens: int = 60) -> list[dict]:
     chat = tokenizer.apply_chat_template(SAMPLE_CHAT, add_generation_prompt=True, tokenize=False)
     prompts.append((chat, tokenizer(chat, add_special_tokens=False, return_tensors="pt").input_ids))
     results = []
-    for text, ids in prompts:
+    for i, (text, ids) in enumerate(prompts):
+        # plain continuations run on over several speeches; the chat reply stops at its turn's end
+        is_chat = i == len(prompts) - 1
+        stop = model.generation_config.eos_token_id if is_chat else tokenizer.eos_token_id
         torch.manual_seed(seed)
-        out = model.generate(ids, do_sample=True, temperature=0.8, top_k=40, max_new_tokens=max_new_tokens)
+        out = model.generate(ids, do_sample=True, temperature=0.8, top_k=40, max_new_tokens=max_new_tokens,
+                             eos_token_id=stop)
         completion = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         results.append({"prompt": text.removeprefix(tokenizer.bos_token), "completion": completion})
     return results
 
 
-def evaluate(model_dir: Path, data: Path, max_windows: int | None, samples: bool, seed: int) -> dict:
+def evaluate(model_dir: Path, data: Path, max_windows: int | None, samples: bool, seed: int,
+             expert_bits: tuple[int, ...] = ()) -> dict:
     """All figures of the model card, as plain Python values."""
     model, tokenizer = load(model_dir)
     config = model.config
@@ -127,12 +161,14 @@ def evaluate(model_dir: Path, data: Path, max_windows: int | None, samples: bool
         "bits_per_char": round(nll / math.log(2) / chars, 4),
         "chance_loss": round(math.log(config.vocab_size), 4),
         "num_experts": config.num_local_experts, "top_k": config.num_experts_per_tok,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
         "uniform_entropy_bits": round(math.log2(config.num_local_experts), 4),
         "random_shared_with_previous": round(config.num_experts_per_tok / config.num_local_experts, 4),
         "layers": [routing_stats(r, config.num_experts_per_tok) for r in router_logits],
     }
     if samples:
         result["samples"] = sample(model, tokenizer, seed)
+    result["quantized"] = [quantized_figures(model_dir, batches, chars, bits) for bits in expert_bits]
     return result
 
 
@@ -163,6 +199,22 @@ def to_markdown(r: dict, command: str) -> str:
             f"| {layer['shared_with_previous']:.3f} | {layer['any_shared_with_previous']:.3f} "
             f"| {layer['all_shared_with_previous']:.3f} | {layer['shared_shuffled']:.3f} |"
         )
+    if r.get("quantized"):
+        fp32_bytes = 3 * 4 * r["hidden_size"] * r["intermediate_size"] if "hidden_size" in r else None
+        lines += [
+            "",
+            "With HQQ-quantized experts (attention unquantized), through `moe_runtime.load`:",
+            "",
+            "| experts | group | bytes per expert | validation loss | perplexity | bits per character |",
+            "| --- | --- | --- | --- | --- | --- |",
+            f"| fp32 (as shipped) | – | {fp32_bytes:,} | {r['val_loss']:.3f} | {r['perplexity']:.1f} "
+            f"| {r['bits_per_char']:.3f} |" if fp32_bytes else "",
+        ]
+        for q in r["quantized"]:
+            lines.append(
+                f"| {q['expert_bits']}-bit | {q['group_size']} | {q['expert_bytes']:,} | {q['val_loss']:.3f} "
+                f"| {q['perplexity']:.1f} | {q['bits_per_char']:.3f} |"
+            )
     for s in r.get("samples", []):
         lines += ["", "```text", s["prompt"] + s["completion"], "```"]
     return "\n".join(lines)
@@ -176,13 +228,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     parser.add_argument("--no-samples", action="store_true", help="skip the sampled continuations")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--expert-bits", default="", help="also measure with HQQ experts at these bits, "
+                        "comma-separated from 2, 3, 4, 8 (e.g. 4,3,2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     ns = parser.parse_args(argv)
     if ns.max_windows is not None and ns.max_windows < 1:
         parser.error(f"--max-windows={ns.max_windows} is not allowed: use 1 or more")
+    try:
+        bits = tuple(int(b) for b in ns.expert_bits.split(",") if b.strip())
+    except ValueError:
+        parser.error(f"--expert-bits={ns.expert_bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
+    if any(b not in (2, 3, 4, 8) for b in bits):
+        parser.error(f"--expert-bits={ns.expert_bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
     torch.set_num_threads(ns.threads)
-    result = evaluate(ns.model, ns.data, ns.max_windows, not ns.no_samples, ns.seed)
+    result = evaluate(ns.model, ns.data, ns.max_windows, not ns.no_samples, ns.seed, bits)
     command = "python -m moe_runtime.evaluate_tiny" + (f" --model {ns.model}" if ns.model != OUT_DIR else "")
+    command += f" --expert-bits {ns.expert_bits}" if bits else ""
     print(to_markdown(result, command))
     if ns.json:
         ns.json.write_text(json.dumps(result, indent=2) + "\n")

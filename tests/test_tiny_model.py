@@ -3,6 +3,7 @@ real language model; its training command runs end to end on a baby config."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,3 +109,15 @@ def test_quick_training_runs_are_reloadable_and_deterministic(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     for name in ("model.safetensors", "tokenizer.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_evaluate_command_prints_the_cards_figures_including_quantized(capsys, tmp_path):
+    from moe_runtime import evaluate_tiny
+
+    evaluate_tiny.main(["--max-windows", "2", "--no-samples", "--expert-bits", "4", "--json", str(tmp_path / "e.json")])
+    out = capsys.readouterr().out
+    assert "| validation loss (nats/token) |" in out and "| 4-bit | 64 |" in out
+    result = json.loads((tmp_path / "e.json").read_text())
+    quantized = result["quantized"][0]
+    assert quantized["expert_bits"] == 4 and quantized["expert_bytes"] < 0.2 * 3 * 4 * 256 * 256
+    assert abs(quantized["val_loss"] - result["val_loss"]) < 0.1  # 4-bit experts barely move the loss
