@@ -11,11 +11,11 @@ Parts (each a table in bench.md, a group of rows in bench.json, a panel in bench
   workload-2bit    the Mixtral-8x7B-shaped stack of workload.py (2-bit experts, group 16, 8-bit meta),
   workload-16bit   and the same with 16-bit experts, replaying a recorded routing trace.
 
-A "token" is one decode step; tokens/s counts steps after `--warmup` untimed ones. Each variant runs
-in a subprocess of its own in full mode, so its peak RSS is its own; --quick runs them in-process and
-resets the peak (Linux clear_refs) between variants. Engine variants read the disk tier with
-O_DIRECT; accelerate reads memory-mapped files, whose page cache is dropped before every token so
-that it reads the disk too.
+A "token" is one decode step; tokens/s counts the timed steps that follow a few untimed warm-up
+steps. Each variant runs in a subprocess of its own in full mode, so its peak RSS is its own; --quick
+runs them in-process and resets the peak (Linux clear_refs) between variants. Engine variants read
+the disk tier with O_DIRECT; accelerate reads memory-mapped files, whose page cache is dropped
+before every token so that it reads the disk too. Every variant runs with `--threads` torch threads.
 """
 
 from __future__ import annotations
@@ -123,17 +123,18 @@ def timed(job: Job, step, counters, before_step=None) -> dict:
         step(i)
     warmup_seconds = time.perf_counter() - t0
     start = counters()
-    times = []
+    times, cpu = [], 0.0
     for i in tqdm(range(job.warmup, job.warmup + job.tokens), desc=f"{job.part} {job.variant}", unit="tok",
                   leave=False):
         if before_step:
             before_step()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - t0)
+        cpu += time.process_time() - c0
     end = counters()
     window = {k: end[k] - start[k] for k in end}
-    return {"times": times, "window": window, "total": end, "warmup_seconds": warmup_seconds}
+    return {"times": times, "cpu_seconds": cpu, "window": window, "total": end, "warmup_seconds": warmup_seconds}
 
 
 def run_job(job: Job) -> dict:
@@ -174,6 +175,10 @@ def _measure(job: Job) -> dict:
         "tokens_per_second": n / sum(times) if sum(times) > 0 else 0.0,
         "ms_per_token": 1000 * sum(times) / n if n else 0.0,
         "ms_per_token_median": 1000 * sorted(times)[n // 2] if n else 0.0,
+        # CPU time of the whole process (all threads) per token: unlike wall time, not inflated when
+        # other jobs on a shared machine take the CPU away
+        "cpu_ms_per_token": 1000 * measured["cpu_seconds"] / n if n else 0.0,
+        "times": times,
         "stall_ms_per_token": 1000 * w["stall_seconds"] / n if n else 0.0,
         "bytes_per_token": w["bytes_moved"] / n if n else 0.0,
         "window": w, "total": measured["total"], "warmup_seconds": measured["warmup_seconds"],
@@ -206,7 +211,7 @@ def _run_workload(job: Job):
     spec = wl.WorkloadSpec(**job.spec)
     replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers, job.first_layer)
     device = torch.device(job.device)
-    facts = {"workload": wl.describe(spec, replay)}
+    facts = {"workload": wl.describe(spec, replay, packed=not job.variant.startswith("accelerate"))}
     if job.variant.startswith("accelerate"):
         granularity = "fused" if job.variant == "accelerate" else "per-expert"
         folder = baseline.build_offload_folder(spec, Path(job.store_dir), granularity)
@@ -245,7 +250,10 @@ class Plan:
         common = dict(cache_size=self.cache_size, prefetch=self.prefetch, store_dir=self.store_dir, device=self.device,
                       threads=self.threads)
         if "model" in self.parts:
-            prompt, warm, tokens = (8, 2, 4) if self.quick else (32, 8, 48)
+            prompt, warm, tokens = (8, 2, 4) if self.quick else (32, 16, 192)
+            positions = json.loads((Path(self.model) / "config.json").read_text()).get("max_position_embeddings")
+            if positions:  # the fixed text must fit the model's context
+                tokens = max(1, min(tokens, positions - prompt - warm - 1))
             for v in ("accelerate", *ENGINE_VARIANTS, "transformers"):
                 jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, **common))
         dims = QUICK_DIMS if self.quick else MIXTRAL_DIMS
@@ -265,14 +273,18 @@ class Plan:
     @staticmethod
     def _full_tokens(variant: str, bits: int | None) -> tuple[int, int]:
         """(warm-up, timed) decode steps, sized so the full run fits ~15 minutes on 2 CPU cores:
-        accelerate's fused baseline reads every expert for every token (~10 s/token here) and the
-        2-bit variants that dequantize per use are compute-bound (~7 s/token), so they get few tokens;
-        their per-token time barely varies, while cache hit rates need the longer 16-bit runs."""
-        if variant.startswith("accelerate"):
+        accelerate reads 2-8 experts per layer for every token (3-10 s/token here) and the 2-bit
+        variants that dequantize per use are compute-bound (5-8 s/token), so they get few tokens
+        (their per-token time barely varies); cache hit rates come from the longer runs."""
+        if variant == "accelerate":
             return 1, 4
+        if variant == "accelerate-per-expert":
+            return 1, 6
         if bits and not variant.endswith("-decoded"):
             return 1, 4
-        return (2, 8) if bits else (4, 16)
+        if variant in ("no-cache", "lru+prefetch-decoded"):
+            return 2, 12
+        return 8, 48
 
     def _trace_shape(self) -> dict:
         data = json.loads(Path(self.trace).read_text())
@@ -321,14 +333,22 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
+def _shown(path: Path) -> str:
+    """A default path as the user would type it: relative when under the working directory."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m moe_runtime.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small dimensions and few tokens (CI)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.html")
     ap.add_argument("--parts", default="model,workload-16bit,workload-2bit",
                     help="comma-separated: model, workload-16bit, workload-2bit")
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder of the model part")
-    ap.add_argument("--trace", default=str(DEFAULT_TRACE), help="routing trace the workload replays")
+    ap.add_argument("--model", default=_shown(DEFAULT_MODEL), help="checkpoint folder of the model part")
+    ap.add_argument("--trace", default=_shown(DEFAULT_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
     ap.add_argument("--prefetch", type=int, default=2, help="experts prefetched one layer ahead")
@@ -340,6 +360,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                     help="one subprocess per variant (default: on, off with --quick)")
     ap.add_argument("--record-trace", type=Path, metavar="OUT", help="record a routing trace from --model and exit")
+    ap.add_argument("--from-json", type=Path, metavar="BENCH_JSON",
+                    help="only re-render bench.md/.html into --out from an earlier run's bench.json")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return ap
@@ -359,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .bench_report import write_reports
 
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        print(write_reports(report["results"], report["meta"], args.out))
+        return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in ("model", "workload-16bit", "workload-2bit")]
     if unknown:
@@ -377,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run_plan(plan, isolate)
     command = "python -m moe_runtime.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "machine": machine(), "plan": asdict(plan), "isolated": isolate,
+            "variants": VARIANTS,
             "wall_seconds": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M")}
     print(write_reports(results, meta, args.out))
     return 1 if any("error" in r for r in results) else 0

@@ -18,6 +18,7 @@ ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch
          "resident-decoded", "transformers")
 TARGETS = {"vs_accelerate": 10.0, "vs_resident": 0.7, "lru_vs_belady": 0.95, "prefetch_recall": 0.85}
 MB = 1e6
+MIN_TARGET_TOKENS = 20  # hit-rate and recall targets are not judged on shorter windows
 
 
 def rows_of(results: list[dict], part: str) -> dict[str, dict]:
@@ -117,12 +118,14 @@ def targets(results: list[dict], checks: dict, trace: dict | None) -> list[dict]
                 label = name if a == "lru+prefetch" else f"{name} (decoded cache)"
                 out.append({"part": part, "target": label, "value": value, "goal": TARGETS[name],
                             "met": value >= TARGETS[name]})
-        recall = rows.get("lru+prefetch", {}).get("prefetch_recall")
-        if recall is not None:
+        prefetching = rows.get("lru+prefetch", {})
+        recall = prefetching.get("prefetch_recall")
+        if recall is not None and prefetching.get("tokens", 0) >= MIN_TARGET_TOKENS:
             out.append({"part": part, "target": "prefetch_recall", "value": recall,
                         "goal": TARGETS["prefetch_recall"], "met": recall >= TARGETS["prefetch_recall"]})
         check = checks.get(part, {})
-        if check.get("sim_belady_hit_rate") and "engine_lru_hit_rate" in check:
+        if check.get("sim_belady_hit_rate") and "engine_lru_hit_rate" in check and \
+                check["tokens"] >= MIN_TARGET_TOKENS:
             value = check["engine_lru_hit_rate"] / check["sim_belady_hit_rate"]
             out.append({"part": part, "target": "lru_vs_belady", "value": value, "goal": TARGETS["lru_vs_belady"],
                         "met": value >= TARGETS["lru_vs_belady"]})
@@ -145,7 +148,8 @@ def _settings_line(rows: dict) -> str:
     any_row = next(iter(rows.values()))
     job = any_row["job"]
     if any_row["part"] == "model":
-        return (f"model `{job['model']}`, experts {job['expert_bits'] or 'fp32'}-bit, cache {job['cache_size']} "
+        bits = f"{job['expert_bits']}-bit HQQ" if job["expert_bits"] else "unquantized"
+        return (f"model `{Path(job['model']).name}`, experts {bits}, cache {job['cache_size']} "
                 f"experts/layer, prefetch {job['prefetch']}, prompt {job['prompt_tokens']} tokens, "
                 f"{job['warmup']} warm-up + {job['tokens']} timed decode steps")
     ours = [r for v, r in rows.items() if "workload" in r and not v.startswith("accelerate")]
@@ -162,20 +166,20 @@ def part_table(results: list[dict], part: str) -> str:
     rows = rows_of(results, part)
     gpu = any(r.get("cuda_peak_bytes") for r in rows.values())
     lines = [f"### {PARTS[part]}", "", _settings_line(rows), "",
-             "| variant | tok/s | ms/token | stall ms/token | hit rate | prefetch recall | MB moved/token "
-             "| peak RSS MB | " + ("GPU peak MB | " if gpu else "") + "× accelerate | × resident |",
-             "|---|" + "---:|" * (10 if gpu else 9)]
+             "| variant | tok/s | ms/token mean / median | CPU ms/token | stall ms/token | hit rate | prefetch recall "
+             "| MB moved/token | peak RSS MB | " + ("GPU peak MB | " if gpu else "") + "× accelerate | × resident |",
+             "|---|" + "---:|" * (11 if gpu else 10)]
     for variant, r in rows.items():
         if "error" in r:
-            lines.append(f"| {variant} | error: {r['error'][:80]} |" + " |" * (9 if gpu else 8))
+            lines.append(f"| {variant} | error: {r['error'][:80]} |" + " |" * (10 if gpu else 9))
             continue
         name = variant + (" (16-bit run)" if r.get("borrowed") else "")
         resident = "resident-decoded" if variant.endswith("-decoded") else "resident"  # like for like
         recall = r.get("prefetch_recall") if variant.startswith("lru+prefetch") else None
         gpu_cell = f"{_f((r.get('cuda_peak_bytes') or 0) / MB, 0)} | " if gpu else ""
         lines.append(
-            f"| {name} | {_f(r['tokens_per_second'], 3)} | {_f(r['ms_per_token'], 1)} | "
-            f"{_f(r['stall_ms_per_token'], 1)} | {_f(r.get('hit_rate'), 3)} | {_f(recall, 3)} | "
+            f"| {name} | {_f(r['tokens_per_second'], 3)} | {_f(r['ms_per_token'], 1)} / "
+            f"{_f(r['ms_per_token_median'], 1)} | {_f(r.get('cpu_ms_per_token'), 1)} | {_f(r['stall_ms_per_token'], 1)} | {_f(r.get('hit_rate'), 3)} | {_f(recall, 3)} | "
             f"{_f(r['bytes_per_token'] / MB, 1)} | {_f(r['peak_rss_bytes'] / MB, 0)} | {gpu_cell}"
             f"{_f(_ratio(rows, variant, 'accelerate'), 2, '×')} | {_f(_ratio(rows, variant, resident), 2, '×')} |")
     return "\n".join(lines) + "\n"
@@ -211,6 +215,9 @@ def markdown(report: dict) -> str:
                 f"{t['cache_size']}: LRU hit rate {_f(t['lru_hit_rate'], 3)}, Belady {_f(t['belady_hit_rate'], 3)} "
                 f"(ratio {_f(t['lru_vs_belady'], 3)}); prefetch recall of {t['prefetch']} guesses one layer ahead "
                 f"{_f(t['prefetch_recall'], 3)}.", ""]
+    shown = {r["variant"] for r in results}
+    out += ["Variants: " + "; ".join(f"**{v}**: {d}" for v, d in meta.get("variants", {}).items() if v in shown)
+            + ".", ""]
     if report["targets"]:
         out += ["### Targets", "", "| part | target | measured | goal | met |", "|---|---|---:|---:|---|"]
         for t in report["targets"]:
@@ -246,6 +253,16 @@ def figure(results: list[dict]):
     return fig
 
 
+def simulator_figure(trace_path: str, prefetch: int):
+    """The simulator's hit rate vs cache size figure for the whole trace (decode tokens)."""
+    from .simulate import SIM_POLICIES, hit_rate_figure, sweep
+    from .stats import RoutingTrace
+
+    trace = RoutingTrace.load(trace_path)
+    trace = trace.decode_only() if "decode" in trace.phase else trace
+    return hit_rate_figure(sweep(trace, SIM_POLICIES, list(range(1, trace.num_experts)), sorted({0, prefetch})))
+
+
 def write_reports(results: list[dict], meta: dict, out: Path) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -261,8 +278,13 @@ def write_reports(results: list[dict], meta: dict, out: Path) -> str:
     (out / "bench.md").write_text(text)
     fig = figure(results)
     fig.write_html(out / "bench.html", include_plotlyjs="cdn")
-    try:
-        fig.write_image(out / "bench.png", scale=1)
-    except Exception:  # kaleido (and a browser) are optional: the HTML is the figure
-        pass
+    figures = {"bench": fig}
+    if trace:
+        figures["hit-rate"] = simulator_figure(plan["trace"], plan["prefetch"])
+        figures["hit-rate"].write_html(out / "hit-rate.html", include_plotlyjs="cdn")
+    for name, figure_ in figures.items():
+        try:
+            figure_.write_image(out / f"{name}.png", scale=1)
+        except Exception:  # kaleido (and a browser) are optional: the HTML is the figure
+            pass
     return text

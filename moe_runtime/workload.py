@@ -277,10 +277,12 @@ def drop_resident(cache: ExpertCache) -> None:
             cache.prefetched.discard(expert)
 
 
-def describe(spec: WorkloadSpec, replay: Replay) -> dict:
-    codec = spec.codec()
-    return {**asdict(spec), "expert_bytes": codec.nbytes,
-            "expert_bytes_16bit": 3 * spec.hidden * spec.intermediate * 2,
-            "store_bytes": round_up(codec.nbytes) * spec.layers * spec.experts,
-            "trace_layers": replay.trace_layers, "trace_tokens": replay.num_tokens}
-
+def describe(spec: WorkloadSpec, replay: Replay, packed: bool = True) -> dict:
+    """Facts for the report. packed=False skips the codec (it allocates full-size matrices to derive
+    its layout), for the accelerate baseline, which never uses it."""
+    out = {**asdict(spec), "expert_bytes_16bit": 3 * spec.hidden * spec.intermediate * 2,
+           "trace_layers": replay.trace_layers, "trace_tokens": replay.num_tokens}
+    if packed:
+        nbytes = spec.codec().nbytes
+        out.update(expert_bytes=nbytes, store_bytes=round_up(nbytes) * spec.layers * spec.experts)
+    return out
