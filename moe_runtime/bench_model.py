@@ -43,12 +43,13 @@ def _decoder(model, ids, prompt_tokens: int):
     return step
 
 
-def _experts_device_map(config) -> dict:
-    """Everything on the CPU except every layer's experts, which go to disk."""
-    dm = {n: "cpu" for n in ("model.embed_tokens", "model.norm", "lm_head", "model.rotary_emb")}
+def _experts_device_map(config, device) -> dict:
+    """Everything on the compute device except every layer's experts, which go to disk."""
+    here = (device.index or 0) if device.type == "cuda" else "cpu"
+    dm = {n: here for n in ("model.embed_tokens", "model.norm", "lm_head", "model.rotary_emb")}
     for i in range(config.num_hidden_layers):
         for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
-            dm[f"model.layers.{i}.{name}"] = "cpu"
+            dm[f"model.layers.{i}.{name}"] = here
         dm[f"model.layers.{i}.mlp.experts"] = "disk"
     return dm
 
@@ -89,7 +90,7 @@ def run_model(job: Job):
         with tempfile.TemporaryDirectory(dir=job.store_dir, prefix="accelerate-offload-") as folder:
             config = AutoConfig.from_pretrained(job.model)
             model = AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype, offload_folder=folder,
-                                                         device_map=_experts_device_map(config)).eval()
+                                                         device_map=_experts_device_map(config, device)).eval()
             loader = _time_accelerate_loads(model)
             step = _decoder(model, ids, job.prompt_tokens)
             return timed(job, step, lambda: loader_counters(loader), lambda: drop_page_cache(Path(folder))), facts
