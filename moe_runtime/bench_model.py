@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 
 from .baseline import TimedWeightsLoader, drop_page_cache
 from .bench import TEXT, Job, engine_counters, engine_knobs, loader_counters, timed
-from .workload import drop_resident
 
 PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.\n", "KING HENRY:\n",
            "JULIET:\nO Romeo, Romeo!")
@@ -113,7 +112,7 @@ def run_model(job: Job):
             def before():
                 for module in engine.experts:
                     module.cache.drain()
-                    drop_resident(module.cache)
+                    module.cache.clear()
 
         step = _decoder(engine.model, ids, job.prompt_tokens)
         return timed(job, step, lambda: engine_counters(engine.stats()), before), facts

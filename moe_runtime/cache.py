@@ -199,6 +199,17 @@ class ExpertCache:
             self.pins[slot] -= 1
             self._cond.notify_all()
 
+    def clear(self) -> None:
+        """Evict every expert that is not pinned (a cold cache, e.g. for a no-cache benchmark)."""
+        with self._cond:
+            for expert, slot in list(self.slot_of.items()):
+                if self.pins[slot] == 0:
+                    del self.slot_of[expert]
+                    self.owner[slot] = None
+                    self.policy.evict(expert)
+                    self.prefetched.discard(expert)
+            self._cond.notify_all()
+
     def drain(self) -> None:
         """Wait for every in-flight load of this layer (tests and shutdown)."""
         for ticket in list(self.tickets):

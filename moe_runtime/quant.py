@@ -67,8 +67,9 @@ def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, quantize_m
         weight.to(device=device, dtype=torch.float32), nbits=bits, channel_wise=True, group_size=group_size,
         optimize=optimize, round_zero=(bits == 4), axis=1, bitpack=True, device=device,
     )
-    w_q = w_q.cpu()
-    meta["scale"], meta["zero"] = meta["scale"].cpu(), meta["zero"].cpu()
+    home = "meta" if device == "meta" else "cpu"  # meta: shapes only, for the byte layout
+    w_q = w_q.to(home)
+    meta["scale"], meta["zero"] = meta["scale"].to(home), meta["zero"].to(home)
     tensors = {"W_q": w_q}
     info = {k: meta[k] for k in ("nbits", "group_size", "axis", "packing")}
     info["shape"] = tuple(meta["shape"])
@@ -78,7 +79,7 @@ def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, quantize_m
             group = math.gcd(META_GROUP, value.numel())
             codes, sub = Quantizer.quantize(
                 value.float(), nbits=META_BITS, channel_wise=True, group_size=group, optimize=False,
-                axis=0, bitpack=True, device="cpu",
+                axis=0, bitpack=True, device=home,
             )
             tensors[f"{part}_q"] = codes
             tensors[f"{part}_scale"] = sub["scale"].half()
@@ -127,9 +128,9 @@ class ExpertCodec:
                         f"expert_group_size={group_size} does not divide the {name} matrix {shape}: "
                         "use a power of two that divides hidden_size * intermediate_size"
                     )
-        # The layout depends only on shapes and settings: derive it from zero matrices.
-        zeros = [torch.zeros(s) for s in self.shapes.values()]
-        self.layout = self._layout(self._pieces(*zeros, optimize=False))
+        # The layout depends only on shapes and settings: derive it from meta tensors (no memory, no math).
+        shapes_only = [torch.empty(s, device="meta") for s in self.shapes.values()]
+        self.layout = self._layout(self._pieces(*shapes_only, optimize=False))
 
     @property
     def nbytes(self) -> int:
@@ -143,8 +144,8 @@ class ExpertCodec:
             if self.bits is None:
                 tensors[name] = weight.to(self.dtype)
                 continue
-            parts, meta[name] = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize,
-                                                self.quant_device if optimize else "cpu")
+            device = "meta" if weight.is_meta else self.quant_device if optimize else "cpu"
+            parts, meta[name] = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize, device)
             tensors.update({f"{name}.{k}": v for k, v in parts.items()})
         return tensors, meta
 

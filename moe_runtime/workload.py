@@ -257,7 +257,7 @@ class OffloadedStack:
         """Forget every resident expert, so the next use of any expert is a load ("no cache")."""
         self.drain()
         for module in self.modules:
-            drop_resident(module.cache)
+            module.cache.clear()
 
     def close(self) -> None:
         self.drain()
@@ -265,21 +265,9 @@ class OffloadedStack:
         self.tier.close()
 
 
-def drop_resident(cache: ExpertCache) -> None:
-    """Empty one layer's cache. The cache has no public call for it; this mirrors its eviction path."""
-    with cache._cond:
-        for expert, slot in list(cache.slot_of.items()):
-            if cache.pins[slot]:
-                continue
-            del cache.slot_of[expert]
-            cache.owner[slot] = None
-            cache.policy.evict(expert)
-            cache.prefetched.discard(expert)
-
-
 def describe(spec: WorkloadSpec, replay: Replay, packed: bool = True) -> dict:
-    """Facts for the report. packed=False skips the codec (it allocates full-size matrices to derive
-    its layout), for the accelerate baseline, which never uses it."""
+    """Facts for the report. packed=False skips the codec, for the accelerate baseline, which never
+    uses it."""
     out = {**asdict(spec), "expert_bytes_16bit": 3 * spec.hidden * spec.intermediate * 2,
            "trace_layers": replay.trace_layers, "trace_tokens": replay.num_tokens}
     if packed:

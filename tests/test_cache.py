@@ -130,3 +130,15 @@ def test_prefetch_does_not_evict_another_expert_of_the_same_guess():
     assert cache.prefetch([1, 3]) == 1  # 1 is resident and guessed: 0 is evicted for 3, not 1
     cache.drain()
     assert cache.resident() == {1, 3}
+
+
+def test_clear_empties_the_cache_but_keeps_pinned_experts():
+    cache, tier, stats = make_cache(3)
+    for expert in (0, 1, 2):
+        use(cache, expert)
+    cache.acquire(1)
+    cache.clear()
+    assert cache.resident() == {1}
+    cache.release(1)
+    use(cache, 0)
+    assert stats.snapshot().misses[0] == 4
