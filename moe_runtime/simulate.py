@@ -31,9 +31,20 @@ from pathlib import Path
 
 from moe_runtime.policies import POLICIES, EvictionPolicy, make_policy
 from moe_runtime.stats import RoutingTrace
+from moe_runtime.throughput import (  # noqa: F401  (re-exported: the simulator's public API)
+    GB,
+    HARDWARE,
+    MODELS,
+    PAPER_TABLE2,
+    HardwareProfile,
+    ModelShape,
+    PaperFigure,
+    Throughput,
+    fitting_cache_size,
+    predict_from_loads,
+)
 
 SIM_POLICIES = (*POLICIES, "belady")
-GB = 1e9  # bandwidths and sizes are decimal, as spec sheets give them
 
 
 # --- cache replay ------------------------------------------------------------------------------
@@ -263,158 +274,10 @@ def _replay_layer(selected, guess, policy: str, cache_size: int, prefetch: int, 
     return cache.hits, cache.misses, cache.prefetch_loads, cache.prefetch_used, guess_hits, guess_total
 
 
-# --- throughput model --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelShape:
-    """What the throughput model needs to know of a model; bits=16 means unquantized fp16.
-
-    Quantized weights cost `bits + 2 * meta_bits / group_size` bits each: HQQ keeps a scale and a zero
-    per group, themselves quantized to 8 bits (the paper's setting); their own fp16 meta (< 1%) is ignored.
-    """
-
-    name: str
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    vocab_size: int
-    expert_bits: int = 2
-    expert_group_size: int = 16
-    attn_bits: int = 4
-    attn_group_size: int = 64
-    meta_bits: int = 8
-
-    def _bits_per_weight(self, bits: int, group_size: int) -> float:
-        return 16.0 if bits >= 16 else bits + 2 * self.meta_bits / group_size
-
-    @property
-    def expert_bytes(self) -> int:
-        params = 3 * self.hidden_size * self.intermediate_size  # w1, w3: D->F; w2: F->D
-        return int(params * self._bits_per_weight(self.expert_bits, self.expert_group_size) / 8)
-
-    @property
-    def layer_dense_bytes(self) -> int:
-        """Attention projections (quantized), router and norms (fp16) of one layer."""
-        kv = self.hidden_size * self.num_key_value_heads // self.num_attention_heads
-        attn = 2 * self.hidden_size * (self.hidden_size + kv)  # q, o: D x D; k, v: D x kv
-        fp16 = self.hidden_size * (self.num_experts + 2)
-        return int(attn * self._bits_per_weight(self.attn_bits, self.attn_group_size) / 8) + 2 * fp16
-
-    @property
-    def head_bytes(self) -> int:
-        """The fp16 LM head, read once per token (the embedding reads one row: not counted)."""
-        return 2 * self.vocab_size * self.hidden_size
-
-    @property
-    def resident_dense_bytes(self) -> int:
-        """Device memory taken by everything but the expert cache (embedding and LM head included)."""
-        return self.num_layers * self.layer_dense_bytes + 2 * self.head_bytes
-
-
-MODELS = {
-    # config.json of mistralai/Mixtral-8x7B-v0.1; defaults = the paper's mixed quantization:
-    # 2-bit experts (group 16), 4-bit attention (group 64).
-    "mixtral-8x7b": ModelShape("mixtral-8x7b", num_layers=32, num_experts=8, top_k=2, hidden_size=4096,
-                               intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                               vocab_size=32000),
-}
-
-
-@dataclass(frozen=True)
-class HardwareProfile:
-    """Assumed bandwidths of a machine: link = slow tier -> device; device = reading resident weights."""
-
-    name: str
-    link_gbs: float
-    device_gbs: float
-    memory_gb: float
-    reserve_gb: float
-    notes: str
-
-
-# Assumptions, not measurements. Device bandwidths are spec-sheet peaks, so predictions are optimistic
-# upper bounds: real kernels (HQQ dequantization, Python dispatch) reach a fraction of them.
-HARDWARE = {h.name: h for h in (
-    # NVIDIA T4 datasheet: 16 GB GDDR6, 320 GB/s, PCIe Gen3 x16 (15.75 GB/s per direction in theory);
-    # ~12 GB/s is a typical pinned host->device copy. Colab shows 15 GB usable.
-    HardwareProfile("t4-pcie3", 12.0, 320.0, 15.0, 2.0, "Colab T4, PCIe 3.0 x16"),
-    # NVIDIA GeForce RTX 3060 spec page: 12 GB GDDR6, 192-bit at 15 Gbps = 360 GB/s, PCIe 4.0 x16
-    # (31.5 GB/s per direction in theory); ~24 GB/s effective assumed.
-    HardwareProfile("rtx3060", 24.0, 360.0, 12.0, 2.0, "desktop RTX 3060 12 GB, PCIe 4.0 x16"),
-    # NVIDIA A100 datasheet: A100 40GB PCIe, HBM2 1,555 GB/s, PCIe Gen4 64 GB/s (both directions);
-    # ~25 GB/s effective one way assumed.
-    HardwareProfile("a100", 25.0, 1555.0, 40.0, 2.0, "A100 40 GB PCIe"),
-    # Hugging Face Spaces hardware list: free "CPU basic" = 2 vCPU, 16 GB RAM. No spec sheet gives the
-    # bandwidths of a 2-vCPU share: ~20 GB/s memory and ~2 GB/s from the expert store (memcpy / page
-    # cache / NVMe) are guesses; 3 GB is left for the OS and Python.
-    HardwareProfile("cpu-space", 2.0, 20.0, 16.0, 3.0, "2 vCPU Hugging Face Space, experts read from disk"),
-)}
-
-
-@dataclass(frozen=True)
-class PaperFigure:
-    hardware: str
-    method: str
-    tokens_per_second: float
-
-
-# Eliseev & Mazur 2023, Table 2: Mixtral-8x7B, 2-bit experts, 4-bit attention, measured by the authors.
-PAPER_TABLE2 = (
-    PaperFigure("t4-pcie3", "full method: LRU cache + speculative prefetch", 2.09),
-    PaperFigure("t4-pcie3", "naive offloading: accelerate", 0.66),
-)
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """Predicted decode time per token, split by cause."""
-
-    hardware: str
-    compute_s: float  # resident bytes read (dense part + K active experts) / device bandwidth
-    demand_stall_s: float  # misses x expert bytes / link bandwidth
-    prefetch_stall_s: float  # prefetch load time not hidden behind one layer's compute
-
-    @property
-    def token_s(self) -> float:
-        return self.compute_s + self.demand_stall_s + self.prefetch_stall_s
-
-    @property
-    def tokens_per_second(self) -> float:
-        return 1.0 / self.token_s
-
-
-def predict_from_loads(model: ModelShape, hardware: HardwareProfile, misses_per_layer: float,
-                       prefetch_loads_per_layer: float = 0.0) -> Throughput:
-    """Time per token from mean loads per layer and token.
-
-    A layer computes for (dense + K experts) bytes / device bandwidth; its misses stall on the link; the
-    next layer's prefetch loads overlap with that compute and only the excess stalls. Using means
-    (not per-token values) makes this an optimistic mean-field estimate.
-    """
-    layer_compute = (model.layer_dense_bytes + model.top_k * model.expert_bytes) / (hardware.device_gbs * GB)
-    load = model.expert_bytes / (hardware.link_gbs * GB)
-    prefetch_excess = max(0.0, prefetch_loads_per_layer * load - layer_compute)
-    return Throughput(
-        hardware.name,
-        compute_s=model.num_layers * layer_compute + model.head_bytes / (hardware.device_gbs * GB),
-        demand_stall_s=model.num_layers * misses_per_layer * load,
-        prefetch_stall_s=model.num_layers * prefetch_excess,
-    )
-
-
 def predict_throughput(result: SimResult, model: ModelShape, hardware: HardwareProfile) -> Throughput:
     """Apply a replay's mean loads per layer and token to `model` on `hardware`."""
     return predict_from_loads(model, hardware, result.per_layer_token(result.misses),
                               result.per_layer_token(result.prefetch_loads))
-
-
-def fitting_cache_size(model: ModelShape, hardware: HardwareProfile) -> int:
-    """Experts per layer that fit next to the dense weights (0: not even one)."""
-    free = (hardware.memory_gb - hardware.reserve_gb) * GB - model.resident_dense_bytes
-    return max(0, min(model.num_experts, int(free // (model.num_layers * model.expert_bytes))))
 
 
 # --- reports -----------------------------------------------------------------------------------
