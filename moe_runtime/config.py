@@ -38,6 +38,11 @@ class OffloadConfig:
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
     dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one.
     record_trace: keep a per-token routing trace (selected experts per layer) in the stats.
+    delete_shards: for a hub repo id, delete each downloaded safetensors shard from the Hugging Face
+                  cache as soon as its experts and dense tensors are in the store, so the disk holds the
+                  store plus one or two shards (Mixtral-8x7B on a free Colab). Later starts need only the
+                  store. Files of a local folder are never deleted (the setting is ignored, with a
+                  warning). With offload="ram" and expert_bits=None it makes load() build a store.
     """
 
     device: str = "auto"
@@ -54,6 +59,7 @@ class OffloadConfig:
     policy: str = "lru"
     dtype: str = "auto"
     record_trace: bool = True
+    delete_shards: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +82,8 @@ class OffloadConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: use a power of two (8, 16, 32, 64, 128...)")
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ValueError(f"store_dir={self.store_dir!r} is not allowed: give a folder path")
+        if not isinstance(self.delete_shards, bool):
+            raise ValueError(f"delete_shards={self.delete_shards!r} is not allowed: use True or False")
 
     def validate_for_model(self, num_experts: int, top_k: int) -> None:
         if not 1 <= self.cache_size <= num_experts:

@@ -1,17 +1,25 @@
 """`load()`: from a checkpoint folder or hub id to a transformers model with offloaded experts.
 
 Steps, each failing with a ValueError before any heavy work where it can:
-  1. resolve the folder, read config.json, pick the architecture adapter, validate the settings;
-  2. open the safetensors checkpoint (refusing pickles) and check every expert tensor is present;
-  3. build the slow tier: the expert store on disk (built once, reused) and/or records in RAM;
+  1. resolve the model: a local folder, or a hub repo of which only the small files (config,
+     index, tokenizer) are fetched; read config.json, pick the adapter, validate the settings;
+  2. read the weight map: from the safetensors index alone when there is one (pickles are refused);
+  3. the slow tier. A complete store for this model and these settings is used as is: no shard
+     is opened or downloaded. Otherwise the store is built shard by shard (hub shards downloaded
+     one at a time, deleted after use with `delete_shards`); only an unquantized RAM tier packs
+     the experts straight from the checkpoint and writes no store (the fast path for small models);
   4. build the transformers model on the meta device, swap in the offloaded experts, then
-     materialize only the dense part and fill it from the checkpoint;
+     materialize only the dense part and fill it from the store (or the checkpoint on the fast path);
   5. optionally HQQ-quantize attention; attach the tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -20,14 +28,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .arch import adapter_for
 from .cache import ExpertCache, Transfer
-from .checkpoint import Checkpoint, resolve_model_dir
+from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
 from .config import OffloadConfig
 from .engine import Engine
 from .experts import OffloadedExperts, Speculator
 from .policies import make_policy
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
-from .store import DiskTier, RamTier, aligned_empty, open_store, round_up, store_folder, write_store
+from .store import DENSE_FILE, DiskTier, RamTier, StoreWriter, aligned_empty, open_store, round_up, store_folder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -77,6 +85,12 @@ class ExpertReader:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ValueError(f"checkpoint {checkpoint.model_dir} lacks expert tensors: {shown}")
 
+    def keys(self, layer: int, expert: int) -> tuple[str, ...]:
+        """The checkpoint tensors one expert is read from."""
+        if self.fused[layer]:
+            return self.adapter.fused_expert_keys(layer)
+        return self.adapter.original_expert_keys(layer, expert)
+
     def __call__(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fused[layer]:
             gate_up_key, down_key = self.adapter.fused_expert_keys(layer)
@@ -86,25 +100,128 @@ class ExpertReader:
         return tuple(self.checkpoint.get(k) for k in self.adapter.original_expert_keys(layer, expert))
 
 
-def _build_tier(config: OffloadConfig, codec: ExpertCodec, shape, reader, model_dir: Path, model_name: str,
-                checkpoint: Checkpoint, device: torch.device):
+def _deletes_shards(config: OffloadConfig, source: ModelSource, weights: WeightMap) -> bool:
+    if not config.delete_shards:
+        return False
+    if source.is_hub and weights.indexed:
+        return True
+    why = (f"without {INDEX_FILE} the store is found by the weight files' sizes, so they must stay"
+           if source.is_hub else "the files of a local folder are never deleted")
+    warnings.warn(f"delete_shards=True is ignored for {source.folder}: {why}", stacklevel=3)
+    return False
+
+
+def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, source: ModelSource, weights: WeightMap,
+                 identity: dict, delete: bool) -> None:
+    """Write the store shard by shard: each shard's experts into records, its other tensors into the dense file.
+
+    An expert whose tensors span shards is written when its last shard is processed; its parts in
+    earlier shards are read from there, or, when `delete` removed those shards, from memory, where
+    they were copied just before the deletion. The next shard downloads while this one is
+    processed (hub repos), so with `delete` at most two shards are on disk at any time.
+    """
+    if not source.is_hub:
+        weights.require_files()
+    checkpoint = Checkpoint(weights)
+    reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)  # before any download
+    files = weights.files
+    order = {name: i for i, name in enumerate(files)}
+    completes: dict[str, list[tuple[int, int]]] = {name: [] for name in files}
+    uses: Counter[str] = Counter()
+    for layer in range(shape.num_layers):
+        for expert in range(shape.num_experts):
+            keys = reader.keys(layer, expert)
+            uses.update(keys)
+            completes[max((weights.key_to_file[k] for k in keys), key=order.__getitem__)].append((layer, expert))
+    dense = {key: adapter.dense_key(key) for key in weights.key_to_file if not adapter.is_expert_key(key)}
+    in_file: dict[str, list[str]] = {name: [] for name in files}
+    for key, name in weights.key_to_file.items():
+        in_file[name].append(key)
+    writer = StoreWriter(folder, codec, shape.num_layers, shape.num_experts, identity, list(dense.values()))
+    shards = _shards_in_turn(source, files)
+    try:
+        with tqdm(total=shape.num_layers * shape.num_experts, desc="building expert store", unit="expert") as bar:
+            for i, (name, path) in enumerate(shards):
+                bar.set_postfix_str(f"shard {i + 1}/{len(files)}")
+                checkpoint.add(name, path)
+                for key in in_file[name]:
+                    if key in dense:
+                        writer.put_dense(dense[key], checkpoint.get(key))
+                for layer, expert in completes[name]:
+                    writer.put(layer, expert, *reader(layer, expert))
+                    for key in reader.keys(layer, expert):
+                        uses[key] -= 1
+                        if not uses[key]:
+                            checkpoint.forget(key)
+                    bar.update()
+                if delete:
+                    checkpoint.release(name, keep=[k for k in in_file[name] if uses[k] > 0])
+                    source.remove(path)
+        writer.finish()
+    except BaseException:
+        shards.close()
+        writer.abort()
+        raise
+
+
+def _shards_in_turn(source: ModelSource, files: list[str]):
+    """(name, local path) of each shard in turn. For a hub repo the next shard downloads while the
+    caller works on this one: at most two are on disk when the caller deletes each after use."""
+    if not source.is_hub:
+        yield from ((name, source.shard(name)) for name in files)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="shard-download")
+    try:
+        fetching = pool.submit(source.shard, files[0])
+        for i, name in enumerate(files):
+            path = fetching.result()
+            if i + 1 < len(files):
+                fetching = pool.submit(source.shard, files[i + 1])
+            yield name, path
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _full_checkpoint(source: ModelSource, weights: WeightMap) -> Checkpoint:
+    if not source.is_hub:
+        weights.require_files()
+    return Checkpoint.opened(weights, {name: source.shard(name) for name in weights.files})
+
+
+def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source: ModelSource, weights: WeightMap,
+               model_name: str, device: torch.device):
+    """(tier, store folder or None, dense tensors by parameter name -> reader).
+
+    A complete store (experts + dense tensors) is used whenever there is one: the checkpoint's
+    shards are then not opened, nor downloaded. Without one, an unquantized RAM tier packs the
+    experts straight from the checkpoint and writes no store (the fast path for small models);
+    every other setting, and `delete_shards`, builds the store first.
+    """
     pin = device.type == "cuda"
-    if config.offload == "ram" and config.expert_bits is None:
-        return RamTier.from_encoder(codec, shape.num_layers, shape.num_experts, reader, pin), None
+    delete = _deletes_shards(config, source, weights)
     identity = {
-        "config": json.loads((model_dir / "config.json").read_text()),
-        "weights": checkpoint.fingerprint(),
+        "config": json.loads((source.folder / "config.json").read_text()),
+        "weights": weights.identity,
         "expert_bits": config.expert_bits, "group_size": config.expert_group,
         "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
     }
     folder = store_folder(config.store_dir, model_name, identity)
-    meta = open_store(folder, shape.num_layers, shape.num_experts, codec)
-    if meta is None:
-        write_store(folder, codec, shape.num_layers, shape.num_experts, reader, identity)
+    if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
+        if config.offload == "ram" and config.expert_bits is None and not delete:
+            checkpoint = _full_checkpoint(source, weights)
+            reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
+            tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts, reader, pin)
+            dense = {adapter.dense_key(key): partial(checkpoint.get, key)
+                     for key in checkpoint.keys() if not adapter.is_expert_key(key)}
+            return tier, None, dense
+        _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
     stride = round_up(codec.nbytes)
     if config.offload == "ram":
-        return RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin), folder
-    return DiskTier(folder, shape.num_experts, stride, codec.nbytes, device), folder
+        tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
+    else:
+        tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+    handle = open_safetensors(folder / DENSE_FILE)
+    return tier, folder, {name: partial(handle.get_tensor, name) for name in handle.keys()}
 
 
 def _build_model(hf_config, dtype: torch.dtype):
@@ -112,20 +229,18 @@ def _build_model(hf_config, dtype: torch.dtype):
         return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
 
 
-def _load_dense(model, checkpoint: Checkpoint, adapter, device, dtype) -> None:
+def _load_dense(model, tensors: dict, where: Path, device) -> None:
+    """Fill the model's dense parameters from `tensors` (parameter name -> reader), one at a time."""
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     loaded = set()
-    for key in checkpoint.keys():
-        if adapter.is_expert_key(key):
-            continue
-        name = adapter.dense_key(key)
+    for name, read in tensors.items():
         target = params.get(name)
         if target is None:
             continue
-        tensor = checkpoint.get(key)
+        tensor = read()
         if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"checkpoint tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(target.shape)}: config.json and weights do not match")
         with torch.no_grad():
             target.copy_(tensor.to(device=device, dtype=target.dtype))
@@ -135,7 +250,7 @@ def _load_dense(model, checkpoint: Checkpoint, adapter, device, dtype) -> None:
         loaded.add("lm_head.weight")
     missing = [n for n, _ in model.named_parameters() if n not in loaded]
     if missing:
-        raise ValueError(f"checkpoint {checkpoint.model_dir} lacks tensors for: {', '.join(missing[:6])}")
+        raise ValueError(f"checkpoint {where} lacks tensors for: {', '.join(missing[:6])}")
     for module in model.modules():  # non-persistent buffers (rotary frequencies) are not in checkpoints
         if "RotaryEmbedding" in type(module).__name__:
             model._init_weights(module)
@@ -154,15 +269,15 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     config = config or OffloadConfig()
     config.validate()
     model_name = str(model)
-    model_dir = resolve_model_dir(model_name)
+    source = open_model(model_name)
+    model_dir = source.folder
     hf_config = _read_config(model_dir)
     adapter = adapter_for(hf_config)
     shape = adapter.shape(hf_config)
     config.validate_for_model(shape.num_experts, shape.top_k)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    checkpoint = Checkpoint(model_dir)
-    reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
+    weights = read_weight_map(model_dir)
     codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
                         config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device))
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
@@ -173,7 +288,7 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     except Exception as err:
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {err}") from None
 
-    tier, store_path = _build_tier(config, codec, shape, reader, model_dir, model_name, checkpoint, device)
+    tier, store_path, dense = _slow_tier(config, codec, shape, adapter, source, weights, model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
     transfer = Transfer(tier, device)
@@ -191,7 +306,8 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
         block.experts = experts
         modules.append(experts)
     hf_model.to_empty(device=device)
-    _load_dense(hf_model, checkpoint, adapter, device, dtype)
+    _load_dense(hf_model, dense, store_path or model_dir, device)
+    del dense  # lets go of the dense file (or the checkpoint's shards)
     for index in range(len(modules) - 1):
         speculator = Speculator(adapter.router_weight(layers[index + 1]).detach(),
                                 adapter.moe_norm_weight(layers[index]).detach(),

@@ -1,7 +1,10 @@
 """The slow tier: every expert of every layer, each packed into one contiguous byte record.
 
-Two tiers share one on-disk format, a safetensors file with one uint8 tensor per expert
-(`layers.L.experts.E`), written once and reused (keyed by model and quant settings):
+A store is a folder, written once and reused (keyed by model and quant settings):
+`experts.safetensors` with one uint8 tensor per expert (`layers.L.experts.E`), `dense.safetensors`
+with the model's other tensors under transformers' parameter names, and `store.json` (written
+last: its presence marks a complete store). A complete store is all a model needs besides
+config.json and the tokenizer. Two tiers read the records:
 
 - `RamTier` holds all records in host memory (pinned when the compute device is CUDA, so copies
   to the GPU are asynchronous DMA).
@@ -30,6 +33,12 @@ PAGE = 4096
 STORE_VERSION = 1
 STORE_FILE = "experts.safetensors"
 STORE_META = "store.json"
+DENSE_FILE = "dense.safetensors"
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
 
 
 def record_name(layer: int, expert: int) -> str:
@@ -56,6 +65,134 @@ def store_folder(store_dir: str | Path, model_name: str, identity: dict) -> Path
     return Path(store_dir) / f"{safe or 'model'}-{digest}"
 
 
+class StoreWriter:
+    """Writes a store whose experts arrive in any order (shard by shard), and its dense tensors.
+
+    The records file is laid out in full up front (header, then one page-aligned slot per expert)
+    and each record is written at its place; the dense tensors go to `dense.safetensors` as they
+    come. Both are written under temporary names and renamed, and `store.json` is written last, so
+    an interrupted build is never mistaken for a store; `abort` removes the temporary files.
+    """
+
+    def __init__(self, folder: Path, codec: ExpertCodec, num_layers: int, num_experts: int, identity: dict,
+                 dense_names: list[str] | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / STORE_META).unlink(missing_ok=True)  # a stale store is not complete while it is rebuilt
+        self.folder, self.codec, self.identity = folder, codec, identity
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.stride = stride = round_up(codec.nbytes)
+        header = {
+            record_name(layer, expert): {
+                "dtype": "U8", "shape": [stride],
+                "data_offsets": [(layer * num_experts + expert) * stride,
+                                 (layer * num_experts + expert + 1) * stride],
+            }
+            for layer in range(num_layers)
+            for expert in range(num_experts)
+        }
+        header["__metadata__"] = {"format": "moe-expert-store", "version": str(STORE_VERSION)}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (round_up(8 + len(text)) - 8 - len(text))  # records start page-aligned
+        self.start = 8 + len(text)
+        self.tmp = folder / (STORE_FILE + ".partial")
+        self.file = open(self.tmp, "wb")
+        self.file.write(len(text).to_bytes(8, "little") + text)
+        self.file.truncate(self.start + num_layers * num_experts * stride)
+        self.todo = {(layer, expert) for layer in range(num_layers) for expert in range(num_experts)}
+        self.record = torch.zeros(stride, dtype=torch.uint8)
+        self.dense = None if dense_names is None else DenseWriter(folder / (DENSE_FILE + ".partial"), dense_names)
+
+    def put(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        self._encode_into_record(gate, up, down)
+        offset = self.start + (layer * self.num_experts + expert) * self.stride
+        view = memoryview(self.record.numpy()).cast("B")
+        done = 0
+        while done < self.stride:
+            done += os.pwrite(self.file.fileno(), view[done:], offset + done)
+        self.todo.discard((layer, expert))
+
+    def _encode_into_record(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        # What ExpertCodec.encode does, but into the one reused record: a fresh page-aligned buffer
+        # per expert fragments glibc's heap when experts are a few MB (measured: +60 MB resident
+        # while building the store of a 200 MB checkpoint, and kept after).
+        pieces, _ = self.codec._pieces(gate, up, down, optimize=self.codec.optimize)
+        for name, piece in pieces.items():
+            slot = self.codec.layout.slots[name]
+            if tuple(piece.shape) != slot.shape or piece.dtype != slot.dtype:
+                raise RuntimeError(f"expert piece {name} does not match the store layout")
+            slot.view(self.record).copy_(piece)
+
+    def put_dense(self, name: str, tensor: torch.Tensor) -> None:
+        self.dense.add(name, tensor)
+
+    def finish(self) -> Path:
+        if self.todo:
+            raise RuntimeError(f"expert store {self.folder}: {len(self.todo)} experts were never written")
+        meta = {"version": STORE_VERSION, "stride": self.stride, "expert_nbytes": self.codec.nbytes,
+                "num_layers": self.num_layers, "num_experts": self.num_experts, "identity": self.identity}
+        if self.dense is not None:
+            self.dense.finish()
+            meta["dense"] = DENSE_FILE
+        self.file.close()
+        os.replace(self.tmp, self.folder / STORE_FILE)
+        if self.dense is not None:
+            os.replace(self.dense.path, self.folder / DENSE_FILE)
+        (self.folder / STORE_META).write_text(json.dumps(meta, indent=1, default=str))
+        return self.folder
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+        if self.dense is not None:
+            self.dense.abort()
+
+
+class DenseWriter:
+    """A safetensors file written one tensor at a time, in each tensor's own dtype.
+
+    The names are known up front (from the checkpoint's index), the shapes and dtypes only as the
+    tensors arrive; so room for the header is reserved first (enough for any tensor of rank <= 8)
+    and the header is written into it at the end, padded with spaces as the format allows.
+    """
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        self.path, self.names = path, set(names)
+        room = sum(len(json.dumps(name)) + 300 for name in self.names) + 200
+        self.data_start = round_up(8 + room)
+        self.file = open(path, "wb")
+        self.file.seek(self.data_start)
+        self.entries: dict[str, dict] = {}
+        self.offset = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.names or name in self.entries:
+            raise RuntimeError(f"dense tensor {name!r} is unexpected or written twice")
+        if tensor.dim() > 8 or tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"dense tensor {name!r} ({tensor.dtype}, rank {tensor.dim()}) cannot be stored")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self.file.write(memoryview(data.numpy()).cast("B"))
+        self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.offset, self.offset + data.numel()]}
+        self.offset += data.numel()
+
+    def finish(self) -> None:
+        missing = sorted(self.names - set(self.entries))
+        if missing:
+            raise RuntimeError(f"dense tensors never written: {', '.join(missing[:6])}")
+        header = {**self.entries, "__metadata__": {"format": "pt"}}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > self.data_start - 8:  # cannot happen for rank <= 8 and 20-digit offsets
+            raise RuntimeError(f"{self.path}: the header outgrew the room reserved for it")
+        text += b" " * (self.data_start - 8 - len(text))
+        self.file.seek(0)
+        self.file.write(len(text).to_bytes(8, "little") + text)
+        self.file.close()
+
+    def abort(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 def write_store(folder: Path, codec: ExpertCodec, num_layers: int, num_experts: int,
                 expert_weights, identity: dict) -> Path:
     """Encode every expert (streamed: one expert in memory at a time) into `folder`.
@@ -63,40 +200,26 @@ def write_store(folder: Path, codec: ExpertCodec, num_layers: int, num_experts: 
     `expert_weights(layer, expert)` returns (gate, up, down). The file is written under a temporary
     name and renamed when complete, so an interrupted build is never mistaken for a store.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    stride = round_up(codec.nbytes)
-    header = {
-        record_name(layer, expert): {
-            "dtype": "U8", "shape": [stride],
-            "data_offsets": [(layer * num_experts + expert) * stride, (layer * num_experts + expert + 1) * stride],
-        }
-        for layer in range(num_layers)
-        for expert in range(num_experts)
-    }
-    header["__metadata__"] = {"format": "moe-expert-store", "version": str(STORE_VERSION)}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (round_up(8 + len(text)) - 8 - len(text))  # records start page-aligned
-    tmp = folder / (STORE_FILE + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        record = torch.zeros(stride, dtype=torch.uint8)
-        total = num_layers * num_experts
-        with tqdm(total=total, desc="building expert store", unit="expert") as bar:
+    writer = StoreWriter(folder, codec, num_layers, num_experts, identity)
+    try:
+        with tqdm(total=num_layers * num_experts, desc="building expert store", unit="expert") as bar:
             for layer in range(num_layers):
                 for expert in range(num_experts):
-                    record[: codec.nbytes] = codec.encode(*expert_weights(layer, expert))
-                    f.write(record.numpy().tobytes())
+                    writer.put(layer, expert, *expert_weights(layer, expert))
                     bar.update()
-    os.replace(tmp, folder / STORE_FILE)
-    meta = {"version": STORE_VERSION, "stride": stride, "expert_nbytes": codec.nbytes,
-            "num_layers": num_layers, "num_experts": num_experts, "identity": identity}
-    (folder / STORE_META).write_text(json.dumps(meta, indent=1, default=str))
-    return folder
+        return writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
 
 
-def open_store(folder: Path, num_layers: int, num_experts: int, codec: ExpertCodec) -> dict | None:
-    """The store's metadata if a complete, matching store is in `folder`; otherwise None."""
+def open_store(folder: Path, num_layers: int, num_experts: int, codec: ExpertCodec,
+               dense: bool = False) -> dict | None:
+    """The store's metadata if a complete, matching store is in `folder`; otherwise None.
+
+    `dense=True` also asks for the model's dense tensors (`dense.safetensors`), which make the
+    store all a model needs besides config.json and the tokenizer.
+    """
     try:
         meta = json.loads((folder / STORE_META).read_text())
     except (OSError, json.JSONDecodeError):
@@ -109,7 +232,24 @@ def open_store(folder: Path, num_layers: int, num_experts: int, codec: ExpertCod
         return None
     if file.stat().st_size < _data_start(file) + num_layers * num_experts * meta["stride"]:
         return None
+    if dense and not (meta.get("dense") == DENSE_FILE and _complete_safetensors(folder / DENSE_FILE)):
+        return None
     return meta
+
+
+def _complete_safetensors(file: Path) -> bool:
+    """Whether `file` has a readable header and all the bytes it announces (cheap: header only)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if 8 + length > size:
+                return False
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return size == 8 + length + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
 
 
 def _data_start(file: Path) -> int:
