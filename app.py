@@ -390,6 +390,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "store on a CPU, a little less accurate)")
     o.add_argument("--store-dir", default=d.store_dir,
                    help="folder of the on-disk expert store (built once per model and quantization, then reused)")
+    o.add_argument("--delete-shards", action="store_true",
+                   help="hub models: delete each downloaded safetensors shard once it is in the expert store, so "
+                        "the disk holds the store plus one or two shards (later starts need only the store); "
+                        "local folders are never touched")
+    o.add_argument("--decoded-cache", action="store_true",
+                   help="with quantized experts, keep them dequantized in the cache: much faster on CPUs, "
+                        "more memory per cached expert")
     o.add_argument("--policy", default=d.policy, choices=POLICIES, help="eviction policy of the expert cache")
     o.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                    help="compute dtype (auto: float16 on CUDA, float32 on CPU)")

@@ -43,6 +43,10 @@ class OffloadConfig:
                   store plus one or two shards (Mixtral-8x7B on a free Colab). Later starts need only the
                   store. Files of a local folder are never deleted (the setting is ignored, with a
                   warning). With offload="ram" and expert_bits=None it makes load() build a store.
+    decoded_cache: with quantized experts, keep them dequantized in the cache: a hit costs no
+                  dequantization, a load pays it once (on the prefetch thread for prefetches), each slot
+                  takes the compute dtype's size. Much faster on CPUs (hqq dequantizes slowly there);
+                  on a GPU it trades cache slots for speed. No effect with expert_bits=None.
     """
 
     device: str = "auto"
@@ -60,6 +64,7 @@ class OffloadConfig:
     dtype: str = "auto"
     record_trace: bool = True
     delete_shards: bool = False
+    decoded_cache: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,8 +87,9 @@ class OffloadConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: use a power of two (8, 16, 32, 64, 128...)")
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ValueError(f"store_dir={self.store_dir!r} is not allowed: give a folder path")
-        if not isinstance(self.delete_shards, bool):
-            raise ValueError(f"delete_shards={self.delete_shards!r} is not allowed: use True or False")
+        for name in ("delete_shards", "decoded_cache", "quantize_meta", "hqq_optimize", "record_trace"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use True or False")
 
     def validate_for_model(self, num_experts: int, top_k: int) -> None:
         if not 1 <= self.cache_size <= num_experts:

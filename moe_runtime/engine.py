@@ -102,7 +102,8 @@ class Engine:
 
     def describe(self) -> dict:
         """Facts about the loaded engine, for UIs and benchmark reports."""
-        expert_bytes = self.experts[0].codec.nbytes if self.experts else 0
+        expert_bytes = self.tier.nbytes  # one expert as stored and moved
+        slot_bytes = self.experts[0].cache.slots[0].numel() if self.experts else 0
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dense += sum(b.numel() * b.element_size() for b in self.model.buffers())
         return {
@@ -114,7 +115,7 @@ class Engine:
             "top_k": self.shape.top_k,
             "expert_bytes": expert_bytes,
             "all_experts_bytes": expert_bytes * self.shape.num_layers * self.shape.num_experts,
-            "cache_bytes": expert_bytes * self.shape.num_layers * self.config.cache_size,
+            "cache_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size,
             "dense_bytes": dense,
             "offload": self.config.offload,
             "direct_io": getattr(self.tier, "direct_io", None),

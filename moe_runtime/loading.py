@@ -35,7 +35,17 @@ from .experts import OffloadedExperts, Speculator
 from .policies import make_policy
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
-from .store import DENSE_FILE, DiskTier, RamTier, StoreWriter, aligned_empty, open_store, round_up, store_folder
+from .store import (
+    DENSE_FILE,
+    DecodingTier,
+    DiskTier,
+    RamTier,
+    StoreWriter,
+    aligned_empty,
+    open_store,
+    round_up,
+    store_folder,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -291,17 +301,22 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     tier, store_path, dense = _slow_tier(config, codec, shape, adapter, source, weights, model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
+    compute_codec = codec  # what a cache slot holds: the record as stored, or decoded experts
+    if config.decoded_cache and config.expert_bits is not None:
+        compute_codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, None, config.expert_group,
+                                    config.quantize_meta, dtype)
+        tier = DecodingTier(tier, codec, compute_codec)
     transfer = Transfer(tier, device)
 
     hf_model = _build_model(hf_config, dtype)
     layers = adapter.layers(hf_model)
-    stride = round_up(codec.nbytes)
+    stride = round_up(compute_codec.nbytes)
     modules = []
     for index, layer in enumerate(layers):
         slots = aligned_empty(config.cache_size * stride, device).view(config.cache_size, stride)
         cache = ExpertCache(index, slots, codec.nbytes, make_policy(config.policy), transfer, stats)
         block = adapter.moe_block(layer)
-        experts = OffloadedExperts(index, cache, codec, block.experts.act_fn, stats, shape.num_experts,
+        experts = OffloadedExperts(index, cache, compute_codec, block.experts.act_fn, stats, shape.num_experts,
                                    shape.top_k, config.prefetch)
         block.experts = experts
         modules.append(experts)
