@@ -9,7 +9,6 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q torch==2.13.0
 fi
 python -m pip install -q -r requirements.txt
-python -m pip install -q -e . --no-deps --no-build-isolation >/dev/null 2>&1 || true
 # Debian's Chromium for the end-to-end browser test (skipped with a message where it is missing).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
