@@ -8,7 +8,8 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install -q torch==2.13.0
 fi
-python -m pip install -q -r requirements.txt
+# DISABLE_CUDA=1: hqq builds from source; the engine uses its PyTorch (de)quantizer, not its CUDA kernels
+DISABLE_CUDA=1 python -m pip install -q -r requirements.txt
 # Debian's Chromium for the end-to-end browser test (skipped with a message where it is missing).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
