@@ -14,7 +14,6 @@ baseline.py replays the same tokens through accelerate's offloading.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -25,9 +24,9 @@ import torch.nn.functional as F
 from .cache import ExpertCache, Transfer
 from .experts import MAX_GUESS_RECORDED, OffloadedExperts
 from .policies import make_policy
-from .quant import MATRICES, ExpertCodec
+from .quant import ExpertCodec
 from .stats import RoutingTrace, StatsCollector
-from .store import DiskTier, aligned_empty, open_store, round_up, store_folder, write_store
+from .store import DecodingTier, DiskTier, aligned_empty, open_store, round_up, store_folder, write_store
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_STD = 0.02
@@ -166,32 +165,6 @@ def build_store(spec: WorkloadSpec, store_dir: str | Path) -> Path:
     if open_store(folder, spec.layers, spec.experts, codec) is None:
         write_store(folder, codec, spec.layers, spec.experts, lambda layer, e: expert_weights(spec, layer, e), identity)
     return folder
-
-
-class DecodingTier:
-    """The disk tier, dequantizing on load: reads an expert's quantized record and writes the decoded
-    (gate, up, down) into the slot, in `plain`'s layout. The cache then holds decoded experts, so a
-    hit costs no dequantization (on a CPU the cache is host RAM either way: more memory per slot,
-    no extra transfer), and prefetch loads dequantize on the prefetch thread, off the critical path.
-    """
-
-    kind = "disk"
-
-    def __init__(self, disk: DiskTier, quantized: ExpertCodec, plain: ExpertCodec) -> None:
-        self.disk, self.quantized, self.plain = disk, quantized, plain
-        self.direct_io = disk.direct_io
-        self._local = threading.local()
-
-    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        staging = getattr(self._local, "buf", None)
-        if staging is None:
-            staging = self._local.buf = aligned_empty(self.disk.stride, torch.device("cpu"))
-        self.disk.read(layer, expert, staging)
-        for name, weight in zip(MATRICES, self.quantized.decode(staging)):
-            self.plain.layout.slots[name].view(dst).copy_(weight)
-
-    def close(self) -> None:
-        self.disk.close()
 
 
 class OffloadedStack:
