@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from moe_runtime.policies import POLICIES, EvictionPolicy, make_policy
-from moe_runtime.stats import RoutingTrace
+from moe_runtime.stats import CacheRates, RoutingTrace
 from moe_runtime.throughput import (  # noqa: F401  (re-exported: the simulator's public API)
     GB,
     HARDWARE,
@@ -128,7 +128,7 @@ class _LayerCache:
 
 
 @dataclass
-class SimResult:
+class SimResult(CacheRates):
     """Counters of one replay; lists are indexed by layer."""
 
     policy: str
@@ -149,15 +149,6 @@ class SimResult:
     @property
     def selections(self) -> list[int]:
         return [h + m for h, m in zip(self.hits, self.misses)]
-
-    @property
-    def hit_rate(self) -> float:
-        total = sum(self.selections)
-        return sum(self.hits) / total if total else 0.0
-
-    @property
-    def layer_hit_rate(self) -> list[float]:
-        return [h / s if s else 0.0 for h, s in zip(self.hits, self.selections)]
 
     @property
     def loads(self) -> list[int]:

@@ -99,8 +99,24 @@ class RoutingTrace:
         )
 
 
+class CacheRates:
+    """Hit rates from per-layer `hits` and `selections`: shared by engine stats and simulator results."""
+
+    hits: list[int]
+    selections: list[int]
+
+    @property
+    def hit_rate(self) -> float:
+        total = sum(self.selections)
+        return sum(self.hits) / total if total else 0.0
+
+    @property
+    def layer_hit_rate(self) -> list[float]:
+        return [h / s if s else 0.0 for h, s in zip(self.hits, self.selections)]
+
+
 @dataclass
-class Stats:
+class Stats(CacheRates):
     """A snapshot of the engine's counters. Lists are indexed by layer, then expert."""
 
     num_layers: int
@@ -122,15 +138,6 @@ class Stats:
     decode_seconds: float
     token_times: list[float]
     trace: RoutingTrace | None = None
-
-    @property
-    def hit_rate(self) -> float:
-        total = sum(self.selections)
-        return sum(self.hits) / total if total else 0.0
-
-    @property
-    def layer_hit_rate(self) -> list[float]:
-        return [h / s if s else 0.0 for h, s in zip(self.hits, self.selections)]
 
     @property
     def prefetch_recall(self) -> float:
