@@ -193,9 +193,10 @@ class StatsCollector:
     """Thread-safe counters; `snapshot()` returns a `Stats`."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, cache_size: int, prefetch: int,
-                 record_trace: bool = True, model: str = "") -> None:
+                 record_trace: bool = True, model: str = "", max_trace_tokens: int = 100_000) -> None:
         self.shape = (num_layers, num_experts, top_k, cache_size, prefetch)
         self.record_trace = record_trace
+        self.max_trace_tokens = max_trace_tokens
         self.model = model
         self._lock = threading.Lock()
         self.reset()
@@ -236,9 +237,20 @@ class StatsCollector:
                     self.guess_total[layer] += len(experts)
             if self.trace is not None:
                 if layer == 0:
+                    self._trim_trace()
                     self.trace.phase.extend([self.phase] * len(selected))
                 self.trace.selected[layer].extend(selected)
                 self.trace.guess[layer].extend(guess if guess is not None else [[] for _ in selected])
+
+    def _trim_trace(self) -> None:
+        """Keep the newest `max_trace_tokens` tokens, so a long-running app's trace stays bounded.
+        Called at layer 0, when every layer holds the same tokens; trims 10% at a time."""
+        excess = len(self.trace.phase) - self.max_trace_tokens
+        if excess <= self.max_trace_tokens // 10:
+            return
+        del self.trace.phase[:excess]
+        for rows in (*self.trace.selected, *self.trace.guess):
+            del rows[:excess]
 
     def record_access(self, layer: int, hit: bool) -> None:
         with self._lock:

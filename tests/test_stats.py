@@ -57,3 +57,15 @@ def test_token_times_make_decode_throughput():
     assert s.tokens_per_second > 0 and len(s.tokens_per_second_series()) == 4
     stats.reset()
     assert stats.snapshot().tokens_generated == 0
+
+
+def test_trace_keeps_only_the_newest_tokens():
+    stats = StatsCollector(2, 4, 1, 2, 0, max_trace_tokens=20)
+    for token in range(100):
+        stats.record_routing(0, [[token % 4]], None, 1)
+        stats.record_routing(1, [[(token + 1) % 4]], [[0, 1, 2, 3]], 1)
+    trace = stats.snapshot().trace
+    assert 20 <= trace.num_tokens <= 22
+    assert len(trace.phase) == trace.num_tokens == len(trace.selected[1]) == len(trace.guess[1])
+    assert trace.selected[0][-1] == [99 % 4] and trace.selected[1][-1] == [100 % 4]
+    assert sum(stats.snapshot().expert_counts[0]) == 100  # counters are not trimmed
