@@ -41,22 +41,11 @@ class LoadTicket:
 class Transfer:
     """Moves expert records from the slow tier into device slots."""
 
-    def __init__(self, tier, device: torch.device, max_pending: int = 2) -> None:
+    def __init__(self, tier, device: torch.device) -> None:
         self.tier = tier
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
-        self.max_pending = max(1, max_pending)
-        self._pending = 0
-        self._lock = threading.Lock()
-
-    @property
-    def saturated(self) -> bool:
-        """Prefetch loads queued or running already fill the link. More guesses would only wait in
-        that queue — and a demand load of a queued expert would wait behind all of them — so the
-        speculator drops them. Where loads are slower than a layer's compute (a disk tier), the
-        queue would otherwise grow by `prefetch` loads per layer."""
-        return self._pending >= self.max_pending
 
     def _run(self, layer: int, expert: int, dst: torch.Tensor, ticket: LoadTicket,
              wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None) -> None:
@@ -74,24 +63,15 @@ class Transfer:
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:
-            if on_done is not None:  # bookkeeping first, so whoever waits on the ticket sees it done
-                on_done()
             ticket.done.set()
+            if on_done is not None:
+                on_done()
 
     def load_now(self, layer, expert, dst, ticket, wait_for=None) -> None:
         self._run(layer, expert, dst, ticket, wait_for, None)
 
     def load_async(self, layer, expert, dst, ticket, wait_for=None, on_done=None) -> None:
-        with self._lock:
-            self._pending += 1
-
-        def finished() -> None:
-            with self._lock:
-                self._pending -= 1
-            if on_done is not None:
-                on_done()
-
-        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, finished)
+        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done)
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
@@ -194,13 +174,11 @@ class ExpertCache:
 
     # --- speculative path ---------------------------------------------------------------------
     def prefetch(self, experts: list[int]) -> int:
-        """Start loading the guessed experts that are not resident; never waits for a slot or for
-        the link (see `Transfer.saturated`), and never evicts another expert of the same guess."""
+        """Start loading the guessed experts that are not resident; never waits for a slot, and
+        never evicts another expert of the same guess."""
         issued = 0
         guessed = set(experts)
         for expert in experts:
-            if self.transfer.saturated:
-                break
             with self._cond:
                 if expert in self.slot_of:
                     continue

@@ -306,7 +306,7 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
         compute_codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, None, config.expert_group,
                                     config.quantize_meta, dtype)
         tier = DecodingTier(tier, codec, compute_codec)
-    transfer = Transfer(tier, device, max_pending=config.prefetch)
+    transfer = Transfer(tier, device)
 
     hf_model = _build_model(hf_config, dtype)
     layers = adapter.layers(hf_model)

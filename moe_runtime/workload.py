@@ -184,7 +184,7 @@ class OffloadedStack:
             compute_codec = replace(spec, bits=None).codec()
             self.tier = DecodingTier(self.tier, codec, compute_codec)
         stride = round_up(compute_codec.nbytes)
-        self.transfer = Transfer(self.tier, device, max_pending=prefetch)
+        self.transfer = Transfer(self.tier, device)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
         self.modules: list[OffloadedExperts] = []
         for layer in range(spec.layers):

@@ -142,17 +142,3 @@ def test_clear_empties_the_cache_but_keeps_pinned_experts():
     cache.release(1)
     use(cache, 0)
     assert stats.snapshot().misses[0] == 4
-
-
-def test_prefetch_is_dropped_while_the_link_is_saturated():
-    tier = CountingTier(delay=0.05)
-    stats = StatsCollector(1, NUM_EXPERTS, 2, 4, 1)
-    transfer = Transfer(tier, torch.device("cpu"), max_pending=1)
-    cache = ExpertCache(0, torch.zeros(4, STRIDE, dtype=torch.uint8), STRIDE, LRU(), transfer, stats)
-    assert cache.prefetch([3, 4]) == 1  # the second guess would only queue behind the first
-    assert transfer.saturated
-    cache.drain()
-    assert not transfer.saturated
-    assert cache.prefetch([4]) == 1
-    cache.drain()
-    assert [e for _, e, _, _ in tier.copies] == [3, 4]
