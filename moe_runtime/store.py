@@ -241,6 +241,18 @@ def _complete_safetensors(file: Path) -> bool:
         return False
 
 
+def read_exactly(fd: int, dst: torch.Tensor, offset: int, what: str) -> None:
+    """Fill the host buffer `dst` from `offset`. One read() returns at most ~2 GiB on Linux (a
+    layer of 16-bit Mixtral experts is 2.8 GB), so this loops until the buffer is full."""
+    view = memoryview(dst.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read from {what}")
+        done += n
+
+
 def _data_start(file: Path) -> int:
     with open(file, "rb") as f:
         return 8 + int.from_bytes(f.read(8), "little")
@@ -264,8 +276,7 @@ class RamTier:
         with open(file, "rb", buffering=0) as f:
             for layer in tqdm(range(num_layers), desc="loading experts to RAM", unit="layer"):
                 buf = torch.empty((num_experts, stride), dtype=torch.uint8, pin_memory=pin)
-                f.seek(start + layer * num_experts * stride)
-                f.readinto(memoryview(buf.numpy()).cast("B"))
+                read_exactly(f.fileno(), buf, start + layer * num_experts * stride, f"{file} at layer {layer}")
                 records.append(buf)
         return cls(records, nbytes)
 
@@ -329,13 +340,7 @@ class DiskTier:
     def read(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         """Read one whole record into `dst` (host, page-aligned, `stride` bytes)."""
         offset = self.start + (layer * self.num_experts + expert) * self.stride
-        view = memoryview(dst.numpy()).cast("B")
-        done = 0
-        while done < self.stride:
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(f"short read from {self.file} at layer {layer} expert {expert}")
-            done += n
+        read_exactly(self.fd, dst, offset, f"{self.file} at layer {layer} expert {expert}")
         if not self.direct_io:
             os.posix_fadvise(self.fd, offset, self.stride, os.POSIX_FADV_DONTNEED)
 
