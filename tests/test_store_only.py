@@ -291,3 +291,20 @@ def test_local_files_are_never_deleted(split_model, tmp_path):
 def test_delete_shards_must_be_a_bool():
     with pytest.raises(ValueError, match="delete_shards='yes' is not allowed: use True or False"):
         OffloadConfig(delete_shards="yes")
+
+
+def test_read_exactly_keeps_reading_after_short_reads(tmp_path, monkeypatch):
+    import os
+
+    from moe_runtime.store import read_exactly
+
+    data = bytes(range(256)) * 40
+    (tmp_path / "f").write_bytes(data)
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:1000]], off))  # as read() past 2 GiB
+    dst = torch.empty(len(data) - 100, dtype=torch.uint8)
+    with open(tmp_path / "f", "rb") as f:
+        read_exactly(f.fileno(), dst, 100, "test file")
+        assert bytes(dst.numpy()) == data[100:]
+        with pytest.raises(OSError, match="short read from test file"):
+            read_exactly(f.fileno(), torch.empty(len(data), dtype=torch.uint8), 100, "test file")
