@@ -63,9 +63,9 @@ class Transfer:
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:
-            ticket.done.set()
-            if on_done is not None:
+            if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
                 on_done()
+            ticket.done.set()
 
     def load_now(self, layer, expert, dst, ticket, wait_for=None) -> None:
         self._run(layer, expert, dst, ticket, wait_for, None)
@@ -200,7 +200,9 @@ class ExpertCache:
             self._cond.notify_all()
 
     def clear(self) -> None:
-        """Evict every expert that is not pinned (a cold cache, e.g. for a no-cache benchmark)."""
+        """Evict every expert that is not pinned (a cold cache, e.g. for a no-cache benchmark),
+        after the loads in flight have landed."""
+        self.drain()
         with self._cond:
             for expert, slot in list(self.slot_of.items()):
                 if self.pins[slot] == 0:

@@ -142,3 +142,13 @@ def test_clear_empties_the_cache_but_keeps_pinned_experts():
     cache.release(1)
     use(cache, 0)
     assert stats.snapshot().misses[0] == 4
+
+
+def test_drain_returns_with_prefetched_slots_unpinned():
+    cache, tier, stats = make_cache(2, delay=0.02)
+    cache.prefetch([3, 4])
+    cache.drain()
+    assert cache.pins == [0, 0]  # evictable as soon as drain returns: replays stay deterministic
+    cache.prefetch([1])
+    cache.clear()  # waits for the prefetch of 1 before evicting
+    assert cache.resident() == set() and cache.pins == [0, 0]
