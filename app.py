@@ -181,23 +181,26 @@ class Handlers:
 
     # stats -----------------------------------------------------------------------------------------
     def stats_view(self):
-        """(counters, *figures) of the running engine."""
+        """(counters, *figures) of the running engine (polled while a reply streams: no trace copy)."""
         try:
-            stats = self.service.stats()
+            stats = self.service.stats(trace=False)
         except ValueError as err:
             gr.Warning(str(err))
             return (gr.skip(),) * (1 + len(STATS_FIGURES))
+        return self._view(stats)
+
+    def _view(self, stats):
         figures = plots.dashboard(stats)
         return (plots.counters(stats), *(figures[name] for name in STATS_FIGURES))
 
     def stats_with_trace(self):
-        """(counters, *figures, routing-trace JSON file)."""
-        view = self.stats_view()
+        """(counters, *figures, routing-trace JSON file), all from one snapshot."""
         try:
-            trace = self.service.save_trace()
-        except ValueError:
-            trace = gr.skip()
-        return (*view, trace)
+            stats = self.service.stats()
+        except ValueError as err:
+            gr.Warning(str(err))
+            return (gr.skip(),) * (2 + len(STATS_FIGURES))
+        return (*self._view(stats), self.service.save_trace(stats))
 
     def after_reply(self):
         return (*self.stats_with_trace(), gr.Timer(active=False))
@@ -260,7 +263,8 @@ def _session(request: gr.Request | None) -> str:
 def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> gr.Blocks:
     h = Handlers(service)
     private = {"api_visibility": "private"}
-    with gr.Blocks(title=TITLE) as demo:
+    # trace files returned to the browser are copied into gradio's cache: drop copies older than an hour
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         header = gr.Markdown(h.header())
         history = gr.State([])
         timer = gr.Timer(1.0, active=False)
@@ -334,7 +338,8 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
         refresh.click(h.stats_with_trace, None, [*stats_outputs, download], api_name="stats", concurrency_limit=None)
-        reset.click(h.reset_stats, None, [*stats_outputs, download], api_name="reset_stats")
+        reset.click(h.reset_stats, None, [*stats_outputs, download], api_name="reset_stats",
+                    concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
 
         settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy]
         apply.click(h.apply, settings_inputs, [status, facts, header], api_name="apply_settings",

@@ -67,11 +67,15 @@ class _TimedStreamer(TextIteratorStreamer):
 
 
 class _StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once `event` is set; `fired` says whether it did."""
+
     def __init__(self, event: threading.Event) -> None:
         self.event = event
+        self.fired = False
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        self.fired = self.fired or self.event.is_set()
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -94,11 +98,16 @@ class Engine:
         self._lock = threading.Lock()
 
     # --- statistics ---------------------------------------------------------------------------
-    def stats(self) -> Stats:
-        return self._stats.snapshot()
+    def stats(self, trace: bool = True) -> Stats:
+        """A snapshot of the counters; `trace=False` leaves out the routing trace (a copy of every
+        token's experts), for callers that poll."""
+        return self._stats.snapshot(trace)
 
     def reset_stats(self) -> None:
-        self._stats.reset()
+        """Zero the counters and the trace. Waits for a reply in progress: a reset between two layers
+        of one token would leave the trace's layers with different token counts."""
+        with self._lock:
+            self._stats.reset()
 
     def describe(self) -> dict:
         """Facts about the loaded engine, for UIs and benchmark reports."""
@@ -142,7 +151,8 @@ class Engine:
         with self._lock:
             self._stats.start_generation()
             streamer = _TimedStreamer(self.tokenizer, self._stats, skip_prompt=True, skip_special_tokens=True)
-            kwargs = self._generate_kwargs(input_ids, settings, stop, streamer)
+            stopper = _StopOnEvent(stop)
+            kwargs = self._generate_kwargs(input_ids, settings, stopper, streamer)
             errors: list[BaseException] = []
             worker = threading.Thread(target=self._generate_into, args=(kwargs, errors), daemon=True)
             hits0, sel0 = self._hits_and_selections()
@@ -161,7 +171,7 @@ class Engine:
                 worker.join()
             if errors:
                 raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
-            cancelled = cancelled_here or stop.is_set()
+            cancelled = cancelled_here or stopper.fired  # not merely set after the reply had ended
             reason = "cancelled" if cancelled else self._finish_reason(streamer.count, settings)
             yield self._update(text, streamer.count, hits0, sel0, finished=True, reason=reason)
 
@@ -169,15 +179,10 @@ class Engine:
              stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
         return self.stream(self.chat_prompt(messages), settings, stop)
 
-    def generate_text(self, prompt: str, settings: GenerationSettings | None = None) -> str:
-        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"].to(self.device)
-        updates = list(self.stream(ids, settings))
-        return updates[-1].text
-
-    def _generate_kwargs(self, input_ids, settings, stop, streamer) -> dict:
+    def _generate_kwargs(self, input_ids, settings, stopper: _StopOnEvent, streamer) -> dict:
         kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                       max_new_tokens=settings.max_new_tokens, streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                      stopping_criteria=StoppingCriteriaList([stopper]),
                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         if settings.temperature > 0:
             kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),

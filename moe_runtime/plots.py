@@ -41,7 +41,7 @@ def counters(stats: Stats) -> dict:
         "cache_hits": sum(stats.hits),
         "cache_misses": sum(stats.misses),
         "prefetch_loads": sum(stats.prefetch_issued),
-        "trace_tokens": stats.trace.num_tokens if stats.trace is not None else None,
+        "trace_tokens": stats.trace_tokens,
     }
 
 

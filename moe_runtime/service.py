@@ -222,8 +222,8 @@ class EngineService:
                 updates.close()  # stops the generation if the caller left early
 
     # --- statistics ---------------------------------------------------------------------------
-    def stats(self) -> Stats:
-        return self.engine.stats()
+    def stats(self, trace: bool = True) -> Stats:
+        return self.engine.stats(trace)
 
     def reset_stats(self) -> None:
         self.engine.reset_stats()
@@ -232,10 +232,10 @@ class EngineService:
         """`Engine.describe()` under the name the user picked."""
         return {**self.engine.describe(), "model": self.model}
 
-    def save_trace(self) -> Path | None:
-        """The routing trace as JSON in a fresh temp file (None when trace recording is off). The
-        newest KEEP_TRACES files are kept, so a web server has time to copy one before it goes."""
-        trace = self.stats().trace
+    def save_trace(self, stats: Stats) -> Path | None:
+        """The routing trace of `stats` as JSON in a fresh temp file (None when trace recording is
+        off). The newest KEEP_TRACES files are kept, so a web server has time to copy one before it goes."""
+        trace = stats.trace
         if trace is None:
             return None
         folder = Path(self._trace_dir.name)

@@ -138,6 +138,7 @@ class Stats(CacheRates):
     decode_seconds: float
     token_times: list[float]
     trace: RoutingTrace | None = None
+    trace_tokens: int = 0  # tokens in the engine's trace, also when the snapshot left the trace out
 
     @property
     def prefetch_recall(self) -> float:
@@ -296,12 +297,14 @@ class StatsCollector:
             self._last_token = now
             self.token_times.append(now - self._first_token)
 
-    def snapshot(self) -> Stats:
+    def snapshot(self, trace: bool = True) -> Stats:
+        """The counters now; with `trace`, also a copy of the routing trace (the costly part)."""
         n_layers, n_experts, top_k, cache_size, prefetch = self.shape
         with self._lock:
-            trace = None
-            if self.trace is not None:
-                trace = RoutingTrace(
+            trace_tokens = len(self.trace.phase) if self.trace is not None else 0
+            copy = None
+            if trace and self.trace is not None:
+                copy = RoutingTrace(
                     n_layers, n_experts, top_k, self.model,
                     selected=[list(x) for x in self.trace.selected],
                     guess=[list(x) for x in self.trace.guess],
@@ -316,5 +319,5 @@ class StatsCollector:
                 guess_hits=list(self.guess_hits), guess_total=list(self.guess_total),
                 bytes_moved=list(self.bytes_moved), stall_seconds=list(self.stall_seconds),
                 tokens_generated=self.tokens_generated, decode_seconds=self.decode_seconds,
-                token_times=list(self.token_times), trace=trace,
+                token_times=list(self.token_times), trace=copy, trace_tokens=trace_tokens,
             )

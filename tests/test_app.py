@@ -232,6 +232,7 @@ def test_a_chat_template_refusal_is_a_message_not_a_crash(handlers, service):
 
 
 def test_stop_ends_the_reply_early(handlers):
+    handlers.service.reset_stats()
     replies = handlers.respond("To be", [], "", 0.7, 0.95, 400)
     next(replies), next(replies)
     handlers.stop()
@@ -260,7 +261,7 @@ def test_stats_figures_and_trace_file(handlers):
 
 
 def test_only_the_newest_trace_files_are_kept(service):
-    paths = [service.save_trace() for _ in range(12)]
+    paths = [service.save_trace(service.stats()) for _ in range(12)]
     assert all(p.parent == paths[0].parent for p in paths)
     kept = sorted(paths[0].parent.glob("routing-trace-*.json"))
     assert len(kept) == 8 and paths[-1] in kept and not paths[0].exists()

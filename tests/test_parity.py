@@ -116,3 +116,23 @@ def test_stream_reports_why_it_ended(tiny_dir, tmp_path):
         assert list(engine.chat(messages, GenerationSettings(max_new_tokens=2, temperature=0)))[-1].finished
     finally:
         engine.close()
+
+
+def test_reset_waits_for_the_reply_in_progress(tiny_dir, tmp_path):
+    import threading
+
+    from moe_runtime import GenerationSettings
+
+    engine = load(tiny_dir, OffloadConfig(device="cpu", cache_size=2, store_dir=str(tmp_path)))
+    try:
+        stream = engine.chat([{"role": "user", "content": "Speak"}], GenerationSettings(max_new_tokens=20))
+        next(stream)
+        resetter = threading.Thread(target=engine.reset_stats)
+        resetter.start()
+        resetter.join(0.2)
+        assert resetter.is_alive()  # a reset mid-reply would split a token's layers in the trace
+        list(stream)
+        resetter.join(5)
+        assert not resetter.is_alive() and engine.stats().trace_tokens == 0
+    finally:
+        engine.close()

@@ -69,3 +69,10 @@ def test_trace_keeps_only_the_newest_tokens():
     assert len(trace.phase) == trace.num_tokens == len(trace.selected[1]) == len(trace.guess[1])
     assert trace.selected[0][-1] == [99 % 4] and trace.selected[1][-1] == [100 % 4]
     assert sum(stats.snapshot().expert_counts[0]) == 100  # counters are not trimmed
+
+
+def test_a_snapshot_without_the_trace_still_counts_its_tokens():
+    stats = StatsCollector(1, 4, 1, 2, 0)
+    stats.record_routing(0, [[1], [2]], None, 1)
+    light, full = stats.snapshot(trace=False), stats.snapshot()
+    assert light.trace is None and light.trace_tokens == full.trace_tokens == full.trace.num_tokens == 2
