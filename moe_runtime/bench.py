@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -299,10 +300,16 @@ def run_isolated(job: Job) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, "-m", "moe_runtime.bench", "--worker", str(job_file),
                                "--result", str(result_file)], env=env, stdout=subprocess.PIPE, text=True)
-        if proc.returncode != 0 or not result_file.exists():
-            return {"part": job.part, "variant": job.variant, "job": asdict(job),
-                    "error": f"worker exited with {proc.returncode}: {proc.stdout[-2000:]}"}
-        return json.loads(result_file.read_text())
+        # stderr (progress bars) stays on the terminal: the worker writes its own error, traceback
+        # included, into the result file; only a worker that died without one lands here
+        if result_file.exists():
+            return json.loads(result_file.read_text())
+        return _failed(job, f"worker exited with {proc.returncode} and no result: {proc.stdout[-2000:]}")
+
+
+def _failed(job: Job, message: str) -> dict:
+    """The result row of a job that failed: the other variants still run and are reported."""
+    return {"part": job.part, "variant": job.variant, "job": asdict(job), "error": message}
 
 
 def run_plan(plan: Plan, isolate: bool) -> list[dict]:
@@ -313,8 +320,8 @@ def run_plan(plan: Plan, isolate: bool) -> list[dict]:
             continue
         try:
             results.append(run_job(job))
-        except Exception as err:  # one failing variant is reported, the others still run
-            results.append({"part": job.part, "variant": job.variant, "job": asdict(job), "error": repr(err)})
+        except Exception:  # one failing variant is reported, the others still run
+            results.append(_failed(job, traceback.format_exc()))
     return results
 
 
@@ -370,9 +377,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
-        result = run_job(Job(**json.loads(args.worker.read_text())))
+        job = Job(**json.loads(args.worker.read_text()))
+        try:
+            result = run_job(job)
+        except Exception:  # reported to the parent with its traceback (stderr is not kept)
+            result = _failed(job, traceback.format_exc())
         args.result.write_text(json.dumps(result))
-        return 0
+        return 1 if "error" in result else 0
     if args.record_trace:
         from .bench_model import record_trace
 

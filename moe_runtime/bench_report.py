@@ -162,6 +162,12 @@ def _settings_line(rows: dict) -> str:
             f"({w.get('trace_tokens')} decode tokens)")
 
 
+def _error_line(error: str) -> str:
+    """A table cell for an error: its last line (a traceback's exception), at most 80 characters."""
+    lines = [line for line in error.strip().splitlines() if line.strip()] or [""]
+    return lines[-1].strip()[:80].replace("|", "\\|")
+
+
 def part_table(results: list[dict], part: str) -> str:
     rows = rows_of(results, part)
     gpu = any(r.get("cuda_peak_bytes") for r in rows.values())
@@ -171,7 +177,7 @@ def part_table(results: list[dict], part: str) -> str:
              "|---|" + "---:|" * (11 if gpu else 10)]
     for variant, r in rows.items():
         if "error" in r:
-            lines.append(f"| {variant} | error: {r['error'][:80]} |" + " |" * (10 if gpu else 9))
+            lines.append(f"| {variant} | error: {_error_line(r['error'])} |" + " |" * (10 if gpu else 9))
             continue
         name = variant + (" (16-bit run)" if r.get("borrowed") else "")
         resident = "resident-decoded" if variant.endswith("-decoded") else "resident"  # like for like

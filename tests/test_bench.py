@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -161,6 +161,16 @@ def test_isolated_worker_reports_the_same_fields(tmp_path):
     result = bench.run_isolated(job)
     assert "error" not in result, result.get("error")
     assert result["window"]["bytes_moved"] == 0 and result["tokens"] == 2 and result["peak_rss_bytes"] > 0
+
+
+def test_isolated_worker_reports_its_error(tmp_path):
+    missing = tmp_path / "no-such-trace.json"
+    job = bench.Job("workload-16bit", "lru", 1, 2, store_dir=str(tmp_path), trace=str(missing),
+                    spec={"hidden": 64, "intermediate": 128, "layers": 2, "experts": 6, "top_k": 2, "bits": None})
+    result = bench.run_isolated(job)
+    assert (result["part"], result["variant"], result["job"]) == ("workload-16bit", "lru", asdict(job))
+    assert "No such file" in result["error"] and str(missing) in result["error"], result["error"]
+    assert "Traceback" in result["error"]  # the worker's traceback, not only its exit code
 
 
 @pytest.mark.skipif(not SHIPPED_TRACE.exists(), reason="no shipped trace yet")
