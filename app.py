@@ -100,10 +100,8 @@ def chatbot_messages(history: list[dict]) -> list[dict]:
 
 
 def byte_size(n: float) -> str:
-    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
+    scale, unit = plots.byte_unit(n)
+    return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n:.0f} B"
 
 
 def engine_markdown(facts: dict) -> str:
@@ -439,6 +437,7 @@ def main(argv: list[str] | None = None, block: bool = True) -> gr.Blocks:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
+        GenerationSettings(max_new_tokens=args.max_new_tokens).validate()
     except ValueError as err:
         sys.exit(f"app.py: error: {err}")
     service = EngineService(args.model, config, allow_local_paths=args.allow_local_paths)

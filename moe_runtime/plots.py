@@ -103,7 +103,7 @@ def tokens_per_second(stats: Stats, window: int = 4) -> go.Figure:
 
 def bytes_moved_per_layer(stats: Stats) -> go.Figure:
     """Bytes copied from the slow tier into each layer's cache (misses and prefetches)."""
-    scale, unit = _byte_unit(max(stats.bytes_moved, default=0))
+    scale, unit = byte_unit(max(stats.bytes_moved, default=0))
     fig = _per_layer_bars([b / scale for b in stats.bytes_moved], f"moved ({unit})", f"%{{y:.2f}} {unit}",
                           color="#2ca02c")
     fig.update_yaxes(rangemode="tozero")
@@ -125,7 +125,7 @@ def _integer_ticks(count: int) -> dict:
     return {"tickmode": "linear", "tick0": 0, "dtick": 1 if count <= 16 else 4}
 
 
-def _byte_unit(largest: float) -> tuple[int, str]:
+def byte_unit(largest: float) -> tuple[int, str]:
     for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if largest >= scale:
             return scale, unit

@@ -66,7 +66,10 @@ class ModelPolicy:
         if name in self.choices:
             return name
         if self.allow_local_paths:
-            path = Path(name).expanduser()
+            try:
+                path = Path(name).expanduser()
+            except RuntimeError:  # "~nosuchuser/..."
+                raise ValueError(f"model {name!r} is not allowed: its home folder does not exist") from None
             if path.is_dir():
                 return str(path.resolve())
             raise ValueError(f"model {name!r} is not allowed: it is not a local folder, nor one of "

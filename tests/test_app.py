@@ -15,10 +15,6 @@ from moe_runtime.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, Mod
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO / EMBEDDED_MODEL
-needs_embedded = pytest.mark.skipif(
-    not (EMBEDDED_DIR / "config.json").exists(),
-    reason=f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by moe_runtime.train_tiny)",
-)
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -62,6 +58,8 @@ def test_bad_flags_stop_with_a_message(capsys):
     assert exit_info.value.code == 2 and "expert" in capsys.readouterr().err.lower()
     with pytest.raises(SystemExit, match="cache_size=0 is not allowed"):
         app.main(["--cache-size", "0"])
+    with pytest.raises(SystemExit, match="max_new_tokens=0 is not allowed"):
+        app.main(["--max-new-tokens", "0"])
     with pytest.raises(SystemExit):
         app.parse_args(["--policy", "fifo"])
     assert "invalid choice: 'fifo'" in capsys.readouterr().err
@@ -92,6 +90,8 @@ def test_model_policy_allows_listed_models_and_local_folders_only_with_the_flag(
     assert loose.check(str(tmp_path)) == str(tmp_path.resolve())
     with pytest.raises(ValueError, match="not a local folder"):
         loose.check(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="home folder does not exist"):
+        loose.check("~no-such-user-here/model")
 
 
 def test_build_messages_keeps_role_and_content_only():
