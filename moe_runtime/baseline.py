@@ -138,9 +138,9 @@ class AccelerateStack:
     [E, 2I, H] parameter accelerate moves whole; "per-expert": one module per expert."""
 
     def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, device: torch.device,
-                 granularity: str = "fused", cold: bool = True) -> None:
+                 granularity: str = "fused") -> None:
         check_replay(spec, replay)
-        self.spec, self.replay, self.device, self.folder, self.cold = spec, replay, device, folder, cold
+        self.spec, self.replay, self.device, self.folder = spec, replay, device, folder
         self.layers = _accelerate_layers(spec, granularity)
         self.loader = TimedWeightsLoader(folder)
         add_hook_to_module(self.layers, AlignDevicesHook(io_same_device=True), append=True)
@@ -149,8 +149,6 @@ class AccelerateStack:
     @torch.no_grad()
     def step(self, token: int) -> torch.Tensor:
         n = token % self.replay.num_tokens
-        if self.cold:
-            drop_page_cache(self.folder)
         hidden = first_hidden(self.spec, n, self.device)
         for layer, module in enumerate(self.layers):
             index, weights = routing(self.replay, layer, n, self.device)

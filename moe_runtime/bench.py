@@ -217,7 +217,9 @@ def _run_workload(job: Job):
         granularity = "fused" if job.variant == "accelerate" else "per-expert"
         folder = baseline.build_offload_folder(spec, Path(job.store_dir), granularity)
         stack = baseline.AccelerateStack(spec, replay, folder, device, granularity)
-        return timed(job, stack.step, lambda: loader_counters(stack.loader)), facts
+        # the page cache is dropped before each step, untimed, as the engine variants' before_step
+        return timed(job, stack.step, lambda: loader_counters(stack.loader),
+                     lambda: baseline.drop_page_cache(folder)), facts
     cache_size, prefetch = engine_knobs(job, spec.experts)
     decoded = job.variant.endswith("-decoded")
     stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device,
