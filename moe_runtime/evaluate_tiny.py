@@ -67,7 +67,7 @@ def forward_all(model, batches: torch.Tensor, batch_size: int = 16):
     return nll, [torch.cat(parts) for parts in logits_per_layer]
 
 
-def quantized_figures(model_dir: Path, batches: torch.Tensor, chars: int, bits: int) -> dict:
+def quantized_figures(model_dir: Path, batches: torch.Tensor, chars: int, bits: int, num_experts: int) -> dict:
     """Validation figures with HQQ-quantized experts, through the offloaded engine (moe_runtime.load).
 
     Attention stays unquantized, so the figure isolates what expert quantization costs. Every expert
@@ -79,7 +79,7 @@ def quantized_figures(model_dir: Path, batches: torch.Tensor, chars: int, bits: 
     from moe_runtime import load as load_engine
 
     with tempfile.TemporaryDirectory() as store:
-        engine = load_engine(model_dir, OffloadConfig(device="cpu", offload="ram", cache_size=8, prefetch=0,
+        engine = load_engine(model_dir, OffloadConfig(device="cpu", offload="ram", cache_size=num_experts, prefetch=0,
                                                       expert_bits=bits, store_dir=store, record_trace=False))
         try:
             nll, _ = forward_all(engine.model, batches)
@@ -168,7 +168,8 @@ def evaluate(model_dir: Path, data: Path, max_windows: int | None, samples: bool
     }
     if samples:
         result["samples"] = sample(model, tokenizer, seed)
-    result["quantized"] = [quantized_figures(model_dir, batches, chars, bits) for bits in expert_bits]
+    result["quantized"] = [quantized_figures(model_dir, batches, chars, bits, config.num_local_experts)
+                           for bits in expert_bits]
     return result
 
 
@@ -200,7 +201,7 @@ def to_markdown(r: dict, command: str) -> str:
             f"| {layer['all_shared_with_previous']:.3f} | {layer['shared_shuffled']:.3f} |"
         )
     if r.get("quantized"):
-        fp32_bytes = 3 * 4 * r["hidden_size"] * r["intermediate_size"] if "hidden_size" in r else None
+        fp32_bytes = 3 * 4 * r["hidden_size"] * r["intermediate_size"]
         lines += [
             "",
             "With HQQ-quantized experts (attention unquantized), through `moe_runtime.load`:",
@@ -208,7 +209,7 @@ def to_markdown(r: dict, command: str) -> str:
             "| experts | group | bytes per expert | validation loss | perplexity | bits per character |",
             "| --- | --- | --- | --- | --- | --- |",
             f"| fp32 (as shipped) | – | {fp32_bytes:,} | {r['val_loss']:.3f} | {r['perplexity']:.1f} "
-            f"| {r['bits_per_char']:.3f} |" if fp32_bytes else "",
+            f"| {r['bits_per_char']:.3f} |",
         ]
         for q in r["quantized"]:
             lines.append(
