@@ -116,8 +116,11 @@ def loader_counters(loader) -> dict:
 
 
 def timed(job: Job, step, counters, before_step=None) -> dict:
-    """Untimed warm-up steps, then `job.tokens` timed steps; counters are diffed over the timed ones."""
-    t0 = time.perf_counter()
+    """Untimed warm-up steps, then `job.tokens` timed steps; counters are diffed over the timed ones.
+    Peak memory and wall time are measured from here: building stores and loading the model, done
+    before, are not part of decoding (and happen only on a first run)."""
+    peak_reset = _reset_peak_memory(job)
+    started = t0 = time.perf_counter()
     for i in range(job.warmup):
         if before_step:
             before_step()
@@ -135,7 +138,17 @@ def timed(job: Job, step, counters, before_step=None) -> dict:
         cpu += time.process_time() - c0
     end = counters()
     window = {k: end[k] - start[k] for k in end}
-    return {"times": times, "cpu_seconds": cpu, "window": window, "total": end, "warmup_seconds": warmup_seconds}
+    return {"times": times, "cpu_seconds": cpu, "window": window, "total": end, "warmup_seconds": warmup_seconds,
+            "peak_rss_isolated": peak_reset, "wall_seconds": time.perf_counter() - started}
+
+
+def _reset_peak_memory(job: Job) -> bool:
+    """Reset the peak RSS (and the CUDA peak on a CUDA device); whether the RSS peak could be reset."""
+    if job.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    return _reset_peak_rss()
 
 
 def run_job(job: Job) -> dict:
@@ -154,12 +167,8 @@ def run_job(job: Job) -> dict:
 def _measure(job: Job) -> dict:
     import torch
 
-    reset_ok = _reset_peak_rss()
     cuda = job.device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
     with torch.inference_mode():
         if job.part == "model":
             from .bench_model import run_model
@@ -183,10 +192,10 @@ def _measure(job: Job) -> dict:
         "stall_ms_per_token": 1000 * w["stall_seconds"] / n if n else 0.0,
         "bytes_per_token": w["bytes_moved"] / n if n else 0.0,
         "window": w, "total": measured["total"], "warmup_seconds": measured["warmup_seconds"],
-        "peak_rss_bytes": _peak_rss(), "peak_rss_isolated": reset_ok,
+        "peak_rss_bytes": _peak_rss(), "peak_rss_isolated": measured["peak_rss_isolated"],
         "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": measured["wall_seconds"],
     }
     if "selections" in w:
         result["hit_rate"] = w["hits"] / w["selections"] if w["selections"] else 0.0

@@ -130,6 +130,7 @@ def test_quick_bench_numbers_are_consistent(quick_run):
         w = r["window"]
         assert r["tokens"] == r["job"]["tokens"] and r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["seconds"] <= r["wall_seconds"] and r["warmup_seconds"] <= r["wall_seconds"]
         if r["variant"] in bench.ENGINE_VARIANTS + bench.DECODED_VARIANTS:
             layers = r["workload"]["layers"] if "workload" in r else r["engine"]["layers"]
             assert w["hits"] + w["misses"] == w["selections"] == r["tokens"] * layers * 2
