@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ExpertCache
+from .cache import ExpertCache, Transfer
+from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
+from .store import DecodingTier, aligned_empty, round_up
 
 MAX_GUESS_RECORDED = 8
 
@@ -136,3 +138,32 @@ class OffloadedExperts(nn.Module):
         if guess is not None and len(guess) != len(selected):
             guess = None
         self.stats.record_routing(self.layer, selected, guess, self.guess_width)
+
+
+def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
+                            cache_size: int, prefetch: int, policy: str, decoded: bool, stats: StatsCollector,
+                            act_fn, device: torch.device):
+    """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
+    its own preallocated slot pool and cache, one `Transfer` for all. With `decoded` and a quantized
+    codec the slots hold dequantized experts (`DecodingTier` wraps the tier)."""
+    compute_codec = codec
+    if decoded and codec.bits is not None:
+        compute_codec = codec.plain()
+        tier = DecodingTier(tier, codec, compute_codec)
+    transfer = Transfer(tier, device)
+    stride = round_up(compute_codec.nbytes)
+    modules = []
+    for layer in range(num_layers):
+        slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
+        # bytes moved per load: the record as stored, whatever the slot holds
+        cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats)
+        modules.append(OffloadedExperts(layer, cache, compute_codec, act_fn, stats, num_experts, top_k, prefetch))
+    return tier, transfer, modules
+
+
+def link_speculators(modules: list[OffloadedExperts], speculators: list) -> None:
+    """speculators[i] guesses layer i + 1's experts while layer i runs."""
+    for layer, speculator in enumerate(speculators):
+        modules[layer].speculator = speculator
+        modules[layer + 1].incoming = speculator
+

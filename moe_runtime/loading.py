@@ -27,21 +27,17 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .arch import adapter_for
-from .cache import ExpertCache, Transfer
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
 from .config import OffloadConfig
 from .engine import Engine
-from .experts import OffloadedExperts, Speculator
-from .policies import make_policy
+from .experts import Speculator, build_offloaded_experts, link_speculators
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
 from .store import (
     DENSE_FILE,
-    DecodingTier,
     DiskTier,
     RamTier,
     StoreWriter,
-    aligned_empty,
     open_store,
     round_up,
     store_folder,
@@ -301,35 +297,22 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     tier, store_path, dense = _slow_tier(config, codec, shape, adapter, source, weights, model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
-    compute_codec = codec  # what a cache slot holds: the record as stored, or decoded experts
-    if config.decoded_cache and config.expert_bits is not None:
-        compute_codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, None, config.expert_group,
-                                    config.quantize_meta, dtype)
-        tier = DecodingTier(tier, codec, compute_codec)
-    transfer = Transfer(tier, device)
-
     hf_model = _build_model(hf_config, dtype)
     layers = adapter.layers(hf_model)
-    stride = round_up(compute_codec.nbytes)
-    modules = []
-    for index, layer in enumerate(layers):
-        slots = aligned_empty(config.cache_size * stride, device).view(config.cache_size, stride)
-        cache = ExpertCache(index, slots, codec.nbytes, make_policy(config.policy), transfer, stats)
-        block = adapter.moe_block(layer)
-        experts = OffloadedExperts(index, cache, compute_codec, block.experts.act_fn, stats, shape.num_experts,
-                                   shape.top_k, config.prefetch)
-        block.experts = experts
-        modules.append(experts)
+    tier, transfer, modules = build_offloaded_experts(
+        tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
+        cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
+        decoded=config.decoded_cache, stats=stats, act_fn=adapter.moe_block(layers[0]).experts.act_fn, device=device)
+    for layer, experts in zip(layers, modules):
+        adapter.moe_block(layer).experts = experts
     hf_model.to_empty(device=device)
     _load_dense(hf_model, dense, store_path or model_dir, device)
     del dense  # lets go of the dense file (or the checkpoint's shards)
-    for index in range(len(modules) - 1):
-        speculator = Speculator(adapter.router_weight(layers[index + 1]).detach(),
-                                adapter.moe_norm_weight(layers[index]).detach(),
-                                adapter.moe_norm_weight(layers[index + 1]).detach(),
-                                modules[index + 1].cache, config.prefetch)
-        modules[index].speculator = speculator
-        modules[index + 1].incoming = speculator
+    link_speculators(modules, [
+        Speculator(adapter.router_weight(layers[i + 1]).detach(), adapter.moe_norm_weight(layers[i]).detach(),
+                   adapter.moe_norm_weight(layers[i + 1]).detach(), modules[i + 1].cache, config.prefetch)
+        for i in range(len(modules) - 1)
+    ])
     if config.attn_bits is not None:
         _quantize_attention(hf_model, adapter, config)
     if (model_dir / "generation_config.json").exists():

@@ -14,19 +14,18 @@ baseline.py replays the same tokens through accelerate's offloading.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .cache import ExpertCache, Transfer
-from .experts import MAX_GUESS_RECORDED, OffloadedExperts
-from .policies import make_policy
+from .cache import ExpertCache
+from .experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
 from .quant import ExpertCodec
 from .stats import RoutingTrace, StatsCollector
-from .store import DecodingTier, DiskTier, aligned_empty, open_store, round_up, store_folder, write_store
+from .store import DiskTier, open_store, round_up, store_folder, write_store
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_STD = 0.02
@@ -178,27 +177,14 @@ class OffloadedStack:
         check_replay(spec, replay)
         self.spec, self.replay, self.device = spec, replay, device
         codec = spec.codec()
-        self.tier = DiskTier(folder, spec.experts, round_up(codec.nbytes), codec.nbytes, device)
-        compute_codec = codec
-        if decoded and spec.bits is not None:
-            compute_codec = replace(spec, bits=None).codec()
-            self.tier = DecodingTier(self.tier, codec, compute_codec)
-        stride = round_up(compute_codec.nbytes)
-        self.transfer = Transfer(self.tier, device)
+        disk = DiskTier(folder, spec.experts, round_up(codec.nbytes), codec.nbytes, device)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
-        self.modules: list[OffloadedExperts] = []
-        for layer in range(spec.layers):
-            slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
-            # bytes moved = bytes read from the disk: the quantized record
-            cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), self.transfer, self.stats)
-            self.modules.append(OffloadedExperts(layer, cache, compute_codec, F.silu, self.stats, spec.experts,
-                                                 spec.top_k, prefetch))
-        self.speculators = []
-        for layer in range(spec.layers - 1):
-            spec_l = ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)
-            self.modules[layer].speculator = spec_l
-            self.modules[layer + 1].incoming = spec_l
-            self.speculators.append(spec_l)
+        self.tier, self.transfer, self.modules = build_offloaded_experts(
+            disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
+            prefetch=prefetch, policy=policy, decoded=decoded, stats=self.stats, act_fn=F.silu, device=device)
+        self.speculators = [ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)
+                            for layer in range(spec.layers - 1)]
+        link_speculators(self.modules, self.speculators)
 
     @property
     def direct_io(self) -> bool:
