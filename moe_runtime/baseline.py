@@ -155,6 +155,3 @@ class AccelerateStack:
             hidden = residual_step(hidden, module(hidden, index, weights.to(hidden.dtype)))
         return hidden
 
-    def close(self) -> None:
-        pass
-

@@ -83,7 +83,6 @@ class Job:
     prompt_tokens: int = 32
     expert_bits: int | None = None
     trace: str = ""
-    first_layer: int | None = None
     spec: dict = field(default_factory=dict)
 
 
@@ -219,7 +218,7 @@ def _run_workload(job: Job):
     from .stats import RoutingTrace
 
     spec = wl.WorkloadSpec(**job.spec)
-    replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers, job.first_layer)
+    replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers)
     device = torch.device(job.device)
     facts = {"workload": wl.describe(spec, replay, packed=not job.variant.startswith("accelerate"))}
     if job.variant.startswith("accelerate"):

@@ -46,7 +46,7 @@ def _replayed_trace(result: dict):
     from .workload import map_trace
 
     job = result["job"]
-    replay = map_trace(RoutingTrace.load(job["trace"]), job["spec"]["layers"], job["first_layer"])
+    replay = map_trace(RoutingTrace.load(job["trace"]), job["spec"]["layers"])
     count = job["warmup"] + job["tokens"]
     pick = [n % replay.num_tokens for n in range(count)]
     return RoutingTrace(len(replay.selected), replay.num_experts, replay.top_k, "replay",
@@ -56,10 +56,8 @@ def _replayed_trace(result: dict):
 
 def simulator_checks(results: list[dict]) -> dict:
     """Per workload part: simulated LRU / Belady on the replayed tokens vs. the engine's counts."""
-    try:
-        from .simulate import simulate
-    except ImportError as err:
-        return {"unavailable": f"moe_runtime.simulate could not be imported: {err}"}
+    from .simulate import simulate
+
     checks = {}
     for part in ("workload-16bit", "workload-2bit"):
         rows = rows_of(results, part)
@@ -84,13 +82,11 @@ def simulator_checks(results: list[dict]) -> dict:
     return checks
 
 
-def trace_summary(trace_path: str, cache_size: int, prefetch: int) -> dict | None:
+def trace_summary(trace_path: str, cache_size: int, prefetch: int) -> dict:
     """LRU vs Belady and prefetch recall over the whole trace (every layer, decode tokens)."""
-    try:
-        from .simulate import simulate
-        from .stats import RoutingTrace
-    except ImportError:
-        return None
+    from .simulate import simulate
+    from .stats import RoutingTrace
+
     trace = RoutingTrace.load(trace_path)
     trace = trace.decode_only() if "decode" in trace.phase else trace
     lru, belady = simulate(trace, "lru", cache_size, 0), simulate(trace, "belady", cache_size, 0)
@@ -207,9 +203,6 @@ def markdown(report: dict) -> str:
                 "| part | C | P | tokens×layers | engine LRU | sim LRU | sim Belady | engine LRU+prefetch "
                 "| sim LRU+prefetch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for part, c in checks.items():
-            if part == "unavailable":
-                out.append(f"| {c} |" + " |" * 8)
-                continue
             out.append(f"| {part} | {c['cache_size']} | {c['prefetch']} | {c['tokens']}×{c['layers']} | "
                        f"{_f(c.get('engine_lru_hit_rate'), 3)} | {_f(c['sim_lru_hit_rate'], 3)} | "
                        f"{_f(c['sim_belady_hit_rate'], 3)} | {_f(c.get('engine_lru+prefetch_hit_rate'), 3)} | "
