@@ -56,14 +56,6 @@ VARIANTS = {
 }
 ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "resident")
 DECODED_VARIANTS = ("lru+prefetch-decoded", "resident-decoded")
-# Hamlet III.1 (public domain): the fixed text every model variant decodes
-TEXT = (
-    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
-    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n"
-    "And by opposing end them. To die, to sleep;\nNo more; and by a sleep to say we end\n"
-    "The heart-ache and the thousand natural shocks\nThat flesh is heir to: 'tis a consummation\n"
-    "Devoutly to be wish'd. To die, to sleep;\nTo sleep, perchance to dream: ay, there's the rub;\n"
-)
 
 
 @dataclass
@@ -177,12 +169,12 @@ def _measure(job: Job) -> dict:
             measured, facts = _run_workload(job)
     times = measured["times"]
     w = measured["window"]
-    n = len(times)
+    n, seconds = len(times), sum(times)
     result = {
         "part": job.part, "variant": job.variant, "job": asdict(job), **facts,
-        "tokens": n, "seconds": sum(times),
-        "tokens_per_second": n / sum(times) if sum(times) > 0 else 0.0,
-        "ms_per_token": 1000 * sum(times) / n if n else 0.0,
+        "tokens": n, "seconds": seconds,
+        "tokens_per_second": n / seconds if seconds > 0 else 0.0,
+        "ms_per_token": 1000 * seconds / n if n else 0.0,
         "ms_per_token_median": 1000 * sorted(times)[n // 2] if n else 0.0,
         # CPU time of the whole process (all threads) per token: unlike wall time, not inflated when
         # other jobs on a shared machine take the CPU away
@@ -298,8 +290,10 @@ class Plan:
         return 8, 48
 
     def _trace_shape(self) -> dict:
-        data = json.loads(Path(self.trace).read_text())
-        return {"experts": data["num_experts"], "top_k": data["top_k"]}
+        from .stats import RoutingTrace
+
+        trace = RoutingTrace.load(self.trace)
+        return {"experts": trace.num_experts, "top_k": trace.top_k}
 
 
 def run_isolated(job: Job) -> dict:

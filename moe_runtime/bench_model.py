@@ -16,8 +16,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .baseline import TimedWeightsLoader, drop_page_cache
-from .bench import TEXT, Job, engine_counters, engine_knobs, loader_counters, timed
+from .bench import Job, engine_counters, engine_knobs, loader_counters, timed
 
+# Hamlet III.1 (public domain): the fixed text every model variant decodes
+TEXT = (
+    "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n"
+    "And by opposing end them. To die, to sleep;\nNo more; and by a sleep to say we end\n"
+    "The heart-ache and the thousand natural shocks\nThat flesh is heir to: 'tis a consummation\n"
+    "Devoutly to be wish'd. To die, to sleep;\nTo sleep, perchance to dream: ay, there's the rub;\n"
+)
 PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me speak.\n", "KING HENRY:\n",
            "JULIET:\nO Romeo, Romeo!")
 
@@ -55,18 +63,18 @@ def _experts_device_map(config, device) -> dict:
 
 def _time_accelerate_loads(model):
     """Swap the loader behind every accelerate hook for one that counts seconds and bytes."""
-    timed = None
+    loader = None
     for module in model.modules():
         hook = getattr(module, "_hf_hook", None)
         weights_map = getattr(hook, "weights_map", None)
         if weights_map is None or not hasattr(weights_map, "dataset"):
             continue
-        if timed is None:
-            timed = TimedWeightsLoader(weights_map.dataset.save_folder, index=weights_map.dataset.index)
-        weights_map.dataset = timed
-    if timed is None:
+        if loader is None:
+            loader = TimedWeightsLoader(weights_map.dataset.save_folder, index=weights_map.dataset.index)
+        weights_map.dataset = loader
+    if loader is None:
         raise RuntimeError("accelerate placed no weights on disk: nothing would be offloaded")
-    return timed
+    return loader
 
 
 def run_model(job: Job):
@@ -74,13 +82,14 @@ def run_model(job: Job):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from . import OffloadConfig, load
+    from .loading import resolve_dtype
 
     device = torch.device(job.device)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
     ids = bench_ids(tokenizer, job.prompt_tokens + job.warmup + job.tokens + 1).to(device)
     facts = {"model": str(job.model), "expert_bits": job.expert_bits}
     if job.variant in ("transformers", "accelerate"):
-        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        dtype = resolve_dtype("auto", device)
         if job.variant == "transformers":
             model = AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype).to(device).eval()
             return timed(job, _decoder(model, ids, job.prompt_tokens), lambda: {"bytes_moved": 0,
