@@ -162,6 +162,11 @@ def test_isolated_worker_reports_the_same_fields(tmp_path):
     result = bench.run_isolated(job)
     assert "error" not in result, result.get("error")
     assert result["window"]["bytes_moved"] == 0 and result["tokens"] == 2 and result["peak_rss_bytes"] > 0
+    in_process = bench.run_job(job)
+    assert result.keys() == in_process.keys()
+    assert result["job"] == in_process["job"] and result["window"].keys() == in_process["window"].keys()
+    assert {k: result["window"][k] for k in ("hits", "misses", "bytes_moved")} == \
+        {k: in_process["window"][k] for k in ("hits", "misses", "bytes_moved")}
 
 
 def test_isolated_worker_reports_its_error(tmp_path):
