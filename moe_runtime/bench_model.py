@@ -31,12 +31,14 @@ PROMPTS = ("ROMEO:\n", "First Citizen:\nBefore we proceed any further, hear me s
 
 
 def bench_ids(tokenizer, count: int):
-    """[1, count] token ids of the fixed text (repeated as needed)."""
+    """[1, count] token ids of the fixed text, repeated as needed: the tokenizer's special tokens
+    (a BOS) only at the start, not again before every repeat."""
     import torch
 
-    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"][0]
-    reps = -(-count // max(1, len(ids)))
-    return torch.cat([ids] * reps)[:count][None]
+    first = tokenizer(TEXT, return_tensors="pt")["input_ids"][0]
+    again = tokenizer(TEXT, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    reps = -(-max(0, count - len(first)) // max(1, len(again)))
+    return torch.cat([first] + [again] * reps)[:count][None]
 
 
 def _decoder(model, ids, prompt_tokens: int):

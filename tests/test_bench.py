@@ -100,6 +100,16 @@ def test_accelerate_stack_computes_what_the_engine_computes(tmp_path, granularit
         assert theirs.loader.nbytes == distinct * expert_bytes
 
 
+def test_bench_ids_repeat_the_text_without_a_bos_in_the_middle():
+    class Tokenizer:  # a BOS (id 1) with special tokens, the text's ids 5 6 7
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
+            assert text == bench_model.TEXT
+            return {"input_ids": torch.tensor([[1] * add_special_tokens + [5, 6, 7]])}
+
+    assert bench_model.bench_ids(Tokenizer(), 9).tolist() == [[1, 5, 6, 7, 5, 6, 7, 5, 6]]
+    assert bench_model.bench_ids(Tokenizer(), 3).tolist() == [[1, 5, 6]]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
