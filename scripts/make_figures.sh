@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate every benchmark table and figure in docs/ (docs/results.md quotes them).
-#   bash scripts/make_figures.sh            # full run: ~15 minutes on 2 CPU cores, plus ~5 minutes
+#   bash scripts/make_figures.sh            # full run: 7 min 16 s measured on 2 CPU cores, plus ~5 minutes
 #                                           # the first time, to build the stores in expert-store/bench
 #   bash scripts/make_figures.sh --quick    # seconds-long smoke run of the same pipeline
 # The routing trace is shipped; to re-record it after retraining assets/tiny-mixtral:
