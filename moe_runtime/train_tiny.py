@@ -164,7 +164,7 @@ def mean_loss(model, batches: torch.Tensor, batch_size: int = 16) -> float:
     return total / count
 
 
-def to_mixtral_checkpoint(state_dict: dict[str, torch.Tensor], intermediate_size: int) -> dict:
+def to_mixtral_checkpoint(state_dict: dict[str, torch.Tensor], intermediate_size: int | None = None) -> dict:
     """transformers 5 fused expert tensors → the original Mixtral per-expert key layout.
 
     mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) → experts.e.w1 (gate), w3 (up);
@@ -174,9 +174,10 @@ def to_mixtral_checkpoint(state_dict: dict[str, torch.Tensor], intermediate_size
     for key, tensor in state_dict.items():
         if key.endswith(".mlp.experts.gate_up_proj"):
             prefix = key.removesuffix("mlp.experts.gate_up_proj") + "block_sparse_moe.experts"
+            inter = intermediate_size or tensor.shape[1] // 2
             for e, gate_up in enumerate(tensor):  # gate_up [2I, H]
-                out[f"{prefix}.{e}.w1.weight"] = gate_up[:intermediate_size].clone()
-                out[f"{prefix}.{e}.w3.weight"] = gate_up[intermediate_size:].clone()
+                out[f"{prefix}.{e}.w1.weight"] = gate_up[:inter].clone()
+                out[f"{prefix}.{e}.w3.weight"] = gate_up[inter:].clone()
         elif key.endswith(".mlp.experts.down_proj"):
             prefix = key.removesuffix("mlp.experts.down_proj") + "block_sparse_moe.experts"
             for e, down in enumerate(tensor):  # down [H, I]

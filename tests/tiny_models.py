@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
+from moe_runtime.train_tiny import to_mixtral_checkpoint
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
@@ -27,25 +29,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def to_original_layout(state: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """transformers 5 keys -> Mixtral's original `block_sparse_moe.experts.E.w1/w2/w3` keys."""
-    out = {}
-    for key, value in state.items():
-        if key.endswith("mlp.experts.gate_up_proj"):
-            prefix = key[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts"
-            inter = value.shape[1] // 2
-            for e in range(num_experts):
-                out[f"{prefix}.{e}.w1.weight"] = value[e, :inter].clone()
-                out[f"{prefix}.{e}.w3.weight"] = value[e, inter:].clone()
-        elif key.endswith("mlp.experts.down_proj"):
-            prefix = key[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts"
-            for e in range(num_experts):
-                out[f"{prefix}.{e}.w2.weight"] = value[e].clone()
-        else:
-            out[key.replace(".mlp.", ".block_sparse_moe.")] = value.clone()
-    return out
 
 
 def save_tiny_mixtral(path: Path, *, hidden=32, intermediate=48, layers=3, experts=4, top_k=2, heads=4,
@@ -68,7 +51,7 @@ def save_tiny_mixtral(path: Path, *, hidden=32, intermediate=48, layers=3, exper
     tokenizer.save_pretrained(path)
     state = {k: v for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
     if layout == "original":
-        state = to_original_layout(state, experts)
+        state = to_mixtral_checkpoint(state)
     keys = sorted(state)
     if shards == 1:
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
