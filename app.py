@@ -382,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--expert-bits", type=_bits_arg, default=d.expert_bits, metavar="{none,2,3,4,8}",
                    help="HQQ bits of the experts (none = unquantized)")
     o.add_argument("--expert-group-size", type=int, default=d.expert_group_size,
-                   help="HQQ group size of the experts (default: 16 for 2-/3-bit, 64 for 4-/8-bit)")
+                   help="HQQ group size of the experts (default: 32 for 2-/3-bit, 64 for 4-/8-bit)")
     o.add_argument("--attn-bits", type=_bits_arg, default=d.attn_bits, metavar="{none,4,8}",
                    help="HQQ bits of the attention projections (none = unquantized)")
     o.add_argument("--attn-group-size", type=int, default=d.attn_group_size, help="HQQ group size of attention")

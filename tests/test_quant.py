@@ -39,7 +39,8 @@ def test_quantized_engine_matches_dequantized_reference(mid_dir, tmp_path, bits,
         ids = torch.randint(0, engine.model.config.vocab_size, (1, 9))
         with torch.no_grad():
             ours, theirs = engine.model(ids).logits, reference(ids).logits
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item())
+        # quantized experts compute through the fused int4 CPU kernel, in bf16: a bf16 tolerance
+        torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2 * theirs.abs().max().item())
     finally:
         engine.close()
 
@@ -103,5 +104,6 @@ def test_decoded_cache_gives_the_same_outputs_and_moves_the_quantized_bytes(mid_
                 assert slot >= 3 * 128 * 256 * 4 and info["expert_bytes"] < slot / 5
         finally:
             engine.close()
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    # the decoded cache computes in fp32, the packed slots through the bf16 int4 kernel
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-2, atol=1e-2 * outputs[1].abs().max().item())
     assert moved[0] == moved[1]
