@@ -76,3 +76,31 @@ def test_fallback_form_for_group_sizes_the_cpu_kernel_cannot_run():
 def test_linear_of_a_dense_weight_is_f_linear():
     x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
     torch.testing.assert_close(linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("tokens,top_k,num_experts", [(1, 2, 8), (7, 2, 8), (5, 8, 64)])
+def test_dispatch_groups_every_assignment_under_its_expert(tokens, top_k, num_experts):
+    from moe_runtime.experts import dispatch
+
+    top_k_index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(tokens)])
+    top_k_index[0, 0] = num_experts  # out of range: dropped, like transformers' padding ids
+    plan = dispatch(top_k_index, num_experts)
+    for expert in range(num_experts):
+        token_idx, k_pos = torch.where(top_k_index == expert)  # the plain per-expert lookup
+        if len(token_idx) == 0:
+            assert expert not in plan.spans
+            continue
+        got_tokens, got_k = plan[expert]
+        torch.testing.assert_close(got_tokens, token_idx)
+        torch.testing.assert_close(got_k, k_pos)
+    assert num_experts not in plan.spans
+
+
+def test_kernel_bench_rows_on_a_small_expert():
+    from moe_runtime.kernels.bench import expert_formats, to_markdown
+
+    rows = expert_formats(hidden=64, intermediate=128, bits=(2, 8), repeats=1, hqq_repeats=1)
+    fused = [r for r in rows if r["format"].startswith("fused")]
+    assert [r["bits"] for r in fused] == [2, 8]
+    assert all(r["err_vs_hqq"] < 0.02 for r in fused)  # the kernel adds bf16 rounding only
+    assert "| fused (int4-cpu) | 8 | 64 |" in to_markdown(rows, "small")
