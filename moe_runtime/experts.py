@@ -31,9 +31,10 @@ from .store import DecodingTier, aligned_empty, round_up
 MAX_GUESS_RECORDED = 8
 
 
-def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
-    """SwiGLU expert: down(act(gate x) * up x). x [t, H]; gate, up [I, H]; down [H, I]."""
-    return F.linear(act(F.linear(x, gate)) * F.linear(x, up), down)
+def expert_ffn(x: torch.Tensor, gate, up, down, act, linear=F.linear) -> torch.Tensor:
+    """SwiGLU expert: down(act(gate x) * up x). x [t, H]; gate, up [I, H]; down [H, I].
+    `linear(x, w)` = x @ w.T, for whatever form the weights are in."""
+    return linear(act(linear(x, gate)) * linear(x, up), down)
 
 
 def dispatch(top_k_index: torch.Tensor, num_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -53,12 +54,12 @@ def combine(out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, k_pos: 
     out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
 
 
-def reference_moe(hidden_states, top_k_index, top_k_weights, weights, act) -> torch.Tensor:
-    """The plain path, for tests: every expert's (gate, up, down) in memory as `weights[e]`.
-    hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
+def reference_moe(hidden_states, top_k_index, top_k_weights, weights, act, linear=F.linear) -> torch.Tensor:
+    """The plain path (tests, the accelerate baseline): every expert's (gate, up, down) at hand as
+    `weights[e]`. hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
     out = torch.zeros_like(hidden_states)
     for expert, (token_idx, k_pos) in dispatch(top_k_index, len(weights)).items():
-        y = expert_ffn(hidden_states[token_idx], *weights[expert], act)
+        y = expert_ffn(hidden_states[token_idx], *weights[expert], act, linear)
         combine(out, y, token_idx, k_pos, top_k_weights)
     return out
 

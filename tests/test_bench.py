@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +12,11 @@ import torch
 from moe_runtime.bench import accelerate, cli, measure, runners
 from moe_runtime.bench import model as bench_model
 from moe_runtime.bench import workload as wl
+from moe_runtime.paths import SHIPPED_TRACE
 from moe_runtime.sim.replay import simulate
 from moe_runtime.stats import RoutingTrace
 from tiny_models import save_tiny_mixtral
 
-SHIPPED_TRACE = Path(__file__).resolve().parents[1] / "assets" / "traces" / "tiny-mixtral.json"
 SPEC16 = wl.WorkloadSpec(layers=2, hidden=64, intermediate=128, experts=6, top_k=2, bits=None, dtype="float32")
 
 
