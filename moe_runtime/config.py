@@ -7,14 +7,26 @@ the number of experts). Both raise ValueError naming the allowed values, before 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
+
+from .policies import POLICIES
 
 DEVICES_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
 OFFLOAD_TIERS = ("ram", "disk")
 EXPERT_BITS = (None, 2, 3, 4, 8)
 ATTN_BITS = (None, 4, 8)
-POLICIES = ("lru", "lfu", "lfru")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the compute dtypes, by their torch names
+DTYPES = ("auto", *DTYPE_NAMES)
+
+
+def torch_dtype(name: str):
+    """The torch dtype of one of `DTYPE_NAMES` (torch is imported only here, on first use)."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={name!r} is not allowed: use one of {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass
@@ -32,9 +44,10 @@ class OffloadConfig:
                   the fused int4 CPU kernel needs groups of 32 or more: docs/results.md has the quality
                   cost) and 64 for 4- and 8-bit.
     attn_bits:    None (unquantized) or 4, 8 (HQQ) for the attention projections.
+    attn_group_size: HQQ group size of the attention projections (a power of two dividing them).
     quantize_meta: meta-quantize HQQ scales and zeros to 8 bits (the paper's setting).
-    hqq_optimize: run HQQ's half-quadratic optimizer (better accuracy; ~25 s per Mixtral expert matrix on
-                  a 2-core CPU, well under a second on a GPU). False = round-to-nearest, same format.
+    hqq_optimize: run HQQ's half-quadratic optimizer (better accuracy; slow on a CPU, seconds per Mixtral
+                  expert matrix; fast on a GPU). False = round-to-nearest, same format.
     store_dir:    folder of the expert store, reused across runs (keyed by model and quant settings).
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
     dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one.
@@ -75,7 +88,7 @@ class OffloadConfig:
         _check_choice("offload", self.offload, OFFLOAD_TIERS)
         _check_choice("expert_bits", self.expert_bits, EXPERT_BITS)
         _check_choice("attn_bits", self.attn_bits, ATTN_BITS)
-        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("policy", self.policy, tuple(POLICIES))
         _check_choice("dtype", self.dtype, DTYPES)
         _check_int("cache_size", self.cache_size, minimum=1)
         _check_int("prefetch", self.prefetch, minimum=0)
@@ -111,6 +124,25 @@ class OffloadConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each setting's documentation from this class's docstring (the one place it is written),
+        one line per setting: what `app.py --help` shows."""
+        docs: dict[str, str] = {}
+        current = None
+        for line in (cls.__doc__ or "").splitlines():
+            match = re.match(r"^    (\w+(?:, \w+)*):\s+(.*)$", line)
+            if match:
+                current = [name.strip() for name in match.group(1).split(",")]
+                for name in current:
+                    docs[name] = match.group(2).strip()
+            elif current and line.startswith("     ") and line.strip():
+                for name in current:
+                    docs[name] += " " + line.strip()
+            else:
+                current = None
+        return {f.name: docs[f.name] for f in fields(cls) if f.name in docs}
 
     @classmethod
     def from_dict(cls, values: dict) -> OffloadConfig:

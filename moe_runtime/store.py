@@ -23,6 +23,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -258,10 +259,24 @@ def _data_start(file: Path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
+class SlowTier(Protocol):
+    """Where expert records come from when they are not in a device slot.
+
+    `copy_to(layer, expert, dst)` fills `dst` (uint8 [nbytes] or larger, on the compute device or the
+    host) with the record of one expert; it may be called from the demand path and the prefetch worker
+    at once. `nbytes` is one record's size as moved (what a load costs in bytes); `close()` lets go of
+    files and buffers.
+    """
+
+    nbytes: int
+
+    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class RamTier:
     """All expert records in host memory; `copy_to` is a (non-blocking on CUDA) copy."""
-
-    kind = "ram"
 
     def __init__(self, records: list[torch.Tensor], nbytes: int) -> None:
         self.records = records  # per layer: uint8 [E, stride]
@@ -297,14 +312,12 @@ class RamTier:
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         dst.copy_(self.records[layer][expert, : dst.numel()], non_blocking=True)
 
-    def record(self, layer: int, expert: int) -> torch.Tensor:
-        return self.records[layer][expert]
+    def close(self) -> None:
+        self.records = []
 
 
 class DiskTier:
     """Expert records read from the store file on every load (O_DIRECT where allowed)."""
-
-    kind = "disk"
 
     def __init__(self, folder: Path, num_experts: int, stride: int, nbytes: int, device: torch.device) -> None:
         self.file = folder / STORE_FILE
@@ -353,11 +366,6 @@ class DiskTier:
         self.read(layer, expert, staging)
         dst.copy_(staging[: dst.numel()], non_blocking=False)
 
-    def record(self, layer: int, expert: int) -> torch.Tensor:
-        buf = aligned_empty(self.stride, torch.device("cpu"))
-        self.read(layer, expert, buf)
-        return buf
-
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -373,7 +381,6 @@ class TranscodingTier:
 
     def __init__(self, inner, codec: ExpertCodec, form) -> None:
         self.inner, self.codec, self.form = inner, codec, form
-        self.kind = inner.kind
         self.nbytes = inner.nbytes
         self.stride = round_up(codec.nbytes)
         self._local = threading.local()
@@ -395,12 +402,6 @@ class TranscodingTier:
         self.inner.copy_to(layer, expert, staging)
         self.form.load(staging, dst)
 
-    def record(self, layer: int, expert: int) -> torch.Tensor:
-        """The quantized record, as stored."""
-        return self.inner.record(layer, expert)
-
     def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close:
-            close()
+        self.inner.close()
 

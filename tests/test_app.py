@@ -4,17 +4,16 @@ and `python app.py` itself, launched once and driven through gradio_client (embe
 import socket
 import threading
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
 
 import app
 from moe_runtime import OffloadConfig, RoutingTrace
-from moe_runtime.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
+from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
+from webapp.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
 
-REPO = Path(__file__).resolve().parent.parent
-EMBEDDED_DIR = REPO / EMBEDDED_MODEL
+EMBEDDED_DIR = EMBEDDED_MODEL_DIR
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -314,7 +313,7 @@ def served(tmp_path_factory):
     """The app as `python app.py` starts it (the embedded model on 127.0.0.1; only the port and the
     store folder differ), in this process to spare a second import of torch and gradio."""
     if not (EMBEDDED_DIR / "config.json").exists():
-        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by moe_runtime.train_tiny)")
+        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by tools.train_tiny)")
     port, store = free_port(), tmp_path_factory.mktemp("served-store")
     demo = app.main(["--port", str(port), "--store-dir", str(store)], block=False)
     yield f"http://127.0.0.1:{port}/"
@@ -375,11 +374,11 @@ def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
     import json
     import shlex
 
-    cmd = json.loads(next(line for line in (REPO / "Dockerfile").read_text().splitlines()
+    cmd = json.loads(next(line for line in (REPO_ROOT / "Dockerfile").read_text().splitlines()
                           if line.startswith("CMD "))[4:])
     assert cmd[:2] == ["python", "app.py"] and app.parse_args(cmd[2:]).host == "0.0.0.0"
 
-    notebook = json.loads((REPO / "notebooks" / "colab_t4.ipynb").read_text())
+    notebook = json.loads((REPO_ROOT / "notebooks" / "colab_t4.ipynb").read_text())
     assert notebook["nbformat"] == 4
     sources = ["".join(cell["source"]) for cell in notebook["cells"]]
     launch = next(s for s in sources if "app.py" in s and s.lstrip().startswith("!python"))

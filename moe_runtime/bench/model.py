@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .baseline import TimedWeightsLoader, drop_page_cache
-from .bench import Job, engine_counters, engine_knobs, loader_counters, timed
+from .accelerate import TimedWeightsLoader, drop_page_cache
+from .measure import Job, engine_knobs, loader_counters, no_counters, timed
 
 # Hamlet III.1 (public domain): the fixed text every model variant decodes
 TEXT = (
@@ -53,14 +53,25 @@ def _decoder(model, ids, prompt_tokens: int):
 
 
 def _experts_device_map(config, device) -> dict:
-    """Everything on the compute device except every layer's experts, which go to disk."""
+    """Everything on the compute device except every MoE layer's experts, which go to disk. Module
+    names come from the model built on the meta device and its adapter (no hard-coded names)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import adapter_for
+
     here = (device.index or 0) if device.type == "cuda" else "cpu"
-    dm = {n: here for n in ("model.embed_tokens", "model.norm", "lm_head", "model.rotary_emb")}
-    for i in range(config.num_hidden_layers):
-        for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
-            dm[f"model.layers.{i}.{name}"] = here
-        dm[f"model.layers.{i}.mlp.experts"] = "disk"
-    return dm
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name_of = {id(module): name for name, module in model.named_modules()}
+    offloaded = {name_of[id(adapter.moe_block(layer).experts)] for layer in adapter.layers(model)}
+    device_map = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        owner = name.rsplit(".", 1)[0]
+        experts = next((e for e in offloaded if owner == e or owner.startswith(e + ".")), None)
+        device_map[experts or owner] = "disk" if experts else here
+    return device_map
 
 
 def _time_accelerate_loads(model):
@@ -83,8 +94,8 @@ def run_model(job: Job):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import OffloadConfig, load
-    from .loading import resolve_dtype
+    from .. import OffloadConfig, load
+    from ..loading import resolve_dtype
 
     device = torch.device(job.device)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
@@ -94,8 +105,7 @@ def run_model(job: Job):
         dtype = resolve_dtype("auto", device)
         if job.variant == "transformers":
             model = AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype).to(device).eval()
-            return timed(job, _decoder(model, ids, job.prompt_tokens), lambda: {"bytes_moved": 0,
-                                                                                  "stall_seconds": 0.0}), facts
+            return timed(job, _decoder(model, ids, job.prompt_tokens), no_counters), facts
         Path(job.store_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=job.store_dir, prefix="accelerate-offload-") as folder:
             config = AutoConfig.from_pretrained(job.model)
@@ -126,7 +136,7 @@ def run_model(job: Job):
                     module.cache.clear()
 
         step = _decoder(engine.model, ids, job.prompt_tokens)
-        return timed(job, step, lambda: engine_counters(engine.stats()), before), facts
+        return timed(job, step, engine.counters, before), facts
     finally:
         engine.close()
 
@@ -139,7 +149,7 @@ def record_trace(model: str | Path, out: str | Path, decode_tokens: int = 400, m
     just make room for the next prompt; the engine's cache persists across replies, as in a chat."""
     import torch
 
-    from . import GenerationSettings, OffloadConfig, load
+    from .. import GenerationSettings, OffloadConfig, load
 
     probe = json.loads((Path(model) / "config.json").read_text())
     engine = load(str(model), OffloadConfig(device="cpu", offload="ram", cache_size=probe["num_local_experts"],
