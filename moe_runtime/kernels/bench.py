@@ -103,13 +103,14 @@ def to_markdown(rows: list[dict], title: str) -> str:
     hqq = {(r["bits"], r["group"]): r["ms"] for r in rows if r["format"].startswith("hqq")}
     lines = [f"**{title}**", "",
              "| format | bits | group | ms per expert FFN | × hqq path | × dense bf16 | load into slot, ms "
-             "| slot bytes | rel. error vs fp32 | rel. error vs hqq |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| slot bytes | GB/s (slot bytes / time) | rel. error vs fp32 | rel. error vs hqq |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         base = hqq.get((r["bits"], r["group"]))
         cells = [r["format"], r["bits"] or "–", r["group"] or "–", f"{r['ms']:.2f}",
                  f"{base / r['ms']:.1f}×" if base else "–", f"{bf16 / r['ms']:.2f}×",
                  "–" if r["load_ms"] is None else f"{r['load_ms']:.0f}", f"{r['slot_bytes']:,}",
+                 f"{r['slot_bytes'] / r['ms'] / 1e6:.1f}",
                  f"{r['err_vs_fp32']:.4f}", "–" if r["err_vs_hqq"] is None else f"{r['err_vs_hqq']:.4f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
