@@ -104,3 +104,12 @@ def test_kernel_bench_rows_on_a_small_expert():
     assert [r["bits"] for r in fused] == [2, 8]
     assert all(r["err_vs_hqq"] < 0.02 for r in fused)  # the kernel adds bf16 rounding only
     assert "| fused (int4-cpu) | 8 | 64 |" in to_markdown(rows, "small")
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 32), (192, 256), (96, 64)])
+def test_int4_packing_is_torchs_own(rows, cols):
+    from moe_runtime.kernels.cpu import pack_int4
+
+    codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    assert torch.equal(pack_int4(codes), expected)

@@ -34,6 +34,33 @@ def int4_shapes(bits: int, shape: tuple[int, int], group_size: int) -> dict[str,
             "scale_bias": ((splits * k // group_size, n, 2), COMPUTE_DTYPE)}
 
 
+def _pack_tiled(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] (0..15), N % 64 == 0 -> the kernel's layout: per block of 64 rows, for each k,
+    32 bytes holding rows j (low nibble) and j + 32 (high nibble). Two passes over uint8, instead of
+    the op's int32 input (4x the bytes) and its generic path."""
+    n, k = codes.shape
+    blocks = codes.reshape(n // 64, 2, 32, k)  # [N/64, half, 32, K]
+    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # [N/64, 32, K]
+    return packed.transpose(1, 2).contiguous().reshape(n, k // 2)  # [N/64, K, 32] -> [N, K/2]
+
+
+_TILED_MATCHES_OP: bool | None = None
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] -> what `_convert_weight_to_int4pack_for_cpu` returns for them. The tiled
+    packer is used where it reproduces the op byte for byte (checked once per process against the op,
+    whose layout is torch's to change); otherwise the op itself."""
+    global _TILED_MATCHES_OP
+    if _TILED_MATCHES_OP is None:
+        probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        op = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+        _TILED_MATCHES_OP = op.dtype == torch.uint8 and torch.equal(op, _pack_tiled(probe))
+    if _TILED_MATCHES_OP and codes.shape[0] % 64 == 0:
+        return _pack_tiled(codes)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
 def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
               group_size: int) -> dict[str, torch.Tensor]:
     """HQQ pieces (codes uint8 [N, K], scale, zero fp32 [N, K/G]) -> the kernel's pieces."""
@@ -47,9 +74,10 @@ def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
         # centre the codes on the kernel's 8 (c + 6 for 2-bit, c + 4 for 3-bit): the bias, rounded to
         # bf16, then stays small (~|mid - zero| * scale instead of ~(8 - zero) * scale)
         mid = 1 << (bits - 1)
-        codes = codes + (8 - mid)
         bias = (mid - zero) * scale
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+    packed = pack_int4(codes)
+    if bits < 4:
+        packed += (8 - mid) * 0x11  # both nibbles of every byte: c + 8 - mid stays within 0..15
     scale_bias = torch.stack([scale.t(), bias.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()  # [S*K/G, N, 2]
     return {"packed": packed, "scale_bias": scale_bias}
 
