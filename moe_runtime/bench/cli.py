@@ -79,6 +79,7 @@ class Plan:
     store_dir: str
     device: str
     threads: int
+    variants: tuple[str, ...] = ()  # only these (all when empty)
 
     def jobs(self) -> list[Job]:
         jobs = []
@@ -105,7 +106,7 @@ class Plan:
                 w, t = (2, 6) if self.quick else self._full_tokens(v, bits)
                 job_spec = {**spec, "bits": None} if v.startswith("accelerate") else spec
                 jobs.append(Job(part, v, w, t, trace=self.trace, spec=job_spec, **common))
-        return jobs
+        return [j for j in jobs if not self.variants or j.variant in self.variants]
 
     @staticmethod
     def _full_tokens(variant: str, bits: int | None) -> tuple[int, int]:
@@ -202,6 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.html")
     ap.add_argument("--parts", default="model,workload-16bit,workload-2bit",
                     help="comma-separated: " + ", ".join(PARTS))
+    ap.add_argument("--variants", default="", help="comma-separated: run only these variants (default: all); "
+                    "one of " + ", ".join(VARIANTS))
     ap.add_argument("--model", default=_shown(EMBEDDED_MODEL_DIR), help="checkpoint folder of the model part")
     ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
@@ -260,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(p.startswith("workload") for p in parts) and not Path(args.trace).exists():
         print(f"error: no routing trace at {args.trace}: record one with --record-trace", file=sys.stderr)
         return 2
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if any(v not in VARIANTS for v in variants):
+        print(f"error: --variants {args.variants!r} is not allowed: use some of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
-                args.store_dir, args.device, args.threads)
+                args.store_dir, args.device, args.threads, variants)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)
