@@ -80,6 +80,7 @@ class Plan:
     device: str
     threads: int
     variants: tuple[str, ...] = ()  # only these (all when empty)
+    expert_bits: int | None = None  # the model part's experts (None: as in the checkpoint)
 
     def jobs(self) -> list[Job]:
         jobs = []
@@ -91,7 +92,9 @@ class Plan:
             if positions:  # the fixed text must fit the model's context
                 tokens = max(1, min(tokens, positions - prompt - warm - 1))
             for v in ("accelerate", *ENGINE_VARIANTS, "transformers"):
-                jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, **common))
+                bits = None if v in ("accelerate", "transformers") else self.expert_bits
+                jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, expert_bits=bits,
+                                **common))
         dims = QUICK_DIMS if self.quick else MIXTRAL_DIMS
         for part, bits in WORKLOAD_PARTS.items():
             if part not in self.parts:
@@ -206,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", default="", help="comma-separated: run only these variants (default: all); "
                     "one of " + ", ".join(VARIANTS))
     ap.add_argument("--model", default=_shown(EMBEDDED_MODEL_DIR), help="checkpoint folder of the model part")
+    ap.add_argument("--expert-bits", type=int, choices=(2, 3, 4, 8),
+                    help="HQQ experts for the engine's variants of the model part (default: unquantized)")
     ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
@@ -268,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --variants {args.variants!r} is not allowed: use some of {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
-                args.store_dir, args.device, args.threads, variants)
+                args.store_dir, args.device, args.threads, variants, args.expert_bits)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)
