@@ -300,7 +300,7 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        decoded=config.decoded_cache, stats=stats, act_fn=adapter.moe_block(layers[0]).experts.act_fn, device=device)
+        stats=stats, act_fn=adapter.moe_block(layers[0]).experts.act_fn, device=device)
     for layer, experts in zip(layers, modules):
         adapter.moe_block(layer).experts = experts
     hf_model.to_empty(device=device)

@@ -160,11 +160,6 @@ class ExpertCodec:
     def nbytes(self) -> int:
         return self.layout.nbytes
 
-    def plain(self) -> ExpertCodec:
-        """The unquantized codec of the same expert shapes and compute dtype (decoded cache slots)."""
-        inter, hidden = self.shapes["gate"]
-        return ExpertCodec(hidden, inter, None, self.group_size, self.quantize_meta, self.dtype)
-
     def _pieces(self, gate, up, down, optimize: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         tensors, meta = {}, {}
         for name, weight in zip(MATRICES, (gate, up, down)):

@@ -118,7 +118,8 @@ def quick_run(tmp_path_factory):
                                              store_dir=str(root / "store"))
     out = root / "out"
     code = cli.main(["--quick", "--model", str(model), "--trace", str(trace_path), "--out", str(out),
-                       "--store-dir", str(root / "store"), "--cache-size", "3"])
+                       "--store-dir", str(root / "store"), "--cache-size", "3",
+                       "--parts", "model,workload-16bit,workload-2bit,workload-4bit,kernels"])
     return code, json.loads((out / "bench.json").read_text()), out
 
 
@@ -129,8 +130,11 @@ def test_quick_bench_runs_every_variant(quick_run):
     engine = set(cli.ENGINE_VARIANTS)
     assert got >= {("model", v) for v in {"accelerate", "transformers", *engine}}
     assert got >= {("workload-16bit", v) for v in {"accelerate", "accelerate-per-expert", *engine}}
-    assert got >= {("workload-2bit", v) for v in {*engine, *cli.DECODED_VARIANTS}}
-    assert (out / "bench.md").read_text().count("| lru+prefetch |") == 3
+    assert got >= {("workload-2bit", v) for v in engine} | {("workload-4bit", v) for v in engine}
+    assert (out / "bench.md").read_text().count("| lru+prefetch |") == 4
+    kernels = json.loads((out / "kernels.json").read_text())["rows"]
+    assert {r["bits"] for r in kernels if r["format"] == "fused (int4-cpu)"} == {2, 3, 4, 8}
+    assert "| fused (int4-cpu) | 4 | 64 |" in (out / "kernels.md").read_text()
     assert (out / "bench.html").stat().st_size > 1000
 
 
@@ -141,7 +145,7 @@ def test_quick_bench_numbers_are_consistent(quick_run):
         assert r["tokens"] == r["job"]["tokens"] and r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
         assert r["seconds"] <= r["wall_seconds"] and r["warmup_seconds"] <= r["wall_seconds"]
-        if r["variant"] in cli.ENGINE_VARIANTS + cli.DECODED_VARIANTS:
+        if r["variant"] in cli.ENGINE_VARIANTS:
             layers = r["workload"]["layers"] if "workload" in r else r["engine"]["layers"]
             assert w["hits"] + w["misses"] == w["selections"] == r["tokens"] * layers * 2
         if r["variant"] in ("accelerate", "accelerate-per-expert", "no-cache", "lru"):
@@ -196,19 +200,3 @@ def test_shipped_trace_is_replayable():
     replay = wl.map_trace(trace, 2)
     assert replay.num_tokens >= 100
     assert all(len(g) >= 2 for g in replay.guess[1])  # the prefetcher's guesses were recorded
-
-
-def test_decoded_cache_computes_what_the_quantized_cache_computes(tmp_path):
-    spec = replace(SPEC16, bits=2)
-    replay = wl.map_trace(local_trace(), 2)
-    folder = wl.build_store(spec, tmp_path)
-    plain = wl.OffloadedStack(spec, replay, folder, 2, 2, torch.device("cpu"))
-    decoded = wl.OffloadedStack(spec, replay, folder, 2, 2, torch.device("cpu"), decoded=True)
-    for n in range(6):  # the packed slots compute through the bf16 int4 kernel, the decoded ones in fp32
-        expected = decoded.step(n)
-        torch.testing.assert_close(plain.step(n), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
-    decoded.drain()
-    plain.drain()
-    assert decoded.stats.snapshot().bytes_moved == plain.stats.snapshot().bytes_moved  # the 2-bit records
-    plain.close()
-    decoded.close()

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from ..quant import dequantize_matrix
 from .cpu import Int4CpuWeight
-from .forms import ComputeForm, DequantizedForm, PackedForm, StoredForm, compute_form
+from .forms import ComputeForm, PackedForm, StoredForm, compute_form
 from .triton_hqq import HqqTritonWeight
 
-__all__ = ["ComputeForm", "DequantizedForm", "HqqTritonWeight", "Int4CpuWeight", "PackedForm", "StoredForm",
+__all__ = ["ComputeForm", "HqqTritonWeight", "Int4CpuWeight", "PackedForm", "StoredForm",
            "compute_form", "linear", "reference_linear"]
 
 

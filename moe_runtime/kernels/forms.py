@@ -9,7 +9,6 @@ matmuls). Forms:
   matrices) and, as the fallback where no fused kernel fits, quantized ones dequantized per use by hqq.
 - `PackedForm`: fused low-bit kernels — torch's int4 CPU kernel (kernels/cpu.py) or the Triton
   kernel on CUDA (kernels/triton_hqq.py). Codes are transcoded exactly; no dense matrix is ever made.
-- `DequantizedForm`: the slot holds dense dequantized matrices (`decoded_cache=True`).
 """
 
 from __future__ import annotations
@@ -48,21 +47,6 @@ class StoredForm:
 
     def weights(self, slot: torch.Tensor) -> tuple:
         return self.codec.decode(slot)
-
-
-class DequantizedForm:
-    transcodes = True
-
-    def __init__(self, codec: ExpertCodec) -> None:
-        self.codec, self.plain = codec, codec.plain()
-        self.nbytes = self.plain.nbytes
-
-    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
-        for name, weight in zip(MATRICES, self.codec.decode(record)):
-            self.plain.layout.slots[name].view(slot).copy_(weight)
-
-    def weights(self, slot: torch.Tensor) -> tuple:
-        return self.plain.decode(slot)
 
 
 class PackedForm:
@@ -111,12 +95,10 @@ class PackedForm:
         return tuple(out)
 
 
-def compute_form(codec: ExpertCodec, device: torch.device, decoded: bool = False) -> ComputeForm:
+def compute_form(codec: ExpertCodec, device: torch.device) -> ComputeForm:
     """The fastest form `device` computes `codec`'s experts with (docs/results.md, "Fused quantized compute")."""
     if codec.bits is None:
         return StoredForm(codec)
-    if decoded:
-        return DequantizedForm(codec)
     fits = {kind: all(check(codec.bits, shape, codec.group_size) for shape in codec.shapes.values())
             for kind, check in (("int4-cpu", int4_supports), ("triton", triton_supports))}
     if device.type == "cpu" and fits["int4-cpu"]:
@@ -124,7 +106,9 @@ def compute_form(codec: ExpertCodec, device: torch.device, decoded: bool = False
     if device.type == "cuda" and fits["triton"] and importlib.util.find_spec("triton") is not None:
         dtype = codec.dtype if codec.dtype in (torch.float16, torch.bfloat16) else torch.float16
         return PackedForm(codec, "triton", dtype)
-    warnings.warn(f"no fused kernel for {codec.bits}-bit experts with group size {codec.group_size} on "
-                  f"{device.type} (CPU: groups of 32/64/128/256; CUDA: the triton package, K % 64 == 0): "
-                  "experts are dequantized by hqq on every use, which is slow", stacklevel=2)
+    inputs = sorted({shape[1] for shape in codec.shapes.values()})
+    warnings.warn(f"no fused kernel for {codec.bits}-bit experts with group size {codec.group_size} and input "
+                  f"sizes {inputs} on {device.type} (CPU: groups of 32/64/128/256 dividing the input size; CUDA: "
+                  "the triton package, input sizes divisible by 64 and by the group): experts are dequantized by "
+                  "hqq on every use, which is slow", stacklevel=2)
     return StoredForm(codec)
