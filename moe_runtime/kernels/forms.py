@@ -86,13 +86,30 @@ class PackedForm:
         for name in MATRICES:
             view = {piece: s.view(slot) for piece, s in self.layout.slots.items() if piece.startswith(name + ".")}
             view = {k.split(".", 1)[1]: v for k, v in view.items()}
-            if self.kind == "int4-cpu":
-                out.append(Int4CpuWeight(view["packed"], view["scale_bias"], self.codec.group_size,
-                                         2 if self.codec.bits == 8 else 1))
-            else:
-                out.append(HqqTritonWeight(view["codes"], view["scale"], view["zero"], self.codec.bits,
-                                           self.codec.group_size))
+            out.append(packed_weight(self.kind, view, self.codec.layout.hqq_meta[name]))
         return tuple(out)
+
+
+def pack_matrix(tensors: dict[str, torch.Tensor], info: dict, device: torch.device,
+                dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """One HQQ-quantized matrix (quant.quantize_matrix's pieces) -> (kind, the fused kernel's pieces) for
+    `device`, or None where no fused kernel fits (attention projections: quant.HQQLinear)."""
+    bits, group, shape = info["nbits"], info["group_size"], tuple(info["shape"])
+    if info["axis"] != 1:
+        return None
+    if device.type == "cpu" and int4_supports(bits, shape, group):
+        return "int4-cpu", int4_pack(*hqq_codes(tensors, info), bits, group)
+    if device.type == "cuda" and triton_supports(bits, shape, group) and importlib.util.find_spec("triton"):
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return "triton", triton_pack(*hqq_codes(tensors, info), bits, dtype)
+    return None
+
+
+def packed_weight(kind: str, pieces: dict[str, torch.Tensor], info: dict):
+    """The weight object `kernels.linear` computes with, from `pack_matrix`'s pieces."""
+    if kind == "int4-cpu":
+        return Int4CpuWeight(pieces["packed"], pieces["scale_bias"], info["group_size"], 2 if info["nbits"] == 8 else 1)
+    return HqqTritonWeight(pieces["codes"], pieces["scale"], pieces["zero"], info["nbits"], info["group_size"])
 
 
 def compute_form(codec: ExpertCodec, device: torch.device) -> ComputeForm:
