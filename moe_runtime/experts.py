@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import ExpertCache, Transfer
-from .kernels import ComputeForm, compute_form, linear
+from .kernels import ComputeForm, StoredForm, compute_form, linear
 from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
@@ -154,7 +154,8 @@ class OffloadedExperts(nn.Module):
         self.layer = layer
         self.cache = cache
         self.codec = codec  # the stored record's codec
-        self.form = form if form is not None else compute_form(codec, cache.slots.device)  # what a slot holds
+        # what a slot holds; without a form, the record as stored (the tier copies records unconverted)
+        self.form = form if form is not None else StoredForm(codec)
         self.act_fn = act
         self.stats = stats
         self.num_experts = num_experts
