@@ -37,6 +37,7 @@ from .store import (
     DENSE_FILE,
     DiskTier,
     RamTier,
+    StoreDamaged,
     StoreWriter,
     open_store,
     round_up,
@@ -212,20 +213,27 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
         "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
     }
     folder = store_folder(config.store_dir, model_name, identity)
-    if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
-        if config.offload == "ram" and config.expert_bits is None and not delete:
-            checkpoint = _full_checkpoint(source, weights)
-            reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
-            tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts, reader, pin)
-            dense = {adapter.dense_key(key): partial(checkpoint.get, key)
-                     for key in checkpoint.keys() if not adapter.is_expert_key(key)}
-            return tier, None, dense
-        _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
     stride = round_up(codec.nbytes)
-    if config.offload == "ram":
-        tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
-    else:
-        tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+    for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
+        if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
+            if config.offload == "ram" and config.expert_bits is None and not delete:
+                checkpoint = _full_checkpoint(source, weights)
+                reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
+                tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts, reader, pin)
+                dense = {adapter.dense_key(key): partial(checkpoint.get, key)
+                         for key in checkpoint.keys() if not adapter.is_expert_key(key)}
+                return tier, None, dense
+            _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
+        try:
+            if config.offload == "ram":
+                tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
+            else:
+                tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+            break
+        except StoreDamaged as err:
+            if attempt:
+                raise
+            warnings.warn(f"{err}: rebuilding it now", stacklevel=3)
     handle = open_safetensors(folder / DENSE_FILE)
     return tier, folder, {name: partial(handle.get_tensor, name) for name in handle.keys()}
 
