@@ -1,26 +1,12 @@
-"""Architecture adapters: everything that differs between MoE families, in one place.
-
-An adapter names the checkpoint keys of one expert, translates the other checkpoint keys to the
-names transformers uses, and finds the experts/router/norm modules in a built model. The engine
-sees only `ExpertWeights` (gate, up, down) and never a hub key name. Another family (Qwen2/3-MoE,
-OLMoE, ...) is a new adapter registered in `ADAPTERS`.
-"""
+"""Mixtral (8x7B, 8x22B): the original hub layout and the fused one transformers 5 writes."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
-
-@dataclass(frozen=True)
-class MoEShape:
-    num_layers: int
-    num_experts: int
-    top_k: int
-    hidden_size: int
-    intermediate_size: int
+from .base import MoEShape
 
 
 class MixtralAdapter:
@@ -73,14 +59,3 @@ class MixtralAdapter:
         attn = layer.self_attn
         return {name: getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
-
-ADAPTERS = {adapter.model_type: adapter for adapter in (MixtralAdapter(),)}
-
-
-def adapter_for(config) -> MixtralAdapter:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"unsupported architecture {model_type!r}: supported model types are {', '.join(ADAPTERS)}"
-        )
-    return ADAPTERS[model_type]
