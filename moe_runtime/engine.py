@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .arch import MoEShape
 from .config import OffloadConfig
+from .families import MoEShape
 from .stats import Stats, StatsCollector
 
 

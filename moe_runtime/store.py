@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .quant import MATRICES, ExpertCodec
+from .quant import ExpertCodec
 
 PAGE = 4096
 STORE_VERSION = 1
@@ -102,8 +102,9 @@ class StoreWriter:
         self.record = torch.zeros(stride, dtype=torch.uint8)
         self.dense = None if dense_names is None else DenseWriter(folder / (DENSE_FILE + ".partial"), dense_names)
 
-    def put(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.codec.encode(gate, up, down, out=self.record)
+    def put(self, layer: int, expert: int, *weights: torch.Tensor | None) -> None:
+        """Write one expert: (gate, up, down[, biases]), e.g. an unpacked `ExpertWeights`."""
+        self.codec.encode(*weights, out=self.record)
         offset = self.start + (layer * self.num_experts + expert) * self.stride
         view = memoryview(self.record.numpy()).cast("B")
         done = 0
@@ -396,8 +397,9 @@ class DecodingTier:
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         staging = self._staging(dst.device)
         self.inner.copy_to(layer, expert, staging)
-        for name, weight in zip(MATRICES, self.quantized.decode(staging)):
-            self.plain.layout.slots[name].view(dst).copy_(weight)
+        decoded = self.quantized.decode(staging)
+        for name, slot in self.plain.layout.slots.items():
+            slot.view(dst).copy_(getattr(decoded, name))
 
     def record(self, layer: int, expert: int) -> torch.Tensor:
         """The quantized record, as stored."""

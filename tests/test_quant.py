@@ -21,7 +21,7 @@ def _dequantized_reference(path, engine):
     with torch.no_grad():
         for index, layer in enumerate(reference.model.layers):
             for expert in range(engine.shape.num_experts):
-                gate, up, down = codec.decode(engine.tier.record(index, expert))
+                gate, up, down, *_ = codec.decode(engine.tier.record(index, expert))
                 layer.mlp.experts.gate_up_proj[expert] = torch.cat([gate, up], dim=0)
                 layer.mlp.experts.down_proj[expert] = down
             for name, module in engine.model.model.layers[index].self_attn.named_children():
