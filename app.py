@@ -10,7 +10,7 @@ figures refreshed while a reply streams, counters, routing-trace download, reset
 API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, figures, trace
 file), /apply_settings, /reset_stats.
 
-UI only: the engine's lifecycle is `moe_runtime.service`, the figures are `moe_runtime.plots`.
+UI only: the engine's lifecycle is `webapp.service`, the figures are `webapp.plots`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # works offline, sen
 
 import gradio as gr  # noqa: E402
 
-from moe_runtime import GenerationSettings, OffloadConfig, plots  # noqa: E402
-from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS, POLICIES  # noqa: E402
-from moe_runtime.service import EMBEDDED_MODEL, EngineService, build_messages, device_choices  # noqa: E402
+from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
+from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
+from moe_runtime.policies import POLICIES  # noqa: E402
+from webapp import plots  # noqa: E402
+from webapp.service import EMBEDDED_MODEL, EngineService, build_messages, device_choices  # noqa: E402
 
 TITLE = "Mixture-of-Experts with expert offloading"
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -400,7 +402,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--decoded-cache", action="store_true",
                    help="with quantized experts, keep them dequantized in the cache: much faster on CPUs, "
                         "more memory per cached expert")
-    o.add_argument("--policy", default=d.policy, choices=POLICIES, help="eviction policy of the expert cache")
+    o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help="eviction policy of the expert cache")
     o.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                    help="compute dtype (auto: float16 on CUDA, float32 on CPU)")
     o.add_argument("--no-trace", dest="record_trace", action="store_false",

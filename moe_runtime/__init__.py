@@ -3,7 +3,7 @@
     from moe_runtime import OffloadConfig, load
     engine = load("path/or/org-name", OffloadConfig(device="cpu", offload="disk", cache_size=2))
 
-Names are imported lazily, so `python -m moe_runtime.simulate` does not pay for transformers.
+Names are imported lazily, so `python -m moe_runtime.sim` does not pay for transformers.
 """
 
 from importlib import import_module

@@ -83,19 +83,20 @@ class ExpertCache:
     def __init__(self, layer: int, slots: torch.Tensor, record_nbytes: int, policy: EvictionPolicy,
                  transfer: Transfer, stats: StatsCollector) -> None:
         self.layer = layer
-        self.slots = slots  # uint8 [cache_size, stride] on the compute device
-        self.record_nbytes = record_nbytes
+        self.slots = slots  # uint8 [C, stride] on the compute device: slot s holds one expert's record
+        self.record_nbytes = record_nbytes  # bytes moved per load
         self.policy = policy
         self.transfer = transfer
         self.stats = stats
         size = slots.shape[0]
-        self.slot_of: dict[int, int] = {}
-        self.owner: list[int | None] = [None] * size
-        self.pins = [0] * size
-        self.tickets: list[LoadTicket | None] = [None] * size
-        self.released: list[torch.cuda.Event | None] = [None] * size
-        self.prefetched: set[int] = set()
-        self.loads = 0
+        self.slot_of: dict[int, int] = {}  # expert -> its slot
+        self.owner: list[int | None] = [None] * size  # [C] slot -> expert in it (None: free)
+        self.pins = [0] * size  # [C] users of the slot: a load in flight, or a layer computing with it
+        self.tickets: list[LoadTicket | None] = [None] * size  # [C] the slot's latest load
+        # [C] CUDA: recorded on the compute stream when the slot was last released; a new load into the
+        # slot waits on it so it never overwrites an expert a queued kernel still reads
+        self.slot_free_events: list[torch.cuda.Event | None] = [None] * size
+        self.prefetched: set[int] = set()  # experts loaded by prefetch and not used yet
         self._cond = threading.Condition()
 
     @property
@@ -128,7 +129,6 @@ class ExpertCache:
         ticket = LoadTicket(self.slots.device)
         self.tickets[slot] = ticket
         self.policy.insert(expert)
-        self.loads += 1
         return ticket
 
     # --- demand path --------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class ExpertCache:
                     slot = self._free_or_victim()
                 ticket = self._assign(slot, expert)
             self.policy.access(expert)
-            wait_for = self.released[slot]
+            wait_for = self.slot_free_events[slot]
         self.stats.record_access(self.layer, hit)
         if not hit:
             self.stats.record_load(self.layer, self.record_nbytes, prefetch=False)
@@ -169,7 +169,7 @@ class ExpertCache:
             if self.slots.device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.slots.device))
-                self.released[slot] = event
+                self.slot_free_events[slot] = event
             self._cond.notify_all()
 
     # --- speculative path ---------------------------------------------------------------------
@@ -187,7 +187,7 @@ class ExpertCache:
                     break
                 ticket = self._assign(slot, expert)
                 self.prefetched.add(expert)
-                wait_for = self.released[slot]
+                wait_for = self.slot_free_events[slot]
             self.stats.record_load(self.layer, self.record_nbytes, prefetch=True)
             self.transfer.load_async(self.layer, expert, self.slots[slot], ticket, wait_for,
                                      on_done=lambda s=slot: self._unpin(s))

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from .policies import POLICIES
+
 DEVICES_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
 OFFLOAD_TIERS = ("ram", "disk")
 EXPERT_BITS = (None, 2, 3, 4, 8)
 ATTN_BITS = (None, 4, 8)
-POLICIES = ("lru", "lfu", "lfru")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the compute dtypes, by their torch names
+DTYPES = ("auto", *DTYPE_NAMES)
+
+
+def torch_dtype(name: str):
+    """The torch dtype of one of `DTYPE_NAMES` (torch is imported only here, on first use)."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype={name!r} is not allowed: use one of {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 @dataclass
@@ -74,7 +85,7 @@ class OffloadConfig:
         _check_choice("offload", self.offload, OFFLOAD_TIERS)
         _check_choice("expert_bits", self.expert_bits, EXPERT_BITS)
         _check_choice("attn_bits", self.attn_bits, ATTN_BITS)
-        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("policy", self.policy, tuple(POLICIES))
         _check_choice("dtype", self.dtype, DTYPES)
         _check_int("cache_size", self.cache_size, minimum=1)
         _check_int("prefetch", self.prefetch, minimum=0)

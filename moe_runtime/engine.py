@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .arch.base import MoEShape
 from .config import OffloadConfig
-from .families import MoEShape
-from .stats import Stats, StatsCollector
+from .stats import Counters, Stats, StatsCollector
 
 
 @dataclass
@@ -103,6 +103,10 @@ class Engine:
         token's experts), for callers that poll."""
         return self._stats.snapshot(trace)
 
+    def counters(self) -> Counters:
+        """The cache counters now, without the rest of a snapshot (cheap); `end - start` is a window."""
+        return self._stats.counters()
+
     def reset_stats(self) -> None:
         """Zero the counters and the trace. Waits for a reply in progress: a reset between two layers
         of one token would leave the trace's layers with different token counts."""
@@ -155,14 +159,14 @@ class Engine:
             kwargs = self._generate_kwargs(input_ids, settings, stopper, streamer)
             errors: list[BaseException] = []
             worker = threading.Thread(target=self._generate_into, args=(kwargs, errors), daemon=True)
-            hits0, sel0 = self._hits_and_selections()
+            start = self._stats.counters()
             worker.start()
             text = ""
             cancelled_here = False
             try:
                 for piece in streamer:
                     text += piece
-                    yield self._update(text, streamer.count, hits0, sel0)
+                    yield self._update(text, streamer.count, start)
             except GeneratorExit:  # the consumer stopped early: end generation at the next token
                 cancelled_here = True
                 stop.set()
@@ -173,7 +177,7 @@ class Engine:
                 raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
             cancelled = cancelled_here or stopper.fired  # not merely set after the reply had ended
             reason = "cancelled" if cancelled else self._finish_reason(streamer.count, settings)
-            yield self._update(text, streamer.count, hits0, sel0, finished=True, reason=reason)
+            yield self._update(text, streamer.count, start, finished=True, reason=reason)
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
              stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
@@ -201,17 +205,12 @@ class Engine:
             errors.append(err)
             kwargs["streamer"].end()
 
-    def _hits_and_selections(self) -> tuple[int, int]:
-        s = self._stats
-        return sum(s.hits), sum(s.selections)
-
-    def _update(self, text, count, hits0, sel0, finished=False, reason=None) -> StreamUpdate:
-        hits, selections = self._hits_and_selections()
-        snapshot = self._stats
-        elapsed = snapshot.token_times[-1] if snapshot.token_times else 0.0
-        tps = (len(snapshot.token_times) - 1) / elapsed if elapsed > 0 else 0.0
-        rate = (hits - hits0) / (selections - sel0) if selections > sel0 else 0.0
-        return StreamUpdate(text, count, tps, rate, finished, reason)
+    def _update(self, text: str, count: int, start: Counters, finished=False, reason=None) -> StreamUpdate:
+        """The reply so far; its hit rate is over this reply's window of the counters."""
+        times = self._stats.token_times
+        elapsed = times[-1] if times else 0.0
+        tps = (len(times) - 1) / elapsed if elapsed > 0 else 0.0
+        return StreamUpdate(text, count, tps, (self._stats.counters() - start).hit_rate, finished, reason)
 
     def _finish_reason(self, count: int, settings: GenerationSettings) -> str:
         return "length" if count >= settings.max_new_tokens else "stop"
@@ -220,6 +219,4 @@ class Engine:
         self.transfer.close()
         for module in self.experts:
             module.cache.drain()
-        close = getattr(self.tier, "close", None)
-        if close:
-            close()
+        self.tier.close()

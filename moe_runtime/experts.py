@@ -10,17 +10,21 @@ Pipeline of one MoE layer, as named stages (T tokens, H hidden, K experts per to
     Combine                -> weighted scatter-add into the output [T, H]
 
 The expert function is the adapter's (`fn(x, weights: ExpertWeights, linear)`, SwiGLU for most
-families); `dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path.
+families); `dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path. The slow tier
+(store.SlowTier), the eviction policy (policies.EvictionPolicy) and the speculator (`Speculation`
+below) are declared seams.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch.base import dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
-from .families.base import dense_linear, softmax_scores
 from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
@@ -30,7 +34,8 @@ MAX_GUESS_RECORDED = 8
 
 
 def dispatch(top_k_index: torch.Tensor, num_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """expert -> (token indices, position in the token's top-k), for the experts used at all."""
+    """expert -> (token_idx [t], k_pos [t]): the tokens routed to it and the position of the expert in
+    each token's top-k, for the experts used at all. top_k_index [T, K]."""
     plan = {}
     for expert in torch.unique(top_k_index).tolist():
         if 0 <= expert < num_experts:
@@ -41,16 +46,31 @@ def dispatch(top_k_index: torch.Tensor, num_experts: int) -> dict[int, tuple[tor
 
 def combine(out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, k_pos: torch.Tensor,
             top_k_weights: torch.Tensor) -> None:
+    """out [T, H] += y [t, H] * w [t, 1] at rows token_idx, w = top_k_weights [T, K] at (token_idx, k_pos)."""
     out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
 
 
 def reference_moe(hidden_states, top_k_index, top_k_weights, weights, expert_fn) -> torch.Tensor:
-    """The plain path: every expert's `ExpertWeights` in memory, `weights[e]`."""
+    """The plain path, for tests: every expert's `ExpertWeights` in memory as `weights[e]`.
+    hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
     out = torch.zeros_like(hidden_states)
     for expert, (token_idx, k_pos) in dispatch(top_k_index, len(weights)).items():
         y = expert_fn(hidden_states[token_idx], weights[expert], dense_linear)
         combine(out, y, token_idx, k_pos, top_k_weights)
     return out
+
+
+class Speculation(Protocol):
+    """Guesses the next layer's experts while this layer runs, and may start loading them.
+
+    Called with this layer's MoE input hidden_states [T, H]; afterwards `last_guess` holds, per token,
+    the next layer's experts ranked most likely first (None: no guess), which the next layer records
+    for the prefetch-recall statistics.
+    """
+
+    last_guess: list[list[int]] | None
+
+    def __call__(self, hidden_states: torch.Tensor) -> None: ...
 
 
 class Speculator:
@@ -112,8 +132,8 @@ class OffloadedExperts(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.guess_width = prefetch or top_k
-        self.speculator: Speculator | None = None  # guesses layer + 1 (set by the loader)
-        self.incoming: Speculator | None = None  # the previous layer's speculator
+        self.speculator: Speculation | None = None  # guesses layer + 1 (set by the loader)
+        self.previous_speculator: Speculation | None = None  # guessed this layer, from layer - 1
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, cache_size={self.cache.cache_size}"
@@ -129,26 +149,26 @@ class OffloadedExperts(nn.Module):
         # when the layer's experts fit in the cache they stay pinned until the layer is done, so no
         # load of this step evicts an expert this step already used
         order = sorted(plan, key=lambda e: e not in resident)
-        hold = len(plan) <= self.cache.cache_size
-        out = torch.zeros_like(hidden_states)
-        held = []
+        keep_pinned = len(plan) <= self.cache.cache_size
+        out = torch.zeros_like(hidden_states)  # [T, H]
+        pinned = []  # experts acquired and not yet released
         try:
             for expert in order:
                 token_idx, k_pos = plan[expert]
                 record = self.cache.acquire(expert)
-                held.append(expert)
-                y = self.expert_fn(hidden_states[token_idx], self.codec.decode(record), self.linear)
+                pinned.append(expert)
+                y = self.expert_fn(hidden_states[token_idx], self.codec.decode(record), self.linear)  # [t, H]
                 combine(out, y, token_idx, k_pos, top_k_weights)
-                if not hold:
-                    self.cache.release(held.pop())
+                if not keep_pinned:
+                    self.cache.release(pinned.pop())
         finally:
-            for expert in held:
+            for expert in pinned:
                 self.cache.release(expert)
         return out
 
     def _record(self, top_k_index: torch.Tensor) -> None:
         selected = top_k_index.tolist()
-        guess = self.incoming.last_guess if self.incoming is not None else None
+        guess = self.previous_speculator.last_guess if self.previous_speculator is not None else None
         if guess is not None and len(guess) != len(selected):
             guess = None
         self.stats.record_routing(self.layer, selected, guess, self.guess_width)
@@ -175,9 +195,9 @@ def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_ex
     return tier, transfer, modules
 
 
-def link_speculators(modules: list[OffloadedExperts], speculators: list) -> None:
+def link_speculators(modules: list[OffloadedExperts], speculators: list[Speculation]) -> None:
     """speculators[i] guesses layer i + 1's experts while layer i runs."""
     for layer, speculator in enumerate(speculators):
         modules[layer].speculator = speculator
-        modules[layer + 1].incoming = speculator
+        modules[layer + 1].previous_speculator = speculator
 

@@ -26,11 +26,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from .arch import ExpertWeights, adapter_for
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
-from .config import OffloadConfig
+from .config import OffloadConfig, torch_dtype
 from .engine import Engine
 from .experts import Speculator, build_offloaded_experts, link_speculators
-from .families import ExpertWeights, adapter_for
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
 from .store import (
@@ -42,8 +42,6 @@ from .store import (
     round_up,
     store_folder,
 )
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,7 +59,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return torch_dtype(name)
 
 
 def _read_config(model_dir: Path):

@@ -7,10 +7,26 @@ may be evicted at all (experts in use are pinned). Adding a policy = one small c
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 
-class EvictionPolicy:
-    """Ranks resident keys; `victim` picks the one to evict among `candidates`."""
+class EvictionPolicy(Protocol):
+    """What a cache needs of a policy. Keys are expert ids of one layer; the cache calls `insert` when
+    an expert becomes resident, `access` on every use, `evict` when it leaves, and asks `victim` to pick
+    among the experts it may evict (never a pinned one)."""
+
+    def access(self, key: int) -> None: ...
+
+    def insert(self, key: int) -> None: ...
+
+    def evict(self, key: int) -> None: ...
+
+    def victim(self, candidates: Iterable[int]) -> int: ...
+
+
+class RankedPolicy:
+    """A policy that ranks keys by a score (`_rank`); the victim is the lowest-ranked candidate.
+    Every event advances `clock`, the policy's notion of time."""
 
     def __init__(self) -> None:
         self.clock = 0
@@ -44,7 +60,7 @@ class EvictionPolicy:
         raise NotImplementedError
 
 
-class LRU(EvictionPolicy):
+class LRU(RankedPolicy):
     """Evict the key whose last use is oldest (the paper's choice)."""
 
     def __init__(self) -> None:
@@ -61,7 +77,7 @@ class LRU(EvictionPolicy):
         return self.last_use.get(key, -1)
 
 
-class LFU(EvictionPolicy):
+class LFU(RankedPolicy):
     """Evict the least frequently used key; counts persist across evictions; ties go to LRU."""
 
     def __init__(self) -> None:
@@ -83,7 +99,7 @@ class LFU(EvictionPolicy):
         return (self.count.get(key, 0), self.last_use.get(key, -1))
 
 
-class LFRU(EvictionPolicy):
+class LFRU(RankedPolicy):
     """Frequency with exponential decay: a key's score halves every `half_life` accesses.
 
     Recency and frequency in one number: recently hot experts outrank once-popular ones.
@@ -113,7 +129,7 @@ class LFRU(EvictionPolicy):
         return self._current(key)
 
 
-POLICIES: dict[str, type[EvictionPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU}
+POLICIES: dict[str, type[RankedPolicy]] = {"lru": LRU, "lfu": LFU, "lfru": LFRU}
 
 
 def make_policy(name: str) -> EvictionPolicy:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 TRACE_FORMAT = "moe-routing-trace"
@@ -99,25 +99,82 @@ class RoutingTrace:
         )
 
 
-class CacheRates:
-    """Hit rates from per-layer `hits` and `selections`: shared by engine stats and simulator results."""
+@dataclass
+class Counters:
+    """Per-layer event counts of the expert caches, and the rates derived from them (computed here only).
 
-    hits: list[int]
-    selections: list[int]
+    A snapshot holds totals since the last reset; `end - start` is what happened in between (a reply,
+    a benchmark window), and has the same rates. Every list is indexed by layer.
+    """
+
+    selections: list[int]  # experts the routers selected (hits + misses)
+    hits: list[int]  # selected experts already resident on the device (or being prefetched)
+    misses: list[int]  # selected experts loaded on demand
+    prefetch_issued: list[int]  # loads started by the speculator
+    prefetch_used: list[int]  # of those, experts selected before being evicted
+    guess_hits: list[int]  # selected experts that were in the speculator's top-P guess
+    guess_total: list[int]  # selected experts at layers that had a guess
+    bytes_moved: list[int]  # bytes copied from the slow tier (demand + prefetch)
+    stall_seconds: list[float]  # time computation waited for experts
+
+    @classmethod
+    def zeros(cls, num_layers: int) -> Counters:
+        return cls(**{f.name: [0] * num_layers for f in fields(Counters)})
+
+    def counters(self) -> Counters:
+        """Only the counters (a `Stats` snapshot carries more)."""
+        return Counters(**{f.name: list(getattr(self, f.name)) for f in fields(Counters)})
+
+    def __sub__(self, start: Counters) -> Counters:
+        return Counters(**{f.name: [a - b for a, b in zip(getattr(self, f.name), getattr(start, f.name))]
+                           for f in fields(Counters)})
+
+    def total(self, name: str) -> float:
+        return sum(getattr(self, name))
+
+    def totals(self) -> dict:
+        """Every counter summed over layers, plus the rates: a flat dict for reports and JSON."""
+        out = {f.name: self.total(f.name) for f in fields(Counters)}
+        out.update(hit_rate=self.hit_rate, prefetch_recall=self.prefetch_recall,
+                   prefetch_precision=self.prefetch_precision)
+        return out
 
     @property
     def hit_rate(self) -> float:
-        total = sum(self.selections)
-        return sum(self.hits) / total if total else 0.0
+        """Hits per selected expert, all layers (0.0 before any selection)."""
+        return _ratio(self.total("hits"), self.total("selections")) or 0.0
 
     @property
     def layer_hit_rate(self) -> list[float]:
-        return [h / s if s else 0.0 for h, s in zip(self.hits, self.selections)]
+        return [_ratio(h, s) or 0.0 for h, s in zip(self.hits, self.selections)]
+
+    @property
+    def prefetch_recall(self) -> float | None:
+        """Of the experts selected at layers with a guess, the fraction the speculator had guessed
+        (None without guesses: layer 0, or prefetch off and no guess recorded)."""
+        return _ratio(self.total("guess_hits"), self.total("guess_total"))
+
+    @property
+    def layer_prefetch_recall(self) -> list[float | None]:
+        return [_ratio(h, t) for h, t in zip(self.guess_hits, self.guess_total)]
+
+    @property
+    def prefetch_precision(self) -> float | None:
+        """Of the experts loaded by prefetch, the fraction used before being evicted (None: no prefetch)."""
+        return _ratio(self.total("prefetch_used"), self.total("prefetch_issued"))
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
 
 
 @dataclass
-class Stats(CacheRates):
-    """A snapshot of the engine's counters. Lists are indexed by layer, then expert."""
+class Stats(Counters):
+    """A snapshot of the engine: the counters, plus usage per expert and decode timing.
+
+    expert_counts[L][E]: selections of expert E at layer L; token_times: seconds since the reply's
+    first token, per generated token.
+    """
 
     num_layers: int
     num_experts: int
@@ -125,15 +182,6 @@ class Stats(CacheRates):
     cache_size: int
     prefetch: int
     expert_counts: list[list[int]]
-    selections: list[int]
-    hits: list[int]
-    misses: list[int]
-    prefetch_issued: list[int]
-    prefetch_used: list[int]
-    guess_hits: list[int]
-    guess_total: list[int]
-    bytes_moved: list[int]
-    stall_seconds: list[float]
     tokens_generated: int
     decode_seconds: float
     token_times: list[float]
@@ -141,32 +189,8 @@ class Stats(CacheRates):
     trace_tokens: int = 0  # tokens in the engine's trace, also when the snapshot left the trace out
 
     @property
-    def prefetch_recall(self) -> float:
-        """Of the experts selected at layers 1.., the fraction the prefetcher had guessed."""
-        total = sum(self.guess_total)
-        return sum(self.guess_hits) / total if total else 0.0
-
-    @property
-    def layer_prefetch_recall(self) -> list[float]:
-        return [h / t if t else 0.0 for h, t in zip(self.guess_hits, self.guess_total)]
-
-    @property
-    def prefetch_precision(self) -> float:
-        """Of the experts loaded by prefetch, the fraction used before being evicted."""
-        issued = sum(self.prefetch_issued)
-        return sum(self.prefetch_used) / issued if issued else 0.0
-
-    @property
     def tokens_per_second(self) -> float:
         return self.tokens_generated / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def total_bytes_moved(self) -> int:
-        return sum(self.bytes_moved)
-
-    @property
-    def total_stall_seconds(self) -> float:
-        return sum(self.stall_seconds)
 
     def tokens_per_second_series(self, window: int = 4) -> list[float]:
         """Throughput over the course of a reply: tokens/s over a sliding window of token times."""
@@ -179,14 +203,14 @@ class Stats(CacheRates):
         return out
 
     def summary(self) -> dict:
+        totals = self.totals()
         return {
             "tokens_generated": self.tokens_generated,
             "tokens_per_second": round(self.tokens_per_second, 3),
-            "hit_rate": round(self.hit_rate, 4),
-            "prefetch_recall": round(self.prefetch_recall, 4),
-            "prefetch_precision": round(self.prefetch_precision, 4),
-            "bytes_moved": self.total_bytes_moved,
-            "stall_seconds": round(self.total_stall_seconds, 4),
+            **{k: None if v is None else round(v, 4) for k, v in totals.items()
+               if k in ("hit_rate", "prefetch_recall", "prefetch_precision")},
+            "bytes_moved": totals["bytes_moved"],
+            "stall_seconds": round(totals["stall_seconds"], 4),
         }
 
 
@@ -206,15 +230,7 @@ class StatsCollector:
         n_layers, n_experts, top_k, _, _ = self.shape
         with self._lock:
             self.expert_counts = [[0] * n_experts for _ in range(n_layers)]
-            self.selections = [0] * n_layers
-            self.hits = [0] * n_layers
-            self.misses = [0] * n_layers
-            self.prefetch_issued = [0] * n_layers
-            self.prefetch_used = [0] * n_layers
-            self.guess_hits = [0] * n_layers
-            self.guess_total = [0] * n_layers
-            self.bytes_moved = [0] * n_layers
-            self.stall_seconds = [0.0] * n_layers
+            self.counts = Counters.zeros(n_layers)
             self.tokens_generated = 0
             self.decode_seconds = 0.0
             self.token_times: list[float] = []
@@ -234,8 +250,8 @@ class StatsCollector:
                     counts[e] += 1
             if guess is not None:
                 for experts, ranking in zip(selected, guess):
-                    self.guess_hits[layer] += len(set(experts) & set(ranking[:width]))
-                    self.guess_total[layer] += len(experts)
+                    self.counts.guess_hits[layer] += len(set(experts) & set(ranking[:width]))
+                    self.counts.guess_total[layer] += len(experts)
             if self.trace is not None:
                 if layer == 0:
                     self._trim_trace()
@@ -255,25 +271,25 @@ class StatsCollector:
 
     def record_access(self, layer: int, hit: bool) -> None:
         with self._lock:
-            self.selections[layer] += 1
+            self.counts.selections[layer] += 1
             if hit:
-                self.hits[layer] += 1
+                self.counts.hits[layer] += 1
             else:
-                self.misses[layer] += 1
+                self.counts.misses[layer] += 1
 
     def record_load(self, layer: int, nbytes: int, prefetch: bool) -> None:
         with self._lock:
-            self.bytes_moved[layer] += nbytes
+            self.counts.bytes_moved[layer] += nbytes
             if prefetch:
-                self.prefetch_issued[layer] += 1
+                self.counts.prefetch_issued[layer] += 1
 
     def record_prefetch_used(self, layer: int) -> None:
         with self._lock:
-            self.prefetch_used[layer] += 1
+            self.counts.prefetch_used[layer] += 1
 
     def record_stall(self, layer: int, seconds: float) -> None:
         with self._lock:
-            self.stall_seconds[layer] += seconds
+            self.counts.stall_seconds[layer] += seconds
 
     # --- written by the generation loop ------------------------------------------------------
     def start_generation(self) -> None:
@@ -297,6 +313,11 @@ class StatsCollector:
             self._last_token = now
             self.token_times.append(now - self._first_token)
 
+    def counters(self) -> Counters:
+        """The counters now (cheap: no trace, no per-expert counts)."""
+        with self._lock:
+            return self.counts.counters()
+
     def snapshot(self, trace: bool = True) -> Stats:
         """The counters now; with `trace`, also a copy of the routing trace (the costly part)."""
         n_layers, n_experts, top_k, cache_size, prefetch = self.shape
@@ -313,11 +334,7 @@ class StatsCollector:
             return Stats(
                 num_layers=n_layers, num_experts=n_experts, top_k=top_k,
                 cache_size=cache_size, prefetch=prefetch,
-                expert_counts=[list(c) for c in self.expert_counts],
-                selections=list(self.selections), hits=list(self.hits), misses=list(self.misses),
-                prefetch_issued=list(self.prefetch_issued), prefetch_used=list(self.prefetch_used),
-                guess_hits=list(self.guess_hits), guess_total=list(self.guess_total),
-                bytes_moved=list(self.bytes_moved), stall_seconds=list(self.stall_seconds),
+                expert_counts=[list(c) for c in self.expert_counts], **vars(self.counts.counters()),
                 tokens_generated=self.tokens_generated, decode_seconds=self.decode_seconds,
                 token_times=list(self.token_times), trace=copy, trace_tokens=trace_tokens,
             )

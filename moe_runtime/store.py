@@ -23,6 +23,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -259,10 +260,26 @@ def _data_start(file: Path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
+class SlowTier(Protocol):
+    """Where expert records come from when they are not in a device slot.
+
+    `copy_to(layer, expert, dst)` fills `dst` (uint8 [nbytes] or larger, on the compute device or the
+    host) with the record of one expert; it may be called from the demand path and the prefetch worker
+    at once. `nbytes` is one record's size as moved (what a load costs in bytes). `record(layer, expert)`
+    returns the record on the host (uint8 [stride]); `close()` lets go of files.
+    """
+
+    nbytes: int
+
+    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None: ...
+
+    def record(self, layer: int, expert: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
 class RamTier:
     """All expert records in host memory; `copy_to` is a (non-blocking on CUDA) copy."""
-
-    kind = "ram"
 
     def __init__(self, records: list[torch.Tensor], nbytes: int) -> None:
         self.records = records  # per layer: uint8 [E, stride]
@@ -301,11 +318,12 @@ class RamTier:
     def record(self, layer: int, expert: int) -> torch.Tensor:
         return self.records[layer][expert]
 
+    def close(self) -> None:
+        self.records = []
+
 
 class DiskTier:
     """Expert records read from the store file on every load (O_DIRECT where allowed)."""
-
-    kind = "disk"
 
     def __init__(self, folder: Path, num_experts: int, stride: int, nbytes: int, device: torch.device) -> None:
         self.file = folder / STORE_FILE
@@ -377,7 +395,6 @@ class DecodingTier:
 
     def __init__(self, inner, quantized: ExpertCodec, plain: ExpertCodec) -> None:
         self.inner, self.quantized, self.plain = inner, quantized, plain
-        self.kind = inner.kind
         self.nbytes = inner.nbytes
         self.stride = round_up(quantized.nbytes)
         self._local = threading.local()
@@ -406,7 +423,5 @@ class DecodingTier:
         return self.inner.record(layer, expert)
 
     def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close:
-            close()
+        self.inner.close()
 

@@ -16,6 +16,6 @@ if [ "${1:-}" = "--quick" ]; then
 fi
 mkdir -p "$out" "$sim"
 python -m moe_runtime.bench --out "$out" "$@"
-python -m moe_runtime.simulate "$trace" --cache-sizes 1,2,3,4,5,6,7 --prefetch 0,2 \
+python -m moe_runtime.sim "$trace" --cache-sizes 1,2,3,4,5,6,7 --prefetch 0,2 \
   --markdown "$sim/simulate.md" --json "$sim/simulate.json"
 echo "make_figures: wrote $out and $sim"

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 from transformers import AutoModelForCausalLM
 
-from moe_runtime.families import adapter_for
+from moe_runtime.arch import adapter_for
 from tiny_models import tiny_tokenizer
 
 VOCAB = 300  # tiny_tokenizer's size

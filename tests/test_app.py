@@ -11,7 +11,7 @@ import torch
 
 import app
 from moe_runtime import OffloadConfig, RoutingTrace
-from moe_runtime.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
+from webapp.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO / EMBEDDED_MODEL
@@ -314,7 +314,7 @@ def served(tmp_path_factory):
     """The app as `python app.py` starts it (the embedded model on 127.0.0.1; only the port and the
     store folder differ), in this process to spare a second import of torch and gradio."""
     if not (EMBEDDED_DIR / "config.json").exists():
-        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by moe_runtime.train_tiny)")
+        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by tools.train_tiny)")
     port, store = free_port(), tmp_path_factory.mktemp("served-store")
     demo = app.main(["--port", str(port), "--store-dir", str(store)], block=False)
     yield f"http://127.0.0.1:{port}/"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_runtime import baseline, bench, bench_model
-from moe_runtime import workload as wl
-from moe_runtime.simulate import simulate
+from moe_runtime.bench import accelerate, cli, measure, runners
+from moe_runtime.bench import model as bench_model
+from moe_runtime.bench import workload as wl
+from moe_runtime.sim.replay import simulate
 from moe_runtime.stats import RoutingTrace
 from tiny_models import save_tiny_mixtral
 
@@ -80,14 +81,14 @@ def test_no_cache_loads_every_selected_expert(tmp_path):
     stats = stack.stats.snapshot()
     stack.close()
     assert sum(stats.hits) == 0
-    assert stats.total_bytes_moved == sum(stats.selections) * SPEC16.codec().nbytes
+    assert stats.total("bytes_moved") == sum(stats.selections) * SPEC16.codec().nbytes
 
 
 @pytest.mark.parametrize("granularity", ["fused", "per-expert"])
 def test_accelerate_stack_computes_what_the_engine_computes(tmp_path, granularity):
     replay = wl.map_trace(local_trace(), 2)
     ours = wl.OffloadedStack(SPEC16, replay, wl.build_store(SPEC16, tmp_path), SPEC16.experts, 0, torch.device("cpu"))
-    theirs = baseline.AccelerateStack(SPEC16, replay, baseline.build_offload_folder(SPEC16, tmp_path, granularity),
+    theirs = accelerate.AccelerateStack(SPEC16, replay, accelerate.build_offload_folder(SPEC16, tmp_path, granularity),
                                 torch.device("cpu"), granularity)
     for n in range(4):
         torch.testing.assert_close(theirs.step(n), ours.step(n))
@@ -117,7 +118,7 @@ def quick_run(tmp_path_factory):
     trace_path = bench_model.record_trace(model, root / "trace.json", decode_tokens=16, max_new_tokens=8,
                                              store_dir=str(root / "store"))
     out = root / "out"
-    code = bench.main(["--quick", "--model", str(model), "--trace", str(trace_path), "--out", str(out),
+    code = cli.main(["--quick", "--model", str(model), "--trace", str(trace_path), "--out", str(out),
                        "--store-dir", str(root / "store"), "--cache-size", "3"])
     return code, json.loads((out / "bench.json").read_text()), out
 
@@ -126,10 +127,10 @@ def test_quick_bench_runs_every_variant(quick_run):
     code, report, out = quick_run
     assert code == 0, [r.get("error") for r in report["results"]]
     got = {(r["part"], r["variant"]) for r in report["results"]}
-    engine = set(bench.ENGINE_VARIANTS)
+    engine = set(cli.ENGINE_VARIANTS)
     assert got >= {("model", v) for v in {"accelerate", "transformers", *engine}}
     assert got >= {("workload-16bit", v) for v in {"accelerate", "accelerate-per-expert", *engine}}
-    assert got >= {("workload-2bit", v) for v in {*engine, *bench.DECODED_VARIANTS}}
+    assert got >= {("workload-2bit", v) for v in {*engine, *cli.DECODED_VARIANTS}}
     assert (out / "bench.md").read_text().count("| lru+prefetch |") == 3
     assert (out / "bench.html").stat().st_size > 1000
 
@@ -141,7 +142,7 @@ def test_quick_bench_numbers_are_consistent(quick_run):
         assert r["tokens"] == r["job"]["tokens"] and r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
         assert r["seconds"] <= r["wall_seconds"] and r["warmup_seconds"] <= r["wall_seconds"]
-        if r["variant"] in bench.ENGINE_VARIANTS + bench.DECODED_VARIANTS:
+        if r["variant"] in cli.ENGINE_VARIANTS + cli.DECODED_VARIANTS:
             layers = r["workload"]["layers"] if "workload" in r else r["engine"]["layers"]
             assert w["hits"] + w["misses"] == w["selections"] == r["tokens"] * layers * 2
         if r["variant"] in ("accelerate", "accelerate-per-expert", "no-cache", "lru"):
@@ -167,12 +168,12 @@ def test_simulator_cross_check_agrees_with_the_engine(quick_run):
 def test_isolated_worker_reports_the_same_fields(tmp_path):
     trace = local_trace()
     trace_path = trace.save(tmp_path / "trace.json")
-    job = bench.Job("workload-16bit", "resident", 1, 2, store_dir=str(tmp_path), trace=str(trace_path),
+    job = measure.Job("workload-16bit", "resident", 1, 2, store_dir=str(tmp_path), trace=str(trace_path),
                     spec={"hidden": 64, "intermediate": 128, "layers": 2, "experts": 6, "top_k": 2, "bits": None})
-    result = bench.run_isolated(job)
+    result = cli.run_isolated(job)
     assert "error" not in result, result.get("error")
     assert result["window"]["bytes_moved"] == 0 and result["tokens"] == 2 and result["peak_rss_bytes"] > 0
-    in_process = bench.run_job(job)
+    in_process = runners.run_job(job)
     assert result.keys() == in_process.keys()
     assert result["job"] == in_process["job"] and result["window"].keys() == in_process["window"].keys()
     assert {k: result["window"][k] for k in ("hits", "misses", "bytes_moved")} == \
@@ -181,9 +182,9 @@ def test_isolated_worker_reports_the_same_fields(tmp_path):
 
 def test_isolated_worker_reports_its_error(tmp_path):
     missing = tmp_path / "no-such-trace.json"
-    job = bench.Job("workload-16bit", "lru", 1, 2, store_dir=str(tmp_path), trace=str(missing),
+    job = measure.Job("workload-16bit", "lru", 1, 2, store_dir=str(tmp_path), trace=str(missing),
                     spec={"hidden": 64, "intermediate": 128, "layers": 2, "experts": 6, "top_k": 2, "bits": None})
-    result = bench.run_isolated(job)
+    result = cli.run_isolated(job)
     assert (result["part"], result["variant"], result["job"]) == ("workload-16bit", "lru", asdict(job))
     assert "No such file" in result["error"] and str(missing) in result["error"], result["error"]
     assert "Traceback" in result["error"]  # the worker's traceback, not only its exit code

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python tests/test_browser.py` from the checkout
 
 import app  # noqa: E402
-from moe_runtime.service import EMBEDDED_MODEL  # noqa: E402
+from webapp.service import EMBEDDED_MODEL  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -102,7 +102,7 @@ def served(tmp_path_factory):
         pytest.skip("Debian's Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
     pytest.importorskip("playwright", reason="the playwright Python package is not installed")
     if not (REPO / EMBEDDED_MODEL / "config.json").exists():
-        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by moe_runtime.train_tiny)")
+        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing (it is trained by tools.train_tiny)")
     demo, url = serve(tmp_path_factory.mktemp("store"), max_new_tokens=24)
     yield url
     demo.close()

@@ -14,7 +14,7 @@ from baby_families import family_configs, save_baby
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from moe_runtime import OffloadConfig, load
-from moe_runtime.families import ADAPTERS, adapter_for
+from moe_runtime.arch import ADAPTERS, adapter_for
 
 FAMILIES = sorted(family_configs())
 

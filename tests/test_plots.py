@@ -5,8 +5,9 @@ import json
 import plotly.graph_objects as go
 import pytest
 
-from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace, load, plots
+from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace, load
 from moe_runtime.stats import Stats
+from webapp import plots
 
 
 def make_stats(layers=3, experts=4, prefetch=2, tokens=6, empty=False) -> Stats:

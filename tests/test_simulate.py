@@ -1,6 +1,6 @@
 """The trace simulator: hand-computed replays, Belady's optimality, the throughput model, the CLI.
 
-Hand derivations follow the simulator's rules (module docstring of moe_runtime/simulate.py): per
+Hand derivations follow the simulator's rules (module docstring of moe_runtime/sim/replay.py): per
 token, prefetch first; then the token's experts in ascending id, resident ones (hits) first, then
 each missing one loaded; with C >= K the token's experts are pinned.
 """
@@ -17,18 +17,9 @@ from pathlib import Path
 import pytest
 
 from moe_runtime.policies import POLICIES
-from moe_runtime.simulate import (
-    HARDWARE,
-    MODELS,
-    SIM_POLICIES,
-    check_trace,
-    fitting_cache_size,
-    main,
-    predict_from_loads,
-    predict_throughput,
-    simulate,
-    sweep,
-)
+from moe_runtime.sim.cli import main
+from moe_runtime.sim.replay import SIM_POLICIES, check_trace, predict_throughput, simulate, sweep
+from moe_runtime.sim.throughput import HARDWARE, MODELS, fitting_cache_size, predict_from_loads
 from moe_runtime.stats import RoutingTrace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +156,7 @@ def test_cache_holding_every_expert_only_misses_first_uses(policy):
 @pytest.mark.parametrize("seed", range(8))
 def test_belady_beats_every_policy_without_prefetch(seed):
     # MIN is optimal for C >= K without prefetch; prefetch forces loads and C < K forces the load
-    # order, and there another policy can beat it (documented in simulate.py).
+    # order, and there another policy can beat it (documented in sim/replay.py).
     trace = random_trace(seed, num_layers=3, num_experts=8, top_k=1 + seed % 3, num_tokens=60)
     for cache_size in range(trace.top_k, trace.num_experts):
         best = simulate(trace, "belady", cache_size)
@@ -317,7 +308,7 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys, content, args, m
 
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "moe_runtime.simulate", str(tmp_path / "missing.json")],
+    done = subprocess.run([sys.executable, "-m", "moe_runtime.sim", str(tmp_path / "missing.json")],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "error: cannot read routing trace" in done.stderr and "Traceback" not in done.stderr

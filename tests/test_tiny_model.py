@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moe_runtime import train_tiny
-from moe_runtime.evaluate_tiny import validation_windows
+from tools import train_tiny
+from tools.evaluate_tiny import validation_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "assets" / "tiny-mixtral"
 DATA = ROOT / "assets" / "data" / "tinyshakespeare.txt"
-# Measured by `python -m moe_runtime.evaluate_tiny --max-windows 4 --no-samples`: 4.03 nats/token
+# Measured by `python -m tools.evaluate_tiny --max-windows 4 --no-samples`: 4.03 nats/token
 # on these windows (chance: ln 4096 = 8.32). The margin is for retrained models (another seed or
 # thread count), not for kernel noise, which is ~1e-6.
 VAL_LOSS_MAX = 4.5
@@ -112,7 +112,7 @@ def test_quick_training_runs_are_reloadable_and_deterministic(tmp_path):
 
 
 def test_evaluate_command_prints_the_cards_figures_including_quantized(capsys, tmp_path):
-    from moe_runtime import evaluate_tiny
+    from tools import evaluate_tiny
 
     evaluate_tiny.main(["--max-windows", "2", "--no-samples", "--expert-bits", "4", "--json", str(tmp_path / "e.json")])
     out = capsys.readouterr().out

@@ -1,4 +1,6 @@
-"""Baby Mixtral checkpoints for the tests, written like real ones (per-expert keys, shards)."""
+"""Baby Mixtral checkpoints for the tests, written like real ones: transformers' `save_pretrained`
+writes the hub's key layout (per-expert keys) and shards; layout="fused" writes the model's own
+state dict (transformers 5's fused expert tensors) instead."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
-
-from moe_runtime.train_tiny import to_mixtral_checkpoint
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
@@ -47,11 +47,13 @@ def save_tiny_mixtral(path: Path, *, hidden=32, intermediate=48, layers=3, exper
             layer.mlp.gate.weight.normal_(0, 0.5)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    state = {k: v for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
     if layout == "original":
-        state = to_mixtral_checkpoint(state)
+        total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        model.save_pretrained(path, max_shard_size=total if shards == 1 else -(-total // shards))
+        return path
+    config.save_pretrained(path)
+    state = {k: v for k, v in model.state_dict().items() if not (tie and k == "lm_head.weight")}
     keys = sorted(state)
     if shards == 1:
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .baseline import TimedWeightsLoader, drop_page_cache
-from .bench import Job, engine_counters, engine_knobs, loader_counters, timed
+from .accelerate import TimedWeightsLoader, drop_page_cache
+from .measure import Job, engine_knobs, loader_counters, no_counters, timed
 
 # Hamlet III.1 (public domain): the fixed text every model variant decodes
 TEXT = (
@@ -83,8 +83,8 @@ def run_model(job: Job):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from . import OffloadConfig, load
-    from .loading import resolve_dtype
+    from .. import OffloadConfig, load
+    from ..loading import resolve_dtype
 
     device = torch.device(job.device)
     tokenizer = AutoTokenizer.from_pretrained(job.model)
@@ -94,8 +94,7 @@ def run_model(job: Job):
         dtype = resolve_dtype("auto", device)
         if job.variant == "transformers":
             model = AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype).to(device).eval()
-            return timed(job, _decoder(model, ids, job.prompt_tokens), lambda: {"bytes_moved": 0,
-                                                                                  "stall_seconds": 0.0}), facts
+            return timed(job, _decoder(model, ids, job.prompt_tokens), no_counters), facts
         Path(job.store_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=job.store_dir, prefix="accelerate-offload-") as folder:
             config = AutoConfig.from_pretrained(job.model)
@@ -126,7 +125,7 @@ def run_model(job: Job):
                     module.cache.clear()
 
         step = _decoder(engine.model, ids, job.prompt_tokens)
-        return timed(job, step, lambda: engine_counters(engine.stats()), before), facts
+        return timed(job, step, engine.counters, before), facts
     finally:
         engine.close()
 
@@ -139,7 +138,7 @@ def record_trace(model: str | Path, out: str | Path, decode_tokens: int = 400, m
     just make room for the next prompt; the engine's cache persists across replies, as in a chat."""
     import torch
 
-    from . import GenerationSettings, OffloadConfig, load
+    from .. import GenerationSettings, OffloadConfig, load
 
     probe = json.loads((Path(model) / "config.json").read_text())
     engine = load(str(model), OffloadConfig(device="cpu", offload="ram", cache_size=probe["num_local_experts"],

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cache import ExpertCache
-from .experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
-from .families import swiglu
-from .quant import ExpertCodec
-from .stats import RoutingTrace, StatsCollector
-from .store import DiskTier, open_store, round_up, store_folder, write_store
+from ..arch import swiglu
+from ..cache import ExpertCache
+from ..config import torch_dtype
+from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
+from ..quant import ExpertCodec
+from ..stats import RoutingTrace, StatsCollector
+from ..store import DiskTier, open_store, round_up, store_folder, write_store
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_STD = 0.02
 
 
@@ -48,7 +48,7 @@ class WorkloadSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     def codec(self) -> ExpertCodec:
         return _codec(self)

@@ -1,7 +1,7 @@
 """Measure the embedded tiny Mixtral on its held-out split; every figure of its model card.
 
-    python -m moe_runtime.evaluate_tiny                   # Markdown on stdout
-    python -m moe_runtime.evaluate_tiny --json eval.json  # and the same figures as JSON
+    python -m tools.evaluate_tiny                   # Markdown on stdout
+    python -m tools.evaluate_tiny --json eval.json  # and the same figures as JSON
 
 Language modelling: next-token loss, perplexity, bits per character (tokenizer-independent).
 Routing, per MoE layer, over the same tokens (BOS positions left out):
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from moe_runtime.train_tiny import DATA_PATH, OUT_DIR, split_text, windows
+from tools.train_tiny import DATA_PATH, OUT_DIR, split_text, windows
 
 SAMPLE_PROMPTS = ("ROMEO:\n", "First Citizen:\nWhat say you to the", "KING HENRY VI:\nNow, my lords,")
 SAMPLE_CHAT = [
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--expert-bits={ns.expert_bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
     torch.set_num_threads(ns.threads)
     result = evaluate(ns.model, ns.data, ns.max_windows, not ns.no_samples, ns.seed, bits)
-    command = "python -m moe_runtime.evaluate_tiny" + (f" --model {ns.model}" if ns.model != OUT_DIR else "")
+    command = "python -m tools.evaluate_tiny" + (f" --model {ns.model}" if ns.model != OUT_DIR else "")
     command += f" --expert-bits {ns.expert_bits}" if bits else ""
     print(to_markdown(result, command))
     if ns.json:

@@ -1,6 +1,6 @@
 """Tables, target checks and figures of a benchmark run: bench.json, bench.md and bench.html.
 
-The cache numbers of the engine are cross-checked against the simulator (`simulate.simulate`) on
+The cache numbers of the engine are cross-checked against the simulator (`sim.replay.simulate`) on
 the very tokens the workload replayed: same layers, same tokens, same cache size, from a cold cache.
 """
 
@@ -42,7 +42,7 @@ def _ratio(rows: dict, a: str, b: str) -> float | None:
 # --- simulator cross-checks ---------------------------------------------------------------------
 def _replayed_trace(result: dict):
     """The RoutingTrace of exactly the tokens a workload job replayed (warm-up included)."""
-    from .stats import RoutingTrace
+    from ..stats import RoutingTrace
     from .workload import map_trace
 
     job = result["job"]
@@ -56,7 +56,7 @@ def _replayed_trace(result: dict):
 
 def simulator_checks(results: list[dict]) -> dict:
     """Per workload part: simulated LRU / Belady on the replayed tokens vs. the engine's counts."""
-    from .simulate import simulate
+    from ..sim.replay import simulate
 
     checks = {}
     for part in ("workload-16bit", "workload-2bit"):
@@ -76,7 +76,7 @@ def simulator_checks(results: list[dict]) -> dict:
             row = rows.get(variant)
             if row and "error" not in row:
                 total = row["total"]
-                check[f"engine_{variant}_hit_rate"] = total["hits"] / total["selections"] if total["selections"] else 0
+                check[f"engine_{variant}_hit_rate"] = total["hit_rate"]
                 check[f"engine_{variant}_matches_sim"] = total["hits"] == sum(sims[variant].hits)
         checks[part] = check
     return checks
@@ -84,8 +84,8 @@ def simulator_checks(results: list[dict]) -> dict:
 
 def trace_summary(trace_path: str, cache_size: int, prefetch: int) -> dict:
     """LRU vs Belady and prefetch recall over the whole trace (every layer, decode tokens)."""
-    from .simulate import simulate
-    from .stats import RoutingTrace
+    from ..sim.replay import simulate
+    from ..stats import RoutingTrace
 
     trace = RoutingTrace.load(trace_path)
     trace = trace.decode_only() if "decode" in trace.phase else trace
@@ -254,8 +254,9 @@ def figure(results: list[dict]):
 
 def simulator_figure(trace_path: str, prefetch: int):
     """The simulator's hit rate vs cache size figure for the whole trace (decode tokens)."""
-    from .simulate import SIM_POLICIES, hit_rate_figure, sweep
-    from .stats import RoutingTrace
+    from ..sim.replay import SIM_POLICIES, sweep
+    from ..sim.report import hit_rate_figure
+    from ..stats import RoutingTrace
 
     trace = RoutingTrace.load(trace_path)
     trace = trace.decode_only() if "decode" in trace.phase else trace

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from .experts import combine, dispatch
-from .store import store_folder
+from ..experts import combine, dispatch
+from ..store import store_folder
 from .workload import Replay, WorkloadSpec, check_replay, expert_weights, first_hidden, residual_step, routing
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .config import OffloadConfig
-from .engine import Engine, GenerationSettings, StreamUpdate
-from .loading import load
-from .stats import Stats
+from moe_runtime.config import OffloadConfig
+from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
+from moe_runtime.loading import load
+from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
+from moe_runtime.stats import Stats
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_MODEL = "assets/tiny-mixtral"
+EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
 KNOWN_MODELS = (
     "mistralai/Mixtral-8x7B-Instruct-v0.1",
     "mistralai/Mixtral-8x7B-v0.1",
@@ -43,7 +43,7 @@ def device_choices() -> list[str]:
 def model_location(name: str) -> str:
     """What `load` gets for a model name: the embedded model's folder inside this checkout (wherever
     the process was started from); any other name as given."""
-    return str(REPO_ROOT / EMBEDDED_MODEL) if name == EMBEDDED_MODEL else name
+    return str(EMBEDDED_MODEL_DIR) if name == EMBEDDED_MODEL else name
 
 
 @dataclass

@@ -25,20 +25,20 @@ import json
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "assets" / "tiny-mixtral"
-DEFAULT_TRACE = REPO / "assets" / "traces" / "tiny-mixtral.json"
+from ..paths import EMBEDDED_MODEL_DIR, REPO_ROOT, SHIPPED_TRACE
+from .measure import Job, failed
+from .runners import run_job
+
 MIXTRAL_DIMS = {"hidden": 4096, "intermediate": 14336}
 QUICK_DIMS = {"hidden": 256, "intermediate": 512}
 
@@ -56,182 +56,6 @@ VARIANTS = {
 }
 ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "resident")
 DECODED_VARIANTS = ("lru+prefetch-decoded", "resident-decoded")
-
-
-@dataclass
-class Job:
-    """One variant of one part, everything a worker process needs."""
-
-    part: str
-    variant: str
-    warmup: int
-    tokens: int
-    cache_size: int = 4
-    prefetch: int = 2
-    device: str = "cpu"
-    threads: int = 1
-    store_dir: str = "expert-store/bench"
-    model: str = ""
-    prompt_tokens: int = 32
-    expert_bits: int | None = None
-    trace: str = ""
-    spec: dict = field(default_factory=dict)
-
-
-# --- measuring one job --------------------------------------------------------------------------
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def engine_counters(stats) -> dict:
-    """The engine's counters that a window of tokens is measured by (differences of two snapshots)."""
-    return {"hits": sum(stats.hits), "misses": sum(stats.misses), "selections": sum(stats.selections),
-            "guess_hits": sum(stats.guess_hits), "guess_total": sum(stats.guess_total),
-            "prefetch_issued": sum(stats.prefetch_issued), "prefetch_used": sum(stats.prefetch_used),
-            "bytes_moved": stats.total_bytes_moved, "stall_seconds": stats.total_stall_seconds}
-
-
-def loader_counters(loader) -> dict:
-    return {"bytes_moved": loader.nbytes, "stall_seconds": loader.seconds, "loads": loader.loads}
-
-
-def timed(job: Job, step, counters, before_step=None) -> dict:
-    """Untimed warm-up steps, then `job.tokens` timed steps; counters are diffed over the timed ones.
-    Peak memory and wall time are measured from here: building stores and loading the model, done
-    before, are not part of decoding (and happen only on a first run)."""
-    peak_reset = _reset_peak_memory(job)
-    started = t0 = time.perf_counter()
-    for i in range(job.warmup):
-        if before_step:
-            before_step()
-        step(i)
-    warmup_seconds = time.perf_counter() - t0
-    start = counters()
-    times, cpu = [], 0.0
-    for i in tqdm(range(job.warmup, job.warmup + job.tokens), desc=f"{job.part} {job.variant}", unit="tok",
-                  leave=False):
-        if before_step:
-            before_step()
-        t0, c0 = time.perf_counter(), time.process_time()
-        step(i)
-        times.append(time.perf_counter() - t0)
-        cpu += time.process_time() - c0
-    end = counters()
-    window = {k: end[k] - start[k] for k in end}
-    return {"times": times, "cpu_seconds": cpu, "window": window, "total": end, "warmup_seconds": warmup_seconds,
-            "peak_rss_isolated": peak_reset, "wall_seconds": time.perf_counter() - started}
-
-
-def _reset_peak_memory(job: Job) -> bool:
-    """Reset the peak RSS (and the CUDA peak on a CUDA device); whether the RSS peak could be reset."""
-    if job.device.startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-    return _reset_peak_rss()
-
-
-def run_job(job: Job) -> dict:
-    """Measure one variant in this process."""
-    import torch
-
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(job.threads)
-    try:
-        return _measure(job)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _measure(job: Job) -> dict:
-    import torch
-
-    cuda = job.device.startswith("cuda")
-    load_before = os.getloadavg()[0]
-    with torch.inference_mode():
-        if job.part == "model":
-            from .bench_model import run_model
-
-            measured, facts = run_model(job)
-        else:
-            measured, facts = _run_workload(job)
-    times = measured["times"]
-    w = measured["window"]
-    n, seconds = len(times), sum(times)
-    result = {
-        "part": job.part, "variant": job.variant, "job": asdict(job), **facts,
-        "tokens": n, "seconds": seconds,
-        "tokens_per_second": n / seconds if seconds > 0 else 0.0,
-        "ms_per_token": 1000 * seconds / n if n else 0.0,
-        "ms_per_token_median": 1000 * sorted(times)[n // 2] if n else 0.0,
-        # CPU time of the whole process (all threads) per token: unlike wall time, not inflated when
-        # other jobs on a shared machine take the CPU away
-        "cpu_ms_per_token": 1000 * measured["cpu_seconds"] / n if n else 0.0,
-        "times": times,
-        "stall_ms_per_token": 1000 * w["stall_seconds"] / n if n else 0.0,
-        "bytes_per_token": w["bytes_moved"] / n if n else 0.0,
-        "window": w, "total": measured["total"], "warmup_seconds": measured["warmup_seconds"],
-        "peak_rss_bytes": _peak_rss(), "peak_rss_isolated": measured["peak_rss_isolated"],
-        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "wall_seconds": measured["wall_seconds"],
-    }
-    if "selections" in w:
-        result["hit_rate"] = w["hits"] / w["selections"] if w["selections"] else 0.0
-        result["prefetch_recall"] = w["guess_hits"] / w["guess_total"] if w["guess_total"] else None
-        issued = w["prefetch_issued"]
-        result["prefetch_precision"] = w["prefetch_used"] / issued if issued else None
-    return result
-
-
-def engine_knobs(job: Job, experts: int) -> tuple[int, int]:
-    """(cache_size, prefetch) of an engine variant."""
-    return {"no-cache": (1, 0), "lru": (job.cache_size, 0), "lru+prefetch": (job.cache_size, job.prefetch),
-            "resident": (experts, 0)}[job.variant.removesuffix("-decoded")]
-
-
-def _run_workload(job: Job):
-    import torch
-
-    from . import baseline
-    from . import workload as wl
-    from .stats import RoutingTrace
-
-    spec = wl.WorkloadSpec(**job.spec)
-    replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers)
-    device = torch.device(job.device)
-    facts = {"workload": wl.describe(spec, replay, packed=not job.variant.startswith("accelerate"))}
-    if job.variant.startswith("accelerate"):
-        granularity = "fused" if job.variant == "accelerate" else "per-expert"
-        folder = baseline.build_offload_folder(spec, Path(job.store_dir), granularity)
-        stack = baseline.AccelerateStack(spec, replay, folder, device, granularity)
-        # the page cache is dropped before each step, untimed, as the engine variants' before_step
-        return timed(job, stack.step, lambda: loader_counters(stack.loader),
-                     lambda: baseline.drop_page_cache(folder)), facts
-    cache_size, prefetch = engine_knobs(job, spec.experts)
-    decoded = job.variant.endswith("-decoded")
-    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device,
-                              decoded=decoded)
-    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io, decoded_cache=decoded)
-    if job.variant.startswith("resident"):
-        stack.warm_all()
-    before = stack.drop_resident if job.variant == "no-cache" else None
-    try:
-        return timed(job, stack.step, lambda: engine_counters(stack.stats.snapshot()), before), facts
-    finally:
-        stack.close()
 
 
 # --- planning and running -----------------------------------------------------------------------
@@ -290,7 +114,7 @@ class Plan:
         return 8, 48
 
     def _trace_shape(self) -> dict:
-        from .stats import RoutingTrace
+        from ..stats import RoutingTrace
 
         trace = RoutingTrace.load(self.trace)
         return {"experts": trace.num_experts, "top_k": trace.top_k}
@@ -301,19 +125,14 @@ def run_isolated(job: Job) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(json.dumps(asdict(job)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, "-m", "moe_runtime.bench", "--worker", str(job_file),
                                "--result", str(result_file)], env=env, stdout=subprocess.PIPE, text=True)
         # stderr (progress bars) stays on the terminal: the worker writes its own error, traceback
         # included, into the result file; only a worker that died without one lands here
         if result_file.exists():
             return json.loads(result_file.read_text())
-        return _failed(job, f"worker exited with {proc.returncode} and no result: {proc.stdout[-2000:]}")
-
-
-def _failed(job: Job, message: str) -> dict:
-    """The result row of a job that failed: the other variants still run and are reported."""
-    return {"part": job.part, "variant": job.variant, "job": asdict(job), "error": message}
+        return failed(job, f"worker exited with {proc.returncode} and no result: {proc.stdout[-2000:]}")
 
 
 def run_plan(plan: Plan, isolate: bool) -> list[dict]:
@@ -325,7 +144,7 @@ def run_plan(plan: Plan, isolate: bool) -> list[dict]:
         try:
             results.append(run_job(job))
         except Exception:  # one failing variant is reported, the others still run
-            results.append(_failed(job, traceback.format_exc()))
+            results.append(failed(job, traceback.format_exc()))
     return results
 
 
@@ -358,8 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.html")
     ap.add_argument("--parts", default="model,workload-16bit,workload-2bit",
                     help="comma-separated: model, workload-16bit, workload-2bit")
-    ap.add_argument("--model", default=_shown(DEFAULT_MODEL), help="checkpoint folder of the model part")
-    ap.add_argument("--trace", default=_shown(DEFAULT_TRACE), help="routing trace the workload replays")
+    ap.add_argument("--model", default=_shown(EMBEDDED_MODEL_DIR), help="checkpoint folder of the model part")
+    ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
     ap.add_argument("--prefetch", type=int, default=2, help="experts prefetched one layer ahead")
@@ -385,16 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_job(job)
         except Exception:  # reported to the parent with its traceback (stderr is not kept)
-            result = _failed(job, traceback.format_exc())
+            result = failed(job, traceback.format_exc())
         args.result.write_text(json.dumps(result))
         return 1 if "error" in result else 0
     if args.record_trace:
-        from .bench_model import record_trace
+        from .model import record_trace
 
         path = record_trace(args.model, args.record_trace, store_dir=args.store_dir)
         print(f"routing trace written to {path}")
         return 0
-    from .bench_report import write_reports
+    from .report import write_reports
 
     if args.from_json:
         report = json.loads(args.from_json.read_text())
@@ -426,3 +245,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

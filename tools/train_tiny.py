@@ -1,11 +1,11 @@
 """Train the embedded default model: a tiny Mixtral on Tiny Shakespeare, CPU only.
 
-    python -m moe_runtime.train_tiny                      # full run into assets/tiny-mixtral
-    python -m moe_runtime.train_tiny --quick --out /tmp/t  # seconds-long smoke run (baby config)
+    python -m tools.train_tiny                      # full run into assets/tiny-mixtral
+    python -m tools.train_tiny --quick --out /tmp/t  # seconds-long smoke run (baby config)
 
 Pipeline: split the text (last 10% held out) → train a byte-level BPE tokenizer on the train part →
 train `MixtralForCausalLM` on random windows (BOS + context-1 tokens) with the router
-load-balancing loss on → save in the original Mixtral checkpoint layout → reload with transformers
+load-balancing loss on → save with `save_pretrained` (the hub's key layout) → reload with transformers
 and check the logits are identical. Deterministic given --seed (fixed thread count, seeded sampler).
 
 Dimension names: E experts, I expert intermediate size, H hidden size.
@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-DATA_PATH = Path("assets/data/tinyshakespeare.txt")
-OUT_DIR = Path("assets/tiny-mixtral")
+from moe_runtime.paths import EMBEDDED_MODEL_DIR, TRAINING_TEXT
+
+DATA_PATH = TRAINING_TEXT
+OUT_DIR = EMBEDDED_MODEL_DIR
 VAL_FRACTION = 0.1
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 # End of a speech in the corpus (and of a chat turn): one token, so a chat UI can stop on it.
@@ -164,31 +165,6 @@ def mean_loss(model, batches: torch.Tensor, batch_size: int = 16) -> float:
     return total / count
 
 
-def to_mixtral_checkpoint(state_dict: dict[str, torch.Tensor], intermediate_size: int | None = None) -> dict:
-    """transformers 5 fused expert tensors → the original Mixtral per-expert key layout.
-
-    mlp.experts.gate_up_proj [E, 2I, H] (gate rows, then up rows) → experts.e.w1 (gate), w3 (up);
-    mlp.experts.down_proj [E, H, I] → experts.e.w2; mlp.gate.weight → block_sparse_moe.gate.weight.
-    """
-    out = {}
-    for key, tensor in state_dict.items():
-        if key.endswith(".mlp.experts.gate_up_proj"):
-            prefix = key.removesuffix("mlp.experts.gate_up_proj") + "block_sparse_moe.experts"
-            inter = intermediate_size or tensor.shape[1] // 2
-            for e, gate_up in enumerate(tensor):  # gate_up [2I, H]
-                out[f"{prefix}.{e}.w1.weight"] = gate_up[:inter].clone()
-                out[f"{prefix}.{e}.w3.weight"] = gate_up[inter:].clone()
-        elif key.endswith(".mlp.experts.down_proj"):
-            prefix = key.removesuffix("mlp.experts.down_proj") + "block_sparse_moe.experts"
-            for e, down in enumerate(tensor):  # down [H, I]
-                out[f"{prefix}.{e}.w2.weight"] = down.clone()
-        elif ".mlp.gate." in key:
-            out[key.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = tensor.clone()
-        else:
-            out[key] = tensor.clone()
-    return {k: v.contiguous() for k, v in out.items()}
-
-
 def save_model(model, tokenizer: Tokenizer, out: Path, context: int) -> None:
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -197,10 +173,8 @@ def save_model(model, tokenizer: Tokenizer, out: Path, context: int) -> None:
     # Off in the shipped config: with it on, every generate() step computes the aux loss, and
     # transformers' aux loss rejects an attention mask longer than the decoded token.
     config.output_router_logits = False
-    config.save_pretrained(out)
+    model.save_pretrained(out)  # the hub's key layout (per-expert w1/w2/w3), as transformers writes it
     config.output_router_logits = True
-    state = to_mixtral_checkpoint(model.state_dict(), config.intermediate_size)
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     bos_id, eos_id = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
     # A speech ends with a blank line: generation stops there too, so a chat reply is one speech.
     turn_end = tokenizer.encode(TURN_END, add_special_tokens=False).ids

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from .stats import Stats
+from moe_runtime.stats import Stats
 
 HEIGHT = 320
 EMPTY_HINT = "no tokens yet: send a message in the Chat tab"
@@ -107,9 +107,9 @@ def bytes_moved_per_layer(stats: Stats) -> go.Figure:
     fig = _per_layer_bars([b / scale for b in stats.bytes_moved], f"moved ({unit})", f"%{{y:.2f}} {unit}",
                           color="#2ca02c")
     fig.update_yaxes(rangemode="tozero")
-    total = stats.total_bytes_moved / scale
+    total = stats.total("bytes_moved") / scale
     _layout(fig, f"Bytes moved per layer (total {total:.2f} {unit})")
-    return _hint_if_empty(fig, stats.total_bytes_moved == 0)
+    return _hint_if_empty(fig, stats.total("bytes_moved") == 0)
 
 
 def _per_layer_bars(values: list[float], y_title: str, y_hover: str, color: str = "#1f77b4") -> go.Figure:

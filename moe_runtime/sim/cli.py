@@ -1,0 +1,122 @@
+"""Replay a routing trace against expert-cache policies, and predict tokens/s on named hardware.
+
+    python -m moe_runtime.sim TRACE [--cache-sizes 1,2,3] [--prefetch 0,2]
+        [--policies lru,lfu,lfru,belady] [--hardware t4-pcie3,a100] [--json OUT] [--markdown OUT] [--html OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ..stats import RoutingTrace
+from .replay import SIM_POLICIES, check_trace, predict_throughput, sweep
+from .report import hit_rate_figure, markdown_report, throughput_rows
+from .throughput import HARDWARE, MODELS, PAPER_TABLE2
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m moe_runtime.sim", description=__doc__.split("\n")[0])
+    ap.add_argument("trace", help="routing trace JSON (RoutingTrace.save)")
+    ap.add_argument("--cache-sizes", type=_int_list, help="default: 1..E-1")
+    ap.add_argument("--prefetch", type=_int_list, help="experts prefetched per layer; default: 0,K")
+    ap.add_argument("--policies", type=_name_list, default=list(SIM_POLICIES), help=", ".join(SIM_POLICIES))
+    ap.add_argument("--hardware", type=_name_list, default=list(HARDWARE), help=", ".join(HARDWARE))
+    ap.add_argument("--include-prefill", action="store_true", help="replay prompt tokens too (default: decode only)")
+    ap.add_argument("--model", choices=list(MODELS), default="mixtral-8x7b", help="shape for the throughput model")
+    ap.add_argument("--expert-bits", type=int, choices=(2, 3, 4, 8, 16), default=2, help="16 = fp16")
+    ap.add_argument("--expert-group-size", type=int, default=16)
+    ap.add_argument("--attn-bits", type=int, choices=(4, 8, 16), default=4, help="16 = fp16")
+    ap.add_argument("--attn-group-size", type=int, default=64)
+    ap.add_argument("--json", type=Path, help="write every result and prediction here")
+    ap.add_argument("--markdown", type=Path, help="write the printed tables here")
+    ap.add_argument("--html", type=Path, help="write a Plotly figure of hit rate vs cache size here")
+    return ap
+
+
+def _load_trace(path: str, include_prefill: bool) -> RoutingTrace:
+    try:
+        trace = RoutingTrace.load(path)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid routing trace: missing or malformed {err}") from None
+    check_trace(trace)
+    if not include_prefill:
+        trace = trace.decode_only()
+        if not trace.num_tokens:
+            raise ValueError(f"{path} has no decode tokens: pass --include-prefill to replay its prompt tokens")
+    return trace
+
+
+def run(args: argparse.Namespace) -> str:
+    trace = _load_trace(args.trace, args.include_prefill)
+    unknown = [h for h in args.hardware if h not in HARDWARE]
+    if unknown:
+        raise ValueError(f"hardware={unknown[0]!r} is not allowed: use one of {', '.join(HARDWARE)}")
+    for name in ("expert_group_size", "attn_group_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    model = replace(MODELS[args.model], expert_bits=args.expert_bits, expert_group_size=args.expert_group_size,
+                    attn_bits=args.attn_bits, attn_group_size=args.attn_group_size)
+    hardware = [HARDWARE[h] for h in args.hardware]
+    cache_sizes = args.cache_sizes or list(range(1, max(2, trace.num_experts)))
+    prefetches = args.prefetch if args.prefetch is not None else sorted({0, min(trace.top_k, trace.num_experts)})
+    results = sweep(trace, args.policies, cache_sizes, prefetches)
+    report = markdown_report(trace, results, model, hardware, source=Path(args.trace).name)
+    if args.markdown:
+        args.markdown.write_text(report)
+    if args.json:
+        args.json.write_text(json.dumps(_json_report(args, trace, results, model, hardware), indent=1))
+    if args.html:
+        hit_rate_figure(results).write_html(args.html, include_plotlyjs=True)
+    return report
+
+
+def _json_report(args, trace, results, model, hardware) -> dict:
+    best = {(r.prefetch, r.cache_size): r.hit_rate for r in results if r.policy == "belady"}
+    rows = []
+    for r in results:
+        row = r.to_dict(model.expert_bytes)
+        reference = best.get((r.prefetch, r.cache_size))
+        if reference:
+            row["ratio_to_belady"] = r.hit_rate / reference
+        row["throughput"] = {h.name: predict_throughput(r, model, h).tokens_per_second for h in hardware}
+        rows.append(row)
+    return {
+        "trace": {"path": str(args.trace), "model": trace.model, "num_layers": trace.num_layers,
+                  "num_experts": trace.num_experts, "top_k": trace.top_k, "num_tokens": trace.num_tokens,
+                  "include_prefill": args.include_prefill},
+        "model": {**asdict(model), "expert_bytes": model.expert_bytes,
+                  "resident_dense_bytes": model.resident_dense_bytes},
+        "hardware": [asdict(h) for h in hardware],
+        "results": rows,
+        "throughput": throughput_rows(results, model, hardware),
+        "paper_table2": [asdict(f) for f in PAPER_TABLE2],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        print(run(args), end="")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
