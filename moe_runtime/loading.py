@@ -279,7 +279,6 @@ def _load_dense(model, tensors: dict, where: Path, device) -> None:
 def _speculators(adapter, hf_config, moe_layers: list, modules: list, prefetch: int) -> list[Speculator]:
     """speculators[i]: MoE layer i + 1's router and norm, applied to MoE layer i's input."""
     views = [adapter.router_view(layer) for layer in moe_layers]
-    scores = adapter.guess_scores(hf_config)
 
     def detached(t):
         return None if t is None else t.detach()
@@ -287,7 +286,7 @@ def _speculators(adapter, hf_config, moe_layers: list, modules: list, prefetch: 
     return [
         Speculator(detached(nxt.weight), detached(here.norm_weight), detached(nxt.norm_weight), modules[i + 1].cache,
                    prefetch, router_bias=detached(nxt.bias), norm_here_bias=detached(here.norm_bias),
-                   norm_next_bias=detached(nxt.norm_bias), scores=scores)
+                   norm_next_bias=detached(nxt.norm_bias), scores=adapter.guess_scores(hf_config, moe_layers[i + 1]))
         for i, (here, nxt) in enumerate(zip(views, views[1:]))
     ]
 

@@ -129,7 +129,8 @@ class ExpertCodec:
         if biases:
             self.shapes.update(gate_bias=(intermediate_size,), up_bias=(intermediate_size,), down_bias=(hidden_size,))
         if bits is not None:
-            for name, shape in self.shapes.items():
+            for name in MATRICES:
+                shape = self.shapes[name]
                 if math.prod(shape) % group_size:
                     raise ValueError(
                         f"expert_group_size={group_size} does not divide the {name} matrix {shape}: "

@@ -11,19 +11,23 @@ import json
 import pytest
 import torch
 from baby_families import family_configs, save_baby
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, Mxfp4Config
 
 from moe_runtime import OffloadConfig, load
 from moe_runtime.arch import ADAPTERS, adapter_for
 
 FAMILIES = sorted(family_configs())
+CASES = FAMILIES + ["gpt_oss:mxfp4"]  # gpt-oss also in the hub's MXFP4 expert layout
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=CASES)
 def family(request, tmp_path_factory):
-    path = save_baby(request.param, tmp_path_factory.mktemp(request.param) / "model")
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return request.param, path, reference
+    name = request.param
+    path = save_baby(name, tmp_path_factory.mktemp(name.replace(":", "-")) / "model")
+    # transformers' own reading of MXFP4 checkpoints on a CPU: dequantized
+    quantization = {"quantization_config": Mxfp4Config(dequantize=True)} if name.endswith(":mxfp4") else {}
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **quantization).eval()
+    return name, path, reference
 
 
 def test_every_registered_family_has_a_parity_case():
@@ -34,7 +38,7 @@ def test_baby_checkpoints_are_sharded_in_the_hub_layout(family):
     name, path, _ = family
     weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     assert len(set(weight_map.values())) > 2
-    config = family_configs()[name]
+    config = family_configs()[name.partition(":")[0]]
     adapter = adapter_for(config)
     experts = [k for k in weight_map if adapter.is_expert_key(k, config)]
     shape = adapter.shape(config)
@@ -87,7 +91,7 @@ def test_4bit_experts_match_transformers_with_the_dequantized_experts(family, tm
                 experts = adapter.moe_block(layers[layer]).experts
                 for expert in range(shape.num_experts):
                     w = codec.decode(engine.tier.record(index, expert))
-                    _set_expert(experts, expert, w, interleaved=name == "gpt_oss")
+                    _set_expert(experts, expert, w, interleaved=name.startswith("gpt_oss"))
             ids = torch.randint(0, reference.config.vocab_size, (2, 9))
             ours = engine.model(ids).logits
             torch.testing.assert_close(ours, dequantized(ids).logits, atol=1e-4, rtol=1e-4)
@@ -101,3 +105,44 @@ def test_unsupported_model_type_names_the_supported_ones(tmp_path):
                 vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported architecture 'llama'.*" + ".*".join(sorted(ADAPTERS))):
         load(tmp_path, OffloadConfig(device="cpu", store_dir=str(tmp_path / "store")))
+
+
+class _RecordRouting(torch.nn.Module):
+    """Stands in for a block's experts: records the router's choice, contributes nothing."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        self.chosen = top_k_index
+        return torch.zeros_like(hidden_states)
+
+
+def test_speculator_scores_rank_experts_as_the_router_chooses(family):
+    """The adapter's guess function on the router's own input picks the router's top-k (group limits,
+    score-correction biases, router biases and sparsemixer included)."""
+    name, _, reference = family
+    config = reference.config
+    adapter = adapter_for(config)
+    shape = adapter.shape(config)
+    layers = adapter.layers(reference)
+    for index in shape.moe_layers:
+        block = adapter.moe_block(layers[index])
+        experts, block.experts = block.experts, _RecordRouting()
+        try:
+            x = torch.randn(1, 24, shape.hidden_size)
+            with torch.no_grad():
+                block(x)
+                view = adapter.router_view(layers[index])
+                logits = torch.nn.functional.linear(x[0].to(view.weight.dtype), view.weight, view.bias)
+                scores = adapter.guess_scores(config, layers[index])(logits)
+            guessed = scores.topk(shape.top_k, dim=-1).indices.sort(dim=-1).values
+            assert torch.equal(guessed, block.experts.chosen.sort(dim=-1).values), f"layer {index}"
+        finally:
+            block.experts = experts
+
+
+def test_pre_quantized_checkpoints_other_than_mxfp4_gpt_oss_are_refused(tmp_path):
+    path = save_baby("deepseek_v3", tmp_path / "model")
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pre-quantized with 'fp8', which is not supported"):
+        load(path, OffloadConfig(device="cpu", store_dir=str(tmp_path / "store")))

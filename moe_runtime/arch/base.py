@@ -118,7 +118,7 @@ class ExpertKeys(Protocol):
 
 
 @cache
-def _pattern(template: str) -> re.Pattern:
+def key_pattern(template: str) -> re.Pattern:
     """'model.layers.{layer}.mlp.experts.{expert}.w1.weight' -> a regex matching any layer/expert."""
     escaped = re.escape(template).replace(r"\{layer\}", r"\d+").replace(r"\{expert\}", r"\d+")
     return re.compile(f"^{escaped}$")
@@ -136,7 +136,7 @@ class PerExpertKeys:
         return tuple(t.format(layer=layer, expert=expert) for t in (self.gate, self.up, self.down))
 
     def matches(self, key: str) -> bool:
-        return any(_pattern(t).match(key) for t in (self.gate, self.up, self.down))
+        return any(key_pattern(t).match(key) for t in (self.gate, self.up, self.down))
 
     def read(self, checkpoint, layer: int, expert: int) -> ExpertWeights:
         return ExpertWeights(*(checkpoint.get(k) for k in self.keys(layer, expert)))
@@ -153,7 +153,7 @@ class FusedKeys:
         return self.gate_up.format(layer=layer), self.down.format(layer=layer)
 
     def matches(self, key: str) -> bool:
-        return bool(_pattern(self.gate_up).match(key) or _pattern(self.down).match(key))
+        return bool(key_pattern(self.gate_up).match(key) or key_pattern(self.down).match(key))
 
     def read(self, checkpoint, layer: int, expert: int) -> ExpertWeights:
         gate_up_key, down_key = self.keys(layer, expert)
@@ -167,6 +167,7 @@ class MoEAdapter(Protocol):
     model_type: str
     hub_ids: tuple[str, ...]  # checkpoints on the hub this adapter is meant for
     attn_implementation: str  # what the model is built with ("sdpa", or "eager" where sdpa is unsupported)
+    checkpoint_quantization: tuple[str, ...]  # `quant_method`s of pre-quantized hub checkpoints it reads
 
     def shape(self, config) -> MoEShape: ...
 
@@ -190,8 +191,9 @@ class MoEAdapter(Protocol):
 
     def router_view(self, layer: nn.Module) -> RouterView: ...
 
-    def guess_scores(self, config) -> Callable[[torch.Tensor], torch.Tensor]:
-        """[T, E] router logits -> [T, E] scores whose ranking predicts the router's choice."""
+    def guess_scores(self, config, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """For decoder layer `layer`'s router: [T, E] logits -> [T, E] non-negative scores whose
+        ranking predicts the router's choice (the speculator ranks and averages them)."""
         ...
 
     def attention_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
@@ -215,6 +217,7 @@ class Family:
     attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     expert_bias: bool = False
     attn_implementation: str = "sdpa"
+    checkpoint_quantization: tuple[str, ...] = ()  # `quant_method`s of pre-quantized checkpoints it reads
 
     def moe_layers(self, config) -> list[int]:
         return list(range(config.num_hidden_layers))
@@ -255,7 +258,7 @@ class Family:
         router, norm = getattr(self.moe_block(layer), self.router), getattr(layer, self.norm)
         return RouterView(router.weight, getattr(router, "bias", None), norm.weight, getattr(norm, "bias", None))
 
-    def guess_scores(self, config) -> Callable[[torch.Tensor], torch.Tensor]:
+    def guess_scores(self, config, layer: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return softmax_scores
 
     def attention_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
