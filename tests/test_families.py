@@ -146,3 +146,31 @@ def test_pre_quantized_checkpoints_other_than_mxfp4_gpt_oss_are_refused(tmp_path
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="pre-quantized with 'fp8', which is not supported"):
         load(path, OffloadConfig(device="cpu", store_dir=str(tmp_path / "store")))
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3", "gpt_oss", "qwen2_moe"])
+def test_quantized_attention_matches_transformers_with_the_dequantized_projections(name, tmp_path):
+    """MLA's projections (DeepSeek) and projections with biases (gpt-oss, Qwen2) are HQQ-quantized."""
+    from moe_runtime.quant import HQQLinear
+
+    path = save_baby(name, tmp_path / "model")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    adapter = adapter_for(reference.config)
+    engine = load(path, OffloadConfig(device="cpu", offload="ram", cache_size=2, prefetch=0, attn_bits=8,
+                                      hqq_optimize=False, store_dir=str(tmp_path / "store")))
+    try:
+        expected = {"deepseek_v2": {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"},
+                    "deepseek_v3": {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}}
+        ours, theirs = adapter.layers(engine.model), adapter.layers(reference)
+        with torch.no_grad():
+            for layer, ref_layer in zip(ours, theirs):
+                quantized = {n: m for n, m in vars(layer.self_attn)["_modules"].items() if isinstance(m, HQQLinear)}
+                assert set(quantized) == expected.get(name, {"q_proj", "k_proj", "v_proj", "o_proj"})
+                for projection, module in quantized.items():
+                    linear = getattr(ref_layer.self_attn, projection)
+                    linear.weight.copy_(module.dequantize())
+                    assert (module.bias is None) == (linear.bias is None)
+            ids = torch.randint(0, reference.config.vocab_size, (2, 9))
+            torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+    finally:
+        engine.close()

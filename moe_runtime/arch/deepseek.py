@@ -74,7 +74,9 @@ DEEPSEEK_V2 = DeepSeekV2(
 
 DEEPSEEK_V3 = DeepSeekV3(
     model_type="deepseek_v3",
-    hub_ids=("moonshotai/Moonlight-16B-A3B-Instruct",),
+    # DeepSeek-V3/R1 on the hub are FP8 (refused: convert to bf16 first); Moonlight-16B-A3B is a bf16
+    # deepseek_v3 but its tokenizer needs remote code, which is never enabled here
+    hub_ids=(),
     layout_list=LAYOUTS, num_experts_attr="n_routed_experts", intermediate_attr="moe_intermediate_size",
     attention=MLA_PROJECTIONS,
 )

@@ -9,7 +9,8 @@ EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
 ADAPTER = Family(
     model_type="mixtral",
-    hub_ids=("mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x22B-Instruct-v0.1"),
+    hub_ids=("mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-v0.1",
+             "mistralai/Mixtral-8x22B-Instruct-v0.1"),
     layout_list=(
         PerExpertKeys(f"{EXPERT}.w1.weight", f"{EXPERT}.w3.weight", f"{EXPERT}.w2.weight"),
         FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
