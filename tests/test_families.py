@@ -174,3 +174,24 @@ def test_quantized_attention_matches_transformers_with_the_dequantized_projectio
             torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3", "qwen3_moe", "gpt_oss", "mixtral"])
+def test_throughput_shape_counts_the_attention_transformers_builds(name):
+    """The throughput model's attention size (head_dim, MLA) equals the projections transformers builds."""
+    from moe_runtime.sim.throughput import ModelShape, mla_params
+
+    config = family_configs()[name]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    adapter = adapter_for(config)
+    built = sum(linear.weight.numel() for linear in adapter.attention_linears(adapter.layers(model)[-1]).values())
+    shape = adapter.shape(config)
+    mla = None
+    if name.startswith("deepseek"):
+        mla = mla_params(config.hidden_size, config.num_attention_heads, config.q_lora_rank, config.kv_lora_rank,
+                          config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim)
+    modelled = ModelShape(name, shape.num_layers, shape.num_experts, shape.top_k, shape.hidden_size,
+                          shape.intermediate_size, config.num_attention_heads, config.num_key_value_heads,
+                          config.vocab_size, attn_bits=16, head_dim=getattr(config, "head_dim", None),
+                          attention_params=mla)
+    assert modelled.attention_bytes == 2 * built
