@@ -195,3 +195,34 @@ def test_throughput_shape_counts_the_attention_transformers_builds(name):
                           config.vocab_size, attn_bits=16, head_dim=getattr(config, "head_dim", None),
                           attention_params=mla)
     assert modelled.attention_bytes == 2 * built
+
+
+def test_routing_trace_records_what_transformers_routes_and_replays(family, tmp_path):
+    """The trace of any family names MoE layers in order and the router's own choices; the simulator
+    replays it (LRU without prefetch: the same hits and misses as the engine)."""
+    from moe_runtime.sim.replay import simulate
+    from moe_runtime.stats import RoutingTrace
+
+    name, path, reference = family
+    adapter = adapter_for(reference.config)
+    shape = adapter.shape(reference.config)
+    chosen = [[] for _ in shape.moe_layers]
+    layers = adapter.layers(reference)
+    hooks = [adapter.moe_block(layers[layer]).experts.register_forward_hook(
+        lambda module, args, out, i=i: chosen[i].extend(args[1].tolist())) for i, layer in enumerate(shape.moe_layers)]
+    engine = load(path, OffloadConfig(device="cpu", offload="disk", cache_size=shape.num_experts // 2, prefetch=0,
+                                      store_dir=str(tmp_path / "store")))
+    try:
+        prompt = torch.randint(0, reference.config.vocab_size, (1, 1))  # one token per step, as the simulator
+        reference.generate(prompt, max_new_tokens=10, do_sample=False)
+        engine.model.generate(prompt, max_new_tokens=10, do_sample=False)
+        stats = engine.stats()
+        trace = RoutingTrace.load(stats.trace.save(tmp_path / "trace.json"))
+    finally:
+        engine.close()
+        for hook in hooks:
+            hook.remove()
+    assert (trace.num_layers, trace.num_experts, trace.top_k) == (shape.num_layers, shape.num_experts, shape.top_k)
+    assert trace.selected == chosen
+    replayed = simulate(trace, "lru", shape.num_experts // 2)
+    assert (replayed.hits, replayed.misses) == (stats.hits, stats.misses)
