@@ -76,15 +76,18 @@ def _set_expert(experts, expert: int, w, interleaved: bool) -> None:
         experts.down_proj[expert] = w.down
 
 
-def test_4bit_experts_match_transformers_with_the_dequantized_experts(family, tmp_path):
+@pytest.mark.parametrize("decoded_cache", [False, True])
+def test_4bit_experts_match_transformers_with_the_dequantized_experts(family, decoded_cache, tmp_path):
     name, path, reference = family
     adapter = adapter_for(reference.config)
     shape = adapter.shape(reference.config)
     engine = load(path, OffloadConfig(device="cpu", offload="disk", cache_size=shape.num_experts // 2, prefetch=1,
-                                      expert_bits=4, hqq_optimize=False, store_dir=str(tmp_path / "store")))
+                                      expert_bits=4, hqq_optimize=False, decoded_cache=decoded_cache,
+                                      store_dir=str(tmp_path / "store")))
     dequantized = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     try:
-        codec = engine.experts[0].codec
+        # the records as stored (a decoded cache's slots hold them dequantized; its tier reads the stored ones)
+        codec = engine.tier.quantized if decoded_cache else engine.experts[0].codec
         layers = adapter.layers(dequantized)
         with torch.no_grad():
             for index, layer in enumerate(shape.moe_layers):
