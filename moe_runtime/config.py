@@ -7,6 +7,7 @@ the number of experts). Both raise ValueError naming the allowed values, before 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 
 from .policies import POLICIES
@@ -42,9 +43,10 @@ class OffloadConfig:
     expert_group_size: HQQ group size of experts; None picks the paper's choice for the bits
                   (16 for 2- and 3-bit, 64 for 4- and 8-bit, where 16 would cost more than it saves).
     attn_bits:    None (unquantized) or 4, 8 (HQQ) for the attention projections.
+    attn_group_size: HQQ group size of the attention projections (a power of two dividing them).
     quantize_meta: meta-quantize HQQ scales and zeros to 8 bits (the paper's setting).
-    hqq_optimize: run HQQ's half-quadratic optimizer (better accuracy; ~25 s per Mixtral expert matrix on
-                  a 2-core CPU, well under a second on a GPU). False = round-to-nearest, same format.
+    hqq_optimize: run HQQ's half-quadratic optimizer (better accuracy; slow on a CPU, seconds per Mixtral
+                  expert matrix; fast on a GPU). False = round-to-nearest, same format.
     store_dir:    folder of the expert store, reused across runs (keyed by model and quant settings).
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
     dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one.
@@ -121,6 +123,25 @@ class OffloadConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each setting's documentation from this class's docstring (the one place it is written),
+        one line per setting: what `app.py --help` shows."""
+        docs: dict[str, str] = {}
+        current = None
+        for line in (cls.__doc__ or "").splitlines():
+            match = re.match(r"^    (\w+(?:, \w+)*):\s+(.*)$", line)
+            if match:
+                current = [name.strip() for name in match.group(1).split(",")]
+                for name in current:
+                    docs[name] = match.group(2).strip()
+            elif current and line.startswith("     ") and line.strip():
+                for name in current:
+                    docs[name] += " " + line.strip()
+            else:
+                current = None
+        return {f.name: docs[f.name] for f in fields(cls) if f.name in docs}
 
     @classmethod
     def from_dict(cls, values: dict) -> OffloadConfig:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch.base import dense_linear, softmax_scores
+from .arch.base import ExpertWeights, dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
 from .policies import make_policy
 from .quant import ExpertCodec
@@ -50,12 +50,13 @@ def combine(out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, k_pos: 
     out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
 
 
-def reference_moe(hidden_states, top_k_index, top_k_weights, weights, expert_fn) -> torch.Tensor:
-    """The plain path, for tests: every expert's `ExpertWeights` in memory as `weights[e]`.
-    hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
+def reference_moe(hidden_states, top_k_index, top_k_weights, weights, expert_fn, linear=dense_linear) -> torch.Tensor:
+    """The plain path (tests, the accelerate baseline): every expert's weights at hand as `weights[e]`
+    ((gate, up, down[, biases]), an `ExpertWeights` or anything `linear` takes), run by the family's
+    `expert_fn`. hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
     out = torch.zeros_like(hidden_states)
     for expert, (token_idx, k_pos) in dispatch(top_k_index, len(weights)).items():
-        y = expert_fn(hidden_states[token_idx], weights[expert], dense_linear)
+        y = expert_fn(hidden_states[token_idx], ExpertWeights(*weights[expert]), linear)
         combine(out, y, token_idx, k_pos, top_k_weights)
     return out
 

@@ -62,8 +62,8 @@ def quantize_matrix(weight: torch.Tensor, bits: int, group_size: int, quantize_m
                     optimize: bool = True, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """HQQ-quantize one matrix: packed codes, fp16 scale/zero (or their 8-bit codes + meta).
 
-    `device` is where HQQ's optimizer runs (a GPU makes it ~100x faster than these CPUs); the
-    results come back to the CPU.
+    `device` is where HQQ's optimizer runs (a GPU is far faster at it than a CPU); the results come
+    back to the CPU.
     """
     if weight.numel() % group_size:
         raise ValueError(f"group size {group_size} does not divide a {tuple(weight.shape)} matrix")
@@ -185,8 +185,8 @@ class ExpertCodec:
         least `nbytes`) when given. An `ExpertWeights` unpacks into these.
 
         Writing into a caller's reused buffer matters when building a store: a fresh buffer per
-        expert of a few MB fragments glibc's heap (measured: +60 MB resident, kept, while building
-        the store of a 200 MB checkpoint).
+        expert of a few MB fragments glibc's heap, and the resident memory it leaves behind stays
+        (docs/results.md, "Notes on the measurement").
         """
         tensors, _ = self._pieces(weights, optimize=self.optimize)
         buffer = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out

@@ -265,15 +265,13 @@ class SlowTier(Protocol):
 
     `copy_to(layer, expert, dst)` fills `dst` (uint8 [nbytes] or larger, on the compute device or the
     host) with the record of one expert; it may be called from the demand path and the prefetch worker
-    at once. `nbytes` is one record's size as moved (what a load costs in bytes). `record(layer, expert)`
-    returns the record on the host (uint8 [stride]); `close()` lets go of files.
+    at once. `nbytes` is one record's size as moved (what a load costs in bytes); `close()` lets go of
+    files and buffers.
     """
 
     nbytes: int
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None: ...
-
-    def record(self, layer: int, expert: int) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -314,9 +312,6 @@ class RamTier:
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         dst.copy_(self.records[layer][expert, : dst.numel()], non_blocking=True)
-
-    def record(self, layer: int, expert: int) -> torch.Tensor:
-        return self.records[layer][expert]
 
     def close(self) -> None:
         self.records = []
@@ -372,11 +367,6 @@ class DiskTier:
         self.read(layer, expert, staging)
         dst.copy_(staging[: dst.numel()], non_blocking=False)
 
-    def record(self, layer: int, expert: int) -> torch.Tensor:
-        buf = aligned_empty(self.stride, torch.device("cpu"))
-        self.read(layer, expert, buf)
-        return buf
-
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -417,10 +407,6 @@ class DecodingTier:
         decoded = self.quantized.decode(staging)
         for name, slot in self.plain.layout.slots.items():
             slot.view(dst).copy_(getattr(decoded, name))
-
-    def record(self, layer: int, expert: int) -> torch.Tensor:
-        """The quantized record, as stored."""
-        return self.inner.record(layer, expert)
 
     def close(self) -> None:
         self.inner.close()

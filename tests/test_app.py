@@ -4,17 +4,16 @@ and `python app.py` itself, launched once and driven through gradio_client (embe
 import socket
 import threading
 from dataclasses import fields
-from pathlib import Path
 
 import pytest
 import torch
 
 import app
 from moe_runtime import OffloadConfig, RoutingTrace
+from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
 from webapp.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
 
-REPO = Path(__file__).resolve().parent.parent
-EMBEDDED_DIR = REPO / EMBEDDED_MODEL
+EMBEDDED_DIR = EMBEDDED_MODEL_DIR
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -375,11 +374,11 @@ def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
     import json
     import shlex
 
-    cmd = json.loads(next(line for line in (REPO / "Dockerfile").read_text().splitlines()
+    cmd = json.loads(next(line for line in (REPO_ROOT / "Dockerfile").read_text().splitlines()
                           if line.startswith("CMD "))[4:])
     assert cmd[:2] == ["python", "app.py"] and app.parse_args(cmd[2:]).host == "0.0.0.0"
 
-    notebook = json.loads((REPO / "notebooks" / "colab_t4.ipynb").read_text())
+    notebook = json.loads((REPO_ROOT / "notebooks" / "colab_t4.ipynb").read_text())
     assert notebook["nbformat"] == 4
     sources = ["".join(cell["source"]) for cell in notebook["cells"]]
     launch = next(s for s in sources if "app.py" in s and s.lstrip().startswith("!python"))

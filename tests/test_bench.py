@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import pytest
 import torch
+from references import workload_reference_step
 
 from moe_runtime.bench import accelerate, cli, measure, runners
 from moe_runtime.bench import model as bench_model
 from moe_runtime.bench import workload as wl
+from moe_runtime.paths import SHIPPED_TRACE
 from moe_runtime.sim.replay import simulate
 from moe_runtime.stats import RoutingTrace
 from tiny_models import save_tiny_mixtral
 
-SHIPPED_TRACE = Path(__file__).resolve().parents[1] / "assets" / "traces" / "tiny-mixtral.json"
 SPEC16 = wl.WorkloadSpec(layers=2, hidden=64, intermediate=128, experts=6, top_k=2, bits=None, dtype="float32")
 
 
@@ -199,16 +199,19 @@ def test_shipped_trace_is_replayable():
     assert all(len(g) >= 2 for g in replay.guess[1])  # the prefetcher's guesses were recorded
 
 
-def test_decoded_cache_computes_what_the_quantized_cache_computes(tmp_path):
+@pytest.mark.parametrize("decoded", [False, True])
+def test_quantized_workload_computes_the_plain_reference(tmp_path, decoded):
     spec = replace(SPEC16, bits=2, group_size=16)
     replay = wl.map_trace(local_trace(), 2)
-    folder = wl.build_store(spec, tmp_path)
-    plain = wl.OffloadedStack(spec, replay, folder, 2, 2, torch.device("cpu"))
-    decoded = wl.OffloadedStack(spec, replay, folder, 2, 2, torch.device("cpu"), decoded=True)
-    for n in range(6):
-        torch.testing.assert_close(decoded.step(n), plain.step(n))
-    decoded.drain()
-    plain.drain()
-    assert decoded.stats.snapshot().bytes_moved == plain.stats.snapshot().bytes_moved  # the 2-bit records
-    plain.close()
-    decoded.close()
+    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), 2, 2, torch.device("cpu"),
+                              decoded=decoded)
+    try:
+        for n in range(6):
+            torch.testing.assert_close(stack.step(n), workload_reference_step(spec, replay, n), rtol=1e-4,
+                                       atol=1e-5)
+        stack.drain()
+        stats = stack.stats.snapshot()  # what moves is the 2-bit record, decoded cache or not
+        assert stats.total("bytes_moved") == (stats.total("misses") + stats.total("prefetch_issued")) * \
+            spec.codec().nbytes
+    finally:
+        stack.close()

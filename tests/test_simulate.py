@@ -12,17 +12,15 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from moe_runtime.paths import REPO_ROOT
 from moe_runtime.policies import POLICIES
 from moe_runtime.sim.cli import main
 from moe_runtime.sim.replay import SIM_POLICIES, check_trace, predict_throughput, simulate, sweep
 from moe_runtime.sim.throughput import HARDWARE, MODELS, fitting_cache_size, predict_from_loads
 from moe_runtime.stats import RoutingTrace
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_layer(selected, num_experts, top_k=None, guess=None) -> RoutingTrace:
@@ -309,6 +307,6 @@ def test_cli_bad_input_exits_2_with_a_message(tmp_path, capsys, content, args, m
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "moe_runtime.sim", str(tmp_path / "missing.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "error: cannot read routing trace" in done.stderr and "Traceback" not in done.stderr

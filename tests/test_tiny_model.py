@@ -6,18 +6,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from moe_runtime.paths import EMBEDDED_MODEL_DIR, TRAINING_TEXT
 from tools import train_tiny
 from tools.evaluate_tiny import validation_windows
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_DIR = ROOT / "assets" / "tiny-mixtral"
-DATA = ROOT / "assets" / "data" / "tinyshakespeare.txt"
+MODEL_DIR = EMBEDDED_MODEL_DIR
+DATA = TRAINING_TEXT
 # Measured by `python -m tools.evaluate_tiny --max-windows 4 --no-samples`: 4.03 nats/token
 # on these windows (chance: ln 4096 = 8.32). The margin is for retrained models (another seed or
 # thread count), not for kernel noise, which is ~1e-6.

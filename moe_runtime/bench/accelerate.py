@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from ..experts import combine, dispatch
+from ..arch import swiglu
+from ..experts import reference_moe
 from ..store import store_folder
 from .workload import Replay, WorkloadSpec, check_replay, expert_weights, first_hidden, residual_step, routing
 
@@ -46,12 +47,13 @@ class PerExpertLayer(nn.Module):
         )
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for expert, (token_idx, k_pos) in dispatch(top_k_index, len(self.experts)).items():
-            e = self.experts[expert]
-            y = e["down"](F.silu(e["gate"](hidden_states[token_idx])) * e["up"](hidden_states[token_idx]))
-            combine(out, y, token_idx, k_pos, top_k_weights)
-        return out
+        # the accelerate hooks of each Linear load its weight on entry, so they run as modules
+        weights = [(e["gate"], e["up"], e["down"]) for e in self.experts]
+        return reference_moe(hidden_states, top_k_index, top_k_weights, weights, swiglu(F.silu), linear=_call_module)
+
+
+def _call_module(x: torch.Tensor, module: nn.Linear, bias: None = None) -> torch.Tensor:
+    return module(x)  # bias-free Linears: the expert function passes bias=None
 
 
 def _mixtral_config(spec: WorkloadSpec) -> MixtralConfig:

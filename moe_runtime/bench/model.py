@@ -53,14 +53,25 @@ def _decoder(model, ids, prompt_tokens: int):
 
 
 def _experts_device_map(config, device) -> dict:
-    """Everything on the compute device except every layer's experts, which go to disk."""
+    """Everything on the compute device except every MoE layer's experts, which go to disk. Module
+    names come from the model built on the meta device and its adapter (no hard-coded names)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import adapter_for
+
     here = (device.index or 0) if device.type == "cuda" else "cpu"
-    dm = {n: here for n in ("model.embed_tokens", "model.norm", "lm_head", "model.rotary_emb")}
-    for i in range(config.num_hidden_layers):
-        for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp.gate"):
-            dm[f"model.layers.{i}.{name}"] = here
-        dm[f"model.layers.{i}.mlp.experts"] = "disk"
-    return dm
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    name_of = {id(module): name for name, module in model.named_modules()}
+    offloaded = {name_of[id(adapter.moe_block(layer).experts)] for layer in adapter.layers(model)}
+    device_map = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        owner = name.rsplit(".", 1)[0]
+        experts = next((e for e in offloaded if owner == e or owner.startswith(e + ".")), None)
+        device_map[experts or owner] = "disk" if experts else here
+    return device_map
 
 
 def _time_accelerate_loads(model):
