@@ -248,3 +248,19 @@ def test_routing_trace_records_what_transformers_routes_and_replays(family, tmp_
     assert trace.selected == chosen
     replayed = simulate(trace, "lru", shape.num_experts // 2)
     assert (replayed.hits, replayed.misses) == (stats.hits, stats.misses)
+
+
+def test_codec_keeps_biases_exactly_and_refuses_a_mismatch():
+    from moe_runtime.quant import ExpertCodec
+
+    w = ExpertWeights(torch.randn(32, 64), torch.randn(32, 64), torch.randn(64, 32),
+                      torch.randn(32), torch.randn(32), torch.randn(64))
+    for bits in (None, 4):
+        codec = ExpertCodec(64, 32, bits, 64, True, torch.float32, optimize=False, biases=True)
+        decoded = codec.decode(codec.encode(*w))
+        for name in ("gate_bias", "up_bias", "down_bias"):  # biases are never quantized
+            assert torch.equal(getattr(decoded, name), getattr(w, name))
+        with pytest.raises(ValueError, match="gate_bias is missing"):
+            codec.encode(*w[:3])
+    with pytest.raises(ValueError, match="gate_bias is given"):
+        ExpertCodec(64, 32, None, 64, True, torch.float32).encode(*w)
