@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
+from references import workload_reference_step
 
 from moe_runtime.bench import accelerate, cli, measure, runners
 from moe_runtime.bench import model as bench_model
@@ -200,3 +201,20 @@ def test_shipped_trace_is_replayable():
     replay = wl.map_trace(trace, 2)
     assert replay.num_tokens >= 100
     assert all(len(g) >= 2 for g in replay.guess[1])  # the prefetcher's guesses were recorded
+
+
+def test_quantized_workload_computes_the_plain_reference(tmp_path):
+    spec = replace(SPEC16, bits=2)  # group 32: the fused int4 CPU kernel
+    replay = wl.map_trace(local_trace(), 2)
+    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), 2, 2, torch.device("cpu"))
+    try:
+        assert stack.modules[0].form.kind == "int4-cpu"
+        for n in range(6):  # packed slots compute through the bf16 int4 kernel: a bf16 tolerance
+            expected = workload_reference_step(spec, replay, n)
+            torch.testing.assert_close(stack.step(n), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+        stack.drain()
+        stats = stack.stats.snapshot()  # what moves is the 2-bit record
+        assert stats.total("bytes_moved") == (stats.total("misses") + stats.total("prefetch_issued")) * \
+            spec.codec().nbytes
+    finally:
+        stack.close()

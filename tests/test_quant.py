@@ -1,10 +1,8 @@
 """HQQ-quantized experts and attention equal transformers' model holding hqq's own dequantized weights."""
 
-import math
-
 import pytest
 import torch
-from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
+from references import hqq_dequantized, hqq_linear_dequantized
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
@@ -16,33 +14,6 @@ from tiny_models import save_tiny_mixtral
 def mid_dir(tmp_path_factory):
     return save_tiny_mixtral(tmp_path_factory.mktemp("mid") / "model", hidden=128, intermediate=256, layers=2,
                              experts=4, heads=4, kv_heads=2, shards=2)
-
-
-def hqq_dequantized(weight: torch.Tensor, bits: int, group_size: int, quantize_meta: bool,
-                    optimize: bool = True) -> torch.Tensor:
-    """The reference: hqq's own quantizer and dequantizer on one checkpoint matrix, in the setting the
-    store documents (axis 1, groups of `group_size`, HQQ's optimizer or round-to-nearest, fp16 scale and zero, optionally
-    themselves 8-bit quantized along axis 0 in groups of up to 128)."""
-    w_q, meta = Quantizer.quantize(weight.float(), nbits=bits, channel_wise=True, group_size=group_size,
-                                   optimize=optimize, round_zero=(bits == 4), axis=1, bitpack=True, device="cpu")
-    for part in ("scale", "zero"):
-        value = meta[part].half().float()
-        if quantize_meta:
-            codes, sub = Quantizer.quantize(value, nbits=8, channel_wise=True, group_size=math.gcd(128, value.numel()),
-                                            optimize=False, axis=0, bitpack=True, device="cpu")
-            sub["scale"], sub["zero"] = sub["scale"].half().float(), sub["zero"].half().float()
-            value = Quantizer.dequantize(codes, sub)
-        meta[part] = value
-    return Quantizer.dequantize(w_q, meta).reshape(weight.shape)
-
-
-def hqq_linear_dequantized(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Without meta quantization the setting is exactly hqq's HQQLinear (axis 1), dequantized by hqq."""
-    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    linear.weight.data.copy_(weight)
-    quantized = HQQLinear(linear, BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1),
-                          compute_dtype=torch.float16, device="cpu")
-    return quantized.dequantize().float()
 
 
 def _dequantized_reference(path, engine, quantize_meta: bool):
@@ -83,8 +54,6 @@ def test_quantized_engine_matches_hqq_dequantized_reference(mid_dir, tmp_path, b
                                          store_dir=str(tmp_path)))
     try:
         assert engine.experts[0].form.kind == "int4-cpu"  # the fused kernel, not hqq's dequantization
-        if attn_bits is not None:
-            assert engine.model.model.layers[0].self_attn.q_proj.kind == "int4-cpu"
         reference = _dequantized_reference(mid_dir, engine, quantize_meta)
         ids = torch.randint(0, engine.model.config.vocab_size, (1, 9))
         with torch.no_grad():
