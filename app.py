@@ -437,7 +437,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="turn off hqq_optimize: " + doc["hqq_optimize"])
     o.add_argument("--store-dir", default=d.store_dir, help=doc["store_dir"])
     o.add_argument("--delete-shards", action="store_true", help=doc["delete_shards"])
-    o.add_argument("--decoded-cache", action="store_true", help=doc["decoded_cache"])
     o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help=doc["policy"])
     o.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=doc["dtype"])
     o.add_argument("--no-trace", dest="record_trace", action="store_false",

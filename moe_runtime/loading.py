@@ -410,7 +410,7 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        decoded=config.decoded_cache, stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device)
+        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device)
     for block, experts in zip(blocks, modules):
         block.experts = experts
     hf_model.to_empty(device=device)

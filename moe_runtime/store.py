@@ -498,7 +498,7 @@ class DiskTier:
 
 class TranscodingTier:
     """Any tier, converting on load: cache slots hold an expert's compute form (kernels.forms), e.g.
-    packed for a fused low-bit kernel or dequantized (`decoded_cache`). A miss or a prefetch (on its
+    packed for a fused low-bit kernel. A miss or a prefetch (on its
     worker thread) pays the conversion once; a hit costs only the compute. What moves from the slow
     tier is still the record as stored.
     """
