@@ -231,7 +231,8 @@ class ExpertCodec:
 
 
 class HQQLinear(nn.Module):
-    """A linear layer whose weight is kept HQQ-quantized and dequantized per call (its bias stays as is)."""
+    """A linear layer whose weight is kept HQQ-quantized (its bias stays as is): computed by a fused kernel
+    from its codes where one fits the device and shape (`kernels.pack_matrix`), else dequantized by hqq per call."""
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool,
                  optimize: bool = True) -> None:
@@ -240,14 +241,21 @@ class HQQLinear(nn.Module):
         self.dtype = linear.weight.dtype
         device = str(linear.weight.device)
         tensors, self.info = quantize_matrix(linear.weight.detach(), bits, group_size, quantize_meta, optimize, device)
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor.to(linear.weight.device))
-        self.names = list(tensors)
+        from .kernels import pack_matrix  # here: the kernels package imports this module
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
-    def dequantize(self) -> torch.Tensor:
-        tensors = {name: getattr(self, name) for name in self.names}
-        return dequantize_matrix(tensors, self.info, self.dtype).reshape(self.out_features, self.in_features)
+        tensors = {name: tensor.to(linear.weight.device) for name, tensor in tensors.items()}
+        packed = pack_matrix(tensors, self.info, linear.weight.device, self.dtype)
+        self.kind, pieces = packed if packed is not None else (None, tensors)
+        for name, tensor in pieces.items():
+            self.register_buffer(name, tensor)
+        self.names = list(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantize(), self.bias)
+        pieces = {name: getattr(self, name) for name in self.names}
+        if self.kind is None:
+            weight = dequantize_matrix(pieces, self.info, self.dtype).reshape(self.out_features, self.in_features)
+            return nn.functional.linear(x, weight, self.bias)
+        from .kernels import linear, packed_weight
+
+        return linear(x, packed_weight(self.kind, pieces, self.info), self.bias)

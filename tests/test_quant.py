@@ -54,6 +54,8 @@ def test_quantized_engine_matches_hqq_dequantized_reference(mid_dir, tmp_path, b
                                          store_dir=str(tmp_path)))
     try:
         assert engine.experts[0].form.kind == "int4-cpu"  # the fused kernel, not hqq's dequantization
+        if attn_bits is not None:
+            assert engine.model.model.layers[0].self_attn.q_proj.kind == "int4-cpu"
         reference = _dequantized_reference(mid_dir, engine, quantize_meta)
         ids = torch.randint(0, engine.model.config.vocab_size, (1, 9))
         with torch.no_grad():

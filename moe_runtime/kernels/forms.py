@@ -98,8 +98,23 @@ class PackedForm:
         return ExpertWeights(*out, *(self.layout.slots[name].view(slot) for name in self.biases))
 
 
+def pack_matrix(tensors: dict[str, torch.Tensor], info: dict, device: torch.device,
+                dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """One HQQ-quantized matrix (quant.quantize_matrix's pieces) -> (kind, the fused kernel's pieces) for
+    `device`, or None where no fused kernel fits (attention projections: quant.HQQLinear)."""
+    bits, group, shape = info["nbits"], info["group_size"], tuple(info["shape"])
+    if info["axis"] != 1:
+        return None
+    if device.type == "cpu" and int4_supports(bits, shape, group):
+        return "int4-cpu", int4_pack(*hqq_codes(tensors, info), bits, group)
+    if device.type == "cuda" and triton_supports(bits, shape, group) and importlib.util.find_spec("triton"):
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return "triton", triton_pack(*hqq_codes(tensors, info), bits, dtype)
+    return None
+
+
 def packed_weight(kind: str, pieces: dict[str, torch.Tensor], info: dict):
-    """The weight object `kernels.linear` computes with, from the kernel's pieces of one matrix."""
+    """The weight object `kernels.linear` computes with, from `pack_matrix`'s pieces."""
     if kind == "int4-cpu":
         return Int4CpuWeight(pieces["packed"], pieces["scale_bias"], info["group_size"], 2 if info["nbits"] == 8 else 1)
     return HqqTritonWeight(pieces["codes"], pieces["scale"], pieces["zero"], info["nbits"], info["group_size"])
@@ -109,7 +124,7 @@ def compute_form(codec: ExpertCodec, device: torch.device) -> ComputeForm:
     """The fastest form `device` computes `codec`'s experts with (docs/results.md, "Fused quantized compute")."""
     if codec.bits is None:
         return StoredForm(codec)
-    matrices = [codec.shapes[name] for name in MATRICES]
+    matrices = [codec.shapes[name] for name in MATRICES]  # biases stay dense whatever the form
     fits = {kind: all(check(codec.bits, shape, codec.group_size) for shape in matrices)
             for kind, check in (("int4-cpu", int4_supports), ("triton", triton_supports))}
     if device.type == "cpu" and fits["int4-cpu"]:
