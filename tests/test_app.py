@@ -251,10 +251,10 @@ def test_leaving_a_reply_early_frees_the_engine(handlers):
 
 def test_stats_figures_and_trace_file(handlers):
     list(handlers.respond("To be", [], "", 0.7, 0.95, 6))
-    counters, *figures, trace_path = handlers.stats_with_trace()
+    counters, *figures = handlers.stats_view()
     assert counters["tokens_generated"] > 0 and len(figures) == len(app.STATS_FIGURES)
     assert figures[0].data[0].type == "heatmap"
-    trace = RoutingTrace.load(trace_path)
+    trace = RoutingTrace.load(handlers.service.trace_file(every=0))
     assert trace.num_tokens == counters["trace_tokens"] > 0
     assert handlers.reset_stats()[0]["tokens_generated"] == 0
 
@@ -330,7 +330,7 @@ def client(served, tmp_path_factory):
 
 def test_served_app_has_the_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/chat", "/stats", "/apply_settings", "/reset_stats"} <= set(endpoints)
+    assert {"/chat", "/stats", "/trace", "/apply_settings", "/reset_stats"} <= set(endpoints)
 
 
 def test_served_app_streams_a_reply_and_reports_stats(client):
@@ -342,10 +342,12 @@ def test_served_app_streams_a_reply_and_reports_stats(client):
     history = [{"role": "user", "content": "To be, or not to be"}, {"role": "assistant", "content": streamed[-1]}]
     assert isinstance(client.predict("and then?", history, "", 0, 1, 4, api_name="/chat"), str)
 
-    counters, heatmap, *others, trace_file = client.predict(api_name="/stats")
+    counters, heatmap, *others = client.predict(api_name="/stats")
     assert counters["tokens_generated"] > 0 and 0 <= counters["hit_rate"] <= 1
     assert heatmap["type"] == "plotly" and '"heatmap"' in heatmap["plot"] and len(others) == 4
-    assert RoutingTrace.load(trace_file).num_tokens == counters["trace_tokens"]
+    trace = RoutingTrace.load(client.predict(api_name="/trace"))  # made on request, not with every /stats
+    assert trace.num_tokens == counters["trace_tokens"]
+    assert trace.model == EMBEDDED_MODEL  # the name users see, not the server's absolute path
 
 
 def test_served_app_applies_settings_and_survives_bad_input(client):
