@@ -133,11 +133,13 @@ class Speculator:
         self.next_cache = next_cache
         self.prefetch = prefetch
         self.last_guess: list[list[int]] | None = None  # per token, ranking of L+1's experts
+        self.last_resident: set[int] | None = None  # L+1's experts on the device when guessed
 
     def __call__(self, hidden_states: torch.Tensor) -> None:
         logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)  # [T, E]
         ranking = torch.argsort(logits, dim=-1, descending=True)
         self.last_guess = ranking[:, :MAX_GUESS_RECORDED].tolist()
+        self.last_resident = self.next_cache.resident()
         if self.prefetch:
             # one token: its ranking; a prompt: experts ranked by mean routing probability
             mean_prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)
@@ -206,7 +208,8 @@ class OffloadedExperts(nn.Module):
         guess = self.previous_speculator.last_guess if self.previous_speculator is not None else None
         if guess is not None and len(guess) != len(selected):
             guess = None
-        self.stats.record_routing(self.layer, selected, guess, self.guess_width)
+        resident = getattr(self.previous_speculator, "last_resident", None) if guess is not None else None
+        self.stats.record_routing(self.layer, selected, guess, self.guess_width, resident)
 
 
 def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,

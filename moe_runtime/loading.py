@@ -31,6 +31,8 @@ from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_mod
 from .config import OffloadConfig, torch_dtype
 from .engine import Engine
 from .experts import Speculator, build_offloaded_experts, link_speculators
+from .host_cache import HostCache, HostPrefetcher, Speculators, plan_host_memory
+from .kernels import compute_form
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
 from .store import (
@@ -251,8 +253,8 @@ def _full_checkpoint(source: ModelSource, weights: WeightMap) -> Checkpoint:
     return Checkpoint.opened(weights, {name: source.shard(name) for name in weights.files})
 
 
-def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source: ModelSource, weights: WeightMap,
-               model_name: str, device: torch.device):
+def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, adapter, source: ModelSource,
+               weights: WeightMap, model_name: str, device: torch.device):
     """(tier, store folder or None, dense tensors by parameter name -> reader).
 
     A complete store (experts + dense tensors) is used whenever there is one: the checkpoint's
@@ -272,7 +274,7 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
     stride = round_up(codec.nbytes)
     for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
         if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
-            if config.offload == "ram" and config.expert_bits is None and not delete:
+            if offload == "ram" and config.expert_bits is None and not delete:
                 checkpoint = _full_checkpoint(source, weights)
                 reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
                 tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts,
@@ -282,7 +284,7 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
                 return tier, None, dense
             _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
         try:
-            if config.offload == "ram":
+            if offload == "ram":
                 tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
             else:
                 tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
@@ -293,6 +295,18 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
             warnings.warn(f"{err}: rebuilding it now", stacklevel=3)
     handle = open_safetensors(folder / DENSE_FILE)
     return tier, folder, {name: partial(handle.get_tensor, name) for name in handle.keys()}
+
+
+def _link_host_prefetchers(modules, layers, adapter, host_cache: HostCache, ahead: int, per_layer: int) -> None:
+    """At each layer, also guess the next `ahead` layers' experts for the disk -> host prefetch."""
+    caches = [m.cache for m in modules]
+    norms = [adapter.moe_norm_weight(layer).detach() for layer in layers]
+    routers = [adapter.router_weight(layer).detach() for layer in layers]
+    for i, module in enumerate(modules[:-1]):
+        targets = range(i + 1, min(len(modules), i + 1 + ahead))
+        prefetcher = HostPrefetcher(i, [routers[j] for j in targets], norms[i], [norms[j] for j in targets],
+                                    host_cache, caches, per_layer)
+        module.speculator = Speculators(module.speculator, prefetcher)
 
 
 def _build_model(hf_config, dtype: torch.dtype):
@@ -358,6 +372,11 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
         raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
                          f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
+    stride = round_up(codec.nbytes)
+    exclusive = device.type == "cuda" and not compute_form(codec, device, config.decoded_cache).transcodes
+    host = plan_host_memory(config.offload, config.host_cache_gb, num_layers=shape.num_layers,
+                            num_experts=shape.num_experts, cache_size=config.cache_size, stride=stride,
+                            exclusive=exclusive)  # a budget this machine cannot give is refused here
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
@@ -365,9 +384,14 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
 
     hf_model = _build_model(hf_config, dtype)  # on the meta device: no memory, names and shapes only
     _check_weight_names(weights, hf_model, adapter, shape)
-    tier, store_path, dense = _slow_tier(config, codec, shape, adapter, source, weights, model_name, device)
+    tier, store_path, dense = _slow_tier(config, host.offload, codec, shape, adapter, source, weights, model_name,
+                                         device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
+    host_cache = None
+    if isinstance(tier, DiskTier):  # the host level between the device slots and the disk
+        host_cache = tier = HostCache(tier, shape.num_layers, host.host_slots, stride, config.policy,
+                                      host.exclusive, pin=device.type == "cuda", stats=stats)
     layers = adapter.layers(hf_model)
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
@@ -383,10 +407,13 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
                    adapter.moe_norm_weight(layers[i + 1]).detach(), modules[i + 1].cache, config.prefetch)
         for i in range(len(modules) - 1)
     ])
+    if host_cache is not None and config.disk_prefetch_layers and host.host_slots:
+        _link_host_prefetchers(modules, layers, adapter, host_cache, config.disk_prefetch_layers,
+                               max(config.prefetch, shape.top_k))
     if config.attn_bits is not None:
         _quantize_attention(hf_model, adapter, config)
     if (model_dir / "generation_config.json").exists():
         hf_model.generation_config = GenerationConfig.from_pretrained(model_dir)
     hf_model.eval()
     return Engine(hf_model, tokenizer, config, shape, device, model_name, modules, transfer, tier, stats,
-                  store_path)
+                  store_path, host_cache=host_cache, host_plan=host)

@@ -41,8 +41,7 @@ class Job:
 # --- counters of a window -----------------------------------------------------------------------
 def loader_counters(loader) -> Counters:
     """accelerate's loader as one-layer counters: every load is a demand load (a miss)."""
-    return Counters(selections=[0], hits=[0], misses=[loader.loads], prefetch_issued=[0], prefetch_used=[0],
-                    guess_hits=[0], guess_total=[0], bytes_moved=[loader.nbytes], stall_seconds=[loader.seconds])
+    return Counters.of(1, misses=[loader.loads], bytes_moved=[loader.nbytes], stall_seconds=[loader.seconds])
 
 
 def no_counters() -> Counters:
