@@ -55,12 +55,13 @@ VARIANTS = {
     "no-cache": "ours, every selected expert read from disk on every use (cache emptied before each token)",
     "lru": "ours, LRU cache of C experts per layer",
     "lru+prefetch": "ours, LRU cache + speculative prefetch of P experts one layer ahead",
+    "lru+host": "ours, lru+prefetch with a host-RAM cache of every record below it (each read from disk once)",
     "resident": "ours, cache of all E experts, loaded before timing (the limit)",
     "lru+prefetch-decoded": "2-bit only: lru+prefetch with a cache of dequantized experts (dequantized once per load)",
     "resident-decoded": "2-bit only: resident with a cache of dequantized experts",
     "transformers": "plain transformers model, every weight in memory",
 }
-ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "resident")
+ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "lru+host", "resident")
 WORKLOAD_PARTS = {"workload-16bit": None, "workload-2bit": 2, "workload-4bit": 4}  # part -> expert bits
 PARTS = ("model", *WORKLOAD_PARTS, "kernels")
 DECODED_VARIANTS = ("lru+prefetch-decoded", "resident-decoded")

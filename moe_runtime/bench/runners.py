@@ -52,9 +52,11 @@ def run_workload(job: Job):
                      lambda: accelerate.drop_page_cache(folder)), facts
     cache_size, prefetch = engine_knobs(job, spec.experts)
     decoded = job.variant.endswith("-decoded")
+    host_slots = spec.layers * spec.experts if job.variant == "lru+host" else 0  # every record fits
     stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device,
-                              decoded=decoded)
-    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io, decoded_cache=decoded)
+                              decoded=decoded, host_slots=host_slots)
+    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io, decoded_cache=decoded,
+                 host_slots=host_slots)
     if job.variant.startswith("resident"):
         stack.warm_all()
     before = stack.drop_resident if job.variant == "no-cache" else None

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from ..cache import ExpertCache
 from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
+from ..host_cache import HostCache
+from ..kernels import compute_form
 from ..quant import ExpertCodec
 from ..stats import RoutingTrace, StatsCollector
 from ..store import DiskTier, open_store, round_up, store_folder, write_store
@@ -173,12 +175,17 @@ class OffloadedStack:
     """
 
     def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, cache_size: int, prefetch: int,
-                 device: torch.device, policy: str = "lru", decoded: bool = False) -> None:
+                 device: torch.device, policy: str = "lru", decoded: bool = False, host_slots: int = 0) -> None:
         check_replay(spec, replay)
         self.spec, self.replay, self.device = spec, replay, device
         codec = spec.codec()
-        disk = DiskTier(folder, spec.experts, round_up(codec.nbytes), codec.nbytes, device)
+        stride = round_up(codec.nbytes)
+        disk = DiskTier(folder, spec.experts, stride, codec.nbytes, device)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
+        if host_slots:  # a host-RAM cache below the device slots (host_cache.py); exclusive where it can be
+            exclusive = device.type == "cuda" and not compute_form(codec, device, decoded).transcodes
+            disk = HostCache(disk, spec.layers, host_slots, stride, policy, exclusive, pin=device.type == "cuda",
+                             stats=self.stats)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
             prefetch=prefetch, policy=policy, decoded=decoded, stats=self.stats, act_fn=F.silu, device=device)
