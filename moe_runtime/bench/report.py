@@ -284,7 +284,10 @@ def write_reports(results: list[dict], meta: dict, out: Path) -> str:
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     text = markdown(report)
     (out / "bench.md").write_text(text)
-    fig = figure(results)
+    try:
+        fig = figure(results)
+    except ImportError:  # a machine without plotly (e.g. a bare GPU box): the JSON and markdown are the results
+        return text
     fig.write_html(out / "bench.html", include_plotlyjs="cdn")
     figures = {"bench": fig}
     if trace:
