@@ -388,4 +388,5 @@ def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
     args = app.parse_args(argv[2:])
     config = app.config_from_args(args)
     assert (args.model, args.share) == (KNOWN_MODELS[0], True)
-    assert (config.expert_bits, config.attn_bits, config.cache_size, config.offload) == (2, 4, 4, "disk")
+    assert (config.expert_bits, config.attn_bits, config.cache_size, config.offload, config.host_cache_gb) == \
+        (2, 4, 4, "auto", "auto")  # the engine sizes the host cache itself (issue 9)
