@@ -80,8 +80,12 @@ class Plan:
     store_dir: str
     device: str
     threads: int
+    variants: list[str] | None = None  # only these (default: every variant of each part)
 
     def jobs(self) -> list[Job]:
+        return [job for job in self._all_jobs() if not self.variants or job.variant in self.variants]
+
+    def _all_jobs(self) -> list[Job]:
         jobs = []
         common = dict(cache_size=self.cache_size, prefetch=self.prefetch, store_dir=self.store_dir, device=self.device,
                       threads=self.threads)
@@ -210,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefetch", type=int, default=2, help="experts prefetched one layer ahead")
     ap.add_argument("--store-dir", default="expert-store/bench", help="expert stores and offload folders (reused)")
     ap.add_argument("--device", default="cpu", help='"cpu" or "cuda[:N]"')
+    ap.add_argument("--variants", help="comma-separated subset of the variants: " + ", ".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of every variant (default 1: on a shared 2-core machine a second "
                          "thread is slower, and waking it after each blocking disk read costs milliseconds)")
@@ -261,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     if any(p.startswith("workload") for p in parts) and not Path(args.trace).exists():
         print(f"error: no routing trace at {args.trace}: record one with --record-trace", file=sys.stderr)
         return 2
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    unknown = [v for v in variants or [] if v not in VARIANTS]
+    if unknown:
+        print(f"error: --variants {unknown[0]!r} is not a variant: use {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
-                args.store_dir, args.device, args.threads)
+                args.store_dir, args.device, args.threads, variants)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)
