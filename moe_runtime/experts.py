@@ -214,12 +214,12 @@ class OffloadedExperts(nn.Module):
 
 def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
                             cache_size: int, prefetch: int, policy: str, decoded: bool, stats: StatsCollector,
-                            act_fn, device: torch.device):
+                            act_fn, device: torch.device, form: ComputeForm | None = None):
     """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
     its own preallocated slot pool and cache, one `Transfer` for all. Slots hold the device's compute
-    form of an expert (`kernels.compute_form`; dequantized matrices with `decoded`); where that form
-    is not the record itself, `TranscodingTier` wraps the tier and converts on load."""
-    form = compute_form(codec, device, decoded)
+    form of an expert (`kernels.compute_form`, or `form`; dequantized matrices with `decoded`); where
+    that form is not the record itself, `TranscodingTier` wraps the tier and converts on load."""
+    form = form if form is not None else compute_form(codec, device, decoded)
     if form.transcodes:
         tier = TranscodingTier(tier, codec, form)
     transfer = Transfer(tier, device)

@@ -29,6 +29,7 @@ sim/hierarchy.py replays the same rules on a routing trace; tests check both agr
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,16 @@ def available_ram_bytes() -> int:
 
 
 def plan_host_memory(offload: str, host_cache_gb, *, num_layers: int, num_experts: int, cache_size: int,
-                     stride: int, exclusive: bool, available: int | None = None) -> HostPlan:
+                     stride: int, exclusive: bool, transcodes: bool = False,
+                     available: int | None = None) -> HostPlan:
     """Resolve the host-memory settings against this machine, or raise ValueError with the numbers.
 
     offload="ram" is the strict request (every record in RAM); "disk" keeps the store on disk with
     a host cache of `host_cache_gb` (a number of GB, or "auto" = available minus HOST_HEADROOM_GB);
-    "auto" is "ram" when every record fits the budget, else "disk".
+    "auto" is "ram" when every record fits the budget, else "disk". `exclusive`: the levels can be
+    exclusive (CUDA). `transcodes`: the device computes from another form than the record; then the
+    levels are exclusive only when the budget cannot hold every record (slots then keep the record
+    and the form is made per use, `TranscodeOnUse`), since converting on load is cheaper per use.
     """
     available = available_ram_bytes() if available is None else available
     every = num_layers * num_experts * stride
@@ -91,6 +96,10 @@ def plan_host_memory(offload: str, host_cache_gb, *, num_layers: int, num_expert
                              f"headroom), this machine has {available / GB:.2f} GB available: use offload=\"disk\" "
                              f"with host_cache_gb={suggest:.1f} (or \"auto\")")
         return HostPlan("ram", 0, budget, every, exclusive)
+    if exclusive and transcodes and budget >= every:
+        exclusive, needed = False, every  # every record fits: convert on load, keep the arena inclusive
+    if host_cache_gb == "auto" and budget < num_layers * stride:
+        budget = 0  # "auto" on a machine without room for one expert per layer: no host cache
     slots = min(budget, needed) // stride
     return HostPlan("disk", int(slots), budget, needed, exclusive and slots > 0)
 
@@ -109,7 +118,8 @@ class HostCache:
         self.pins = [0] * slots  # copies in flight from or into the slot
         self.reading: dict[tuple[int, int], threading.Event] = {}  # disk reads into the arena in flight
         self.copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: last async copy out of the slot
-        self.active = 0  # copy_to / write_back calls running (the I/O thread waits for 0)
+        self.active = 0  # copy_to / exchange calls running (the I/O thread waits for 0)
+        self.on_device: Callable[[tuple[int, int]], bool] | None = None  # exclusive: is (layer, expert) in a slot?
         self._cond = threading.Condition()
         self._local = threading.local()
         self._io = _IoThread(self)
@@ -296,9 +306,11 @@ class HostCache:
             slot = self._free_or_victim(protect)
             if slot is None:
                 return False
+            if self.exclusive and self.on_device is not None and self.on_device(key):
+                return True  # on the device already: a copy here would hold it twice
             self._map(slot, key)
             self.pins[slot] += 1
-            self.reading[key] = threading.Event()
+            self.reading[key] = threading.Event()  # from here a device load of it waits for this read
         ok = False
         try:
             self._wait_copied(slot)
@@ -423,3 +435,23 @@ class Speculators:
     def __call__(self, hidden_states: torch.Tensor) -> None:
         for speculator in self.speculators:
             speculator(hidden_states)
+
+
+class TranscodeOnUse:
+    """A compute form for exclusive levels when the device computes from a converted form (e.g. the
+    Triton HQQ layout): slots keep the record itself, so an evicted expert can be written back to
+    the host arena, and the compute form is made on each use into one scratch buffer shared by all
+    layers (layers and their experts run one after another on one stream, so one is enough)."""
+
+    transcodes = False
+
+    def __init__(self, form, codec, device: torch.device) -> None:
+        self.form, self.codec, self.nbytes = form, codec, codec.nbytes
+        self.scratch = aligned_empty(form.nbytes, device)
+
+    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
+        slot[: self.nbytes].copy_(record[: self.nbytes])
+
+    def weights(self, slot: torch.Tensor) -> tuple:
+        self.form.load(slot, self.scratch)
+        return self.form.weights(self.scratch)

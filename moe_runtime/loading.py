@@ -31,7 +31,7 @@ from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_mod
 from .config import OffloadConfig, torch_dtype
 from .engine import Engine
 from .experts import Speculator, build_offloaded_experts, link_speculators
-from .host_cache import HostCache, HostPrefetcher, Speculators, plan_host_memory
+from .host_cache import HostCache, HostPrefetcher, Speculators, TranscodeOnUse, plan_host_memory
 from .kernels import compute_form
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
@@ -373,10 +373,12 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
         raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
                          f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
     stride = round_up(codec.nbytes)
-    exclusive = device.type == "cuda" and not compute_form(codec, device, config.decoded_cache).transcodes
+    form = compute_form(codec, device, config.decoded_cache)
     host = plan_host_memory(config.offload, config.host_cache_gb, num_layers=shape.num_layers,
                             num_experts=shape.num_experts, cache_size=config.cache_size, stride=stride,
-                            exclusive=exclusive)  # a budget this machine cannot give is refused here
+                            exclusive=device.type == "cuda", transcodes=form.transcodes)  # refused here, if so
+    if host.exclusive and form.transcodes:  # slots keep records (for write-back); the form is made per use
+        form = TranscodeOnUse(form, codec, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
@@ -396,7 +398,8 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        decoded=config.decoded_cache, stats=stats, act_fn=adapter.moe_block(layers[0]).experts.act_fn, device=device)
+        decoded=config.decoded_cache, stats=stats, act_fn=adapter.moe_block(layers[0]).experts.act_fn, device=device,
+        form=form)
     for layer, experts in zip(layers, modules):
         adapter.moe_block(layer).experts = experts
     hf_model.to_empty(device=device)
@@ -407,6 +410,8 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
                    adapter.moe_norm_weight(layers[i + 1]).detach(), modules[i + 1].cache, config.prefetch)
         for i in range(len(modules) - 1)
     ])
+    if host_cache is not None:
+        host_cache.on_device = lambda key: key[1] in modules[key[0]].cache.resident()
     if host_cache is not None and config.disk_prefetch_layers and host.host_slots:
         _link_host_prefetchers(modules, layers, adapter, host_cache, config.disk_prefetch_layers,
                                max(config.prefetch, shape.top_k))

@@ -149,3 +149,35 @@ def test_hierarchy_on_cuda_matches_transformers(tiny_dir, tmp_path, prefetch):
         assert sum(engine.counters().write_back_bytes) > 0
     finally:
         engine.close()
+
+
+def test_quantized_experts_exclusive_levels_keep_records_and_convert_on_use(tmp_path):
+    """2-bit experts on CUDA with a host budget below every record: the levels are exclusive, device
+    slots keep records (TranscodeOnUse), and the logits equal those of the same experts converted on
+    load with every record in the host cache (inclusive)."""
+    from moe_runtime.host_cache import TranscodeOnUse
+    from tiny_models import save_tiny_mixtral
+
+    tiny_dir = save_tiny_mixtral(tmp_path / "model", hidden=128, intermediate=256)  # Triton needs K % 64 == 0
+    common = dict(device="cuda", offload="disk", cache_size=1, prefetch=1, expert_bits=4, expert_group_size=64,
+                  store_dir=str(tmp_path))
+    roomy = load(tiny_dir, OffloadConfig(host_cache_gb="auto", **common))
+    ids = torch.randint(0, roomy.model.config.vocab_size, (1, 7), device="cuda")
+    try:
+        if not roomy.experts[0].form.transcodes:
+            pytest.skip("no converted compute form on this GPU (the triton package is missing)")
+        assert not roomy.host_cache.exclusive
+        with torch.no_grad():
+            expected = roomy.model(ids).logits
+        stride, layers = roomy.host_cache.stride, roomy.shape.num_layers
+    finally:
+        roomy.close()
+    tight = load(tiny_dir, OffloadConfig(host_cache_gb=(layers + 1) * stride / 1e9, **common))
+    try:
+        assert tight.host_cache.exclusive and isinstance(tight.experts[0].form, TranscodeOnUse)
+        for _ in range(2):
+            with torch.no_grad():
+                torch.testing.assert_close(tight.model(ids).logits, expected, atol=1e-3, rtol=1e-3)
+        assert sum(tight.counters().write_back_bytes) > 0
+    finally:
+        tight.close()

@@ -199,6 +199,10 @@ def test_budgets_are_refused_with_the_numbers():
     # Colab: exclusive levels need the 4 experts per layer not on the GPU, plus one staging record
     assert plan.offload == "disk" and plan.host_slots == 32 * 4 + 1 and plan.exclusive
     assert plan_host_memory("disk", 0, available=int(12.7 * GB), **shape).host_slots == 0
+    # a converted compute form (Triton on CUDA): exclusive only when the budget cannot hold every record
+    assert plan_host_memory("auto", "auto", available=int(12.7 * GB), transcodes=True, **shape).exclusive
+    roomy = plan_host_memory("disk", "auto", available=int(40 * GB), transcodes=True, **shape)
+    assert not roomy.exclusive and roomy.host_slots == 32 * 8
     assert plan_host_memory("auto", "auto", available=int(40 * GB), **shape).offload == "ram"
 
 
@@ -210,3 +214,28 @@ def test_a_bad_budget_is_refused_before_any_work(baby, tmp_path):
     for bad in (-1, "lots", True, float("nan")):
         with pytest.raises(ValueError, match="host_cache_gb"):
             OffloadConfig(host_cache_gb=bad)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (2, 32)])
+def test_transcode_on_use_computes_what_the_transcoded_slot_computes(bits, group):
+    """Exclusive levels with a converted compute form: the slot keeps the record and the form is made
+    per use; the expert's matrices must act exactly as the form made on load does."""
+    from moe_runtime.host_cache import TranscodeOnUse
+    from moe_runtime.kernels import PackedForm, compute_form, linear
+    from moe_runtime.quant import ExpertCodec
+
+    hidden, inter = 128, 256
+    codec = ExpertCodec(hidden, inter, bits, group, True, torch.float32, optimize=False)
+    record = codec.encode(torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02,
+                          torch.randn(hidden, inter) * 0.02)
+    form = compute_form(codec, torch.device("cpu"))
+    assert isinstance(form, PackedForm)
+    on_load = torch.zeros(form.nbytes, dtype=torch.uint8)
+    form.load(record, on_load)
+    lazy = TranscodeOnUse(form, codec, torch.device("cpu"))
+    slot = torch.zeros(lazy.nbytes, dtype=torch.uint8)
+    lazy.load(record, slot)
+    assert torch.equal(slot, record[: codec.nbytes])  # the slot is the record: it can be written back
+    x = {"gate": torch.randn(3, hidden), "up": torch.randn(3, hidden), "down": torch.randn(3, inter)}
+    for name, a, b in zip(("gate", "up", "down"), form.weights(on_load), lazy.weights(slot)):
+        torch.testing.assert_close(linear(x[name], b), linear(x[name], a), rtol=0, atol=0)
