@@ -182,10 +182,11 @@ class OffloadedStack:
         stride = round_up(codec.nbytes)
         disk = DiskTier(folder, spec.experts, stride, codec.nbytes, device)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
-        if host_slots:  # a host-RAM cache below the device slots (host_cache.py); exclusive where it can be
-            exclusive = device.type == "cuda" and not compute_form(codec, device, decoded).transcodes
-            disk = HostCache(disk, spec.layers, host_slots, stride, policy, exclusive, pin=device.type == "cuda",
-                             stats=self.stats)
+        # the host level (host_cache.py) below the device slots: with 0 slots a pass-through that counts
+        # disk reads; exclusive where it can be
+        exclusive = device.type == "cuda" and not compute_form(codec, device, decoded).transcodes
+        disk = HostCache(disk, spec.layers, host_slots, stride, policy, exclusive, pin=device.type == "cuda",
+                         stats=self.stats)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
             prefetch=prefetch, policy=policy, decoded=decoded, stats=self.stats, act_fn=F.silu, device=device)
