@@ -79,8 +79,10 @@ class Transfer:
              wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
              write_back: int | None = None) -> None:
         try:
+            # inference mode: the slots may be inference tensors (made under inference_mode, as the
+            # bench does), which a worker thread, outside that thread-local mode, may not update
             if self.stream is not None:
-                with torch.cuda.stream(self.stream):
+                with torch.inference_mode(), torch.cuda.stream(self.stream):
                     if wait_for is not None:
                         self.stream.wait_event(wait_for)  # the slot's previous expert is done with
                     self._copy(layer, expert, dst, write_back)
@@ -88,7 +90,8 @@ class Transfer:
                     event.record(self.stream)
                     ticket.cuda_event = event
             else:
-                self._copy(layer, expert, dst, write_back)
+                with torch.inference_mode():
+                    self._copy(layer, expert, dst, write_back)
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:

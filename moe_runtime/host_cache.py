@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .policies import make_policy
 from .stats import StatsCollector
@@ -392,28 +391,26 @@ class _IoThread:
 
 
 class HostPrefetcher:
-    """At layer L, guesses the experts of layers L+1..L+n from L's MoE input and hands the ones not
-    on the device to the host cache's I/O thread, nearest layer first, then by probability.
+    """At layer L, guesses the experts of layers L+1..L+n and hands the ones not on the device to the
+    host cache's I/O thread, nearest layer first, then most often ranked first.
 
-    Same guess as the speculator (experts.py): layer L+j's router applied to x * (w_{L+j} / w_L).
-    routers[j], norms[j]: router weight [E, H] and MoE-norm weight [H] of layer L+1+j.
-    """
+    `far`: (layer j, a speculator guessing layer j from L's MoE input: experts.Speculator with
+    prefetch 0, the same fold of norms and router as the one-layer-ahead guess)."""
 
-    def __init__(self, layer: int, routers: list[torch.Tensor], norm_here: torch.Tensor, norms: list[torch.Tensor],
-                 host: HostCache, device_caches: list, per_layer: int) -> None:
-        here = torch.where(norm_here.float().abs() < 1e-6, 1e-6, norm_here.float())
-        self.layer, self.host, self.device_caches, self.per_layer = layer, host, device_caches, per_layer
-        self.weights = [(r.float() * (n.float() / here)[None, :]).to(r.dtype) for r, n in zip(routers, norms)]
-        self.last_guess = None  # not a device speculator: records nothing
+    def __init__(self, far: list, host: HostCache, per_layer: int) -> None:
+        self.far, self.host, self.per_layer = far, host, per_layer
+        self.last_guess = None  # not the device speculator: the next layer records nothing from it
 
     def __call__(self, hidden_states: torch.Tensor) -> None:
         keys = []
-        for j, weight in enumerate(self.weights):
-            target = self.layer + 1 + j
-            prob = torch.softmax(F.linear(hidden_states.to(weight.dtype), weight).float(), dim=-1).mean(dim=0)
-            resident = self.device_caches[target].resident()
-            ranked = torch.argsort(prob, descending=True).tolist()
-            keys += [(target, e) for e in ranked[: self.per_layer] if e not in resident]
+        for target, speculator in self.far:
+            speculator(hidden_states)  # ranking per token; last_resident: the target's device experts
+            votes: dict[int, int] = {}
+            for ranking in speculator.last_guess:  # [T] rankings: count each token's top per_layer
+                for e in ranking[: self.per_layer]:
+                    votes[e] = votes.get(e, 0) + 1
+            ranked = sorted(votes, key=lambda e: -votes[e])[: self.per_layer]
+            keys += [(target, e) for e in ranked if e not in speculator.last_resident]
         self.host.prefetch(keys)
 
 

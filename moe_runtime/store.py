@@ -137,8 +137,9 @@ class StoreWriter:
         self.record = torch.zeros(stride, dtype=torch.uint8)
         self.dense = None if dense_names is None else DenseWriter(folder / (DENSE_FILE + ".partial"), dense_names)
 
-    def put(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.codec.encode(gate, up, down, out=self.record)
+    def put(self, layer: int, expert: int, *weights: torch.Tensor | None) -> None:
+        """Write one expert: (gate, up, down[, biases]), e.g. an unpacked `ExpertWeights`."""
+        self.codec.encode(*weights, out=self.record)
         offset = self.start + (layer * self.num_experts + expert) * self.stride
         view = memoryview(self.record.numpy()).cast("B")
         done = 0

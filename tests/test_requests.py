@@ -10,16 +10,8 @@ import time
 import pytest
 
 import app
-from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace
-from webapp.service import EngineService, build_messages, prompt_within_context, public_name
-
-
-@pytest.fixture(scope="module")
-def service(tiny_dir, tmp_path_factory):
-    service = EngineService(str(tiny_dir), OffloadConfig(device="cpu", store_dir=str(tmp_path_factory.mktemp("s"))))
-    service.start()
-    yield service
-    service.close()
+from moe_runtime import GenerationSettings, RoutingTrace
+from webapp.service import build_messages, prompt_within_context, public_name
 
 
 def _hold_the_engine(service):

@@ -80,7 +80,8 @@ class Plan:
     store_dir: str
     device: str
     threads: int
-    variants: list[str] | None = None  # only these (default: every variant of each part)
+    variants: tuple[str, ...] = ()  # only these (all when empty)
+    expert_bits: int | None = None  # the model part's experts (None: as in the checkpoint)
 
     def jobs(self) -> list[Job]:
         return [job for job in self._all_jobs() if not self.variants or job.variant in self.variants]
@@ -95,7 +96,9 @@ class Plan:
             if positions:  # the fixed text must fit the model's context
                 tokens = max(1, min(tokens, positions - prompt - warm - 1))
             for v in ("accelerate", *ENGINE_VARIANTS, "transformers"):
-                jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, **common))
+                bits = None if v in ("accelerate", "transformers") else self.expert_bits
+                jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, expert_bits=bits,
+                                **common))
         dims = QUICK_DIMS if self.quick else MIXTRAL_DIMS
         for part, bits in WORKLOAD_PARTS.items():
             if part not in self.parts:
@@ -110,7 +113,7 @@ class Plan:
                 w, t = (2, 6) if self.quick else self._full_tokens(v, bits)
                 job_spec = {**spec, "bits": None} if v.startswith("accelerate") else spec
                 jobs.append(Job(part, v, w, t, trace=self.trace, spec=job_spec, **common))
-        return jobs
+        return [j for j in jobs if not self.variants or j.variant in self.variants]
 
     @staticmethod
     def _full_tokens(variant: str, bits: int | None) -> tuple[int, int]:
@@ -207,14 +210,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.html")
     ap.add_argument("--parts", default="model,workload-16bit,workload-2bit",
                     help="comma-separated: " + ", ".join(PARTS))
+    ap.add_argument("--variants", default="", help="comma-separated: run only these variants (default: all); "
+                    "one of " + ", ".join(VARIANTS))
     ap.add_argument("--model", default=_shown(EMBEDDED_MODEL_DIR), help="checkpoint folder of the model part")
+    ap.add_argument("--expert-bits", type=int, choices=(2, 3, 4, 8),
+                    help="HQQ experts for the engine's variants of the model part (default: unquantized)")
     ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
     ap.add_argument("--prefetch", type=int, default=2, help="experts prefetched one layer ahead")
     ap.add_argument("--store-dir", default="expert-store/bench", help="expert stores and offload folders (reused)")
     ap.add_argument("--device", default="cpu", help='"cpu" or "cuda[:N]"')
-    ap.add_argument("--variants", help="comma-separated subset of the variants: " + ", ".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads of every variant (default 1: on a shared 2-core machine a second "
                          "thread is slower, and waking it after each blocking disk read costs milliseconds)")
@@ -266,13 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(p.startswith("workload") for p in parts) and not Path(args.trace).exists():
         print(f"error: no routing trace at {args.trace}: record one with --record-trace", file=sys.stderr)
         return 2
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
-    unknown = [v for v in variants or [] if v not in VARIANTS]
-    if unknown:
-        print(f"error: --variants {unknown[0]!r} is not a variant: use {', '.join(VARIANTS)}", file=sys.stderr)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if any(v not in VARIANTS for v in variants):
+        print(f"error: --variants {args.variants!r} is not allowed: use some of {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
-                args.store_dir, args.device, args.threads, variants)
+                args.store_dir, args.device, args.threads, variants, args.expert_bits)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)

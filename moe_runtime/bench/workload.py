@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..arch import swiglu
 from ..cache import ExpertCache
 from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
@@ -189,7 +190,7 @@ class OffloadedStack:
                          stats=self.stats)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
-            prefetch=prefetch, policy=policy, decoded=decoded, stats=self.stats, act_fn=F.silu, device=device)
+            prefetch=prefetch, policy=policy, decoded=decoded, stats=self.stats, expert_fn=swiglu(F.silu), device=device)
         self.speculators = [ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)
                             for layer in range(spec.layers - 1)]
         link_speculators(self.modules, self.speculators)

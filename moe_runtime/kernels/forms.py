@@ -20,21 +20,23 @@ from typing import Protocol
 
 import torch
 
-from ..quant import MATRICES, ExpertCodec, ExpertLayout, hqq_codes
+from ..arch.base import ExpertWeights
+from ..quant import BIASES, MATRICES, ExpertCodec, ExpertLayout, hqq_codes
 from .cpu import Int4CpuWeight, int4_pack, int4_shapes, int4_supports
 from .triton_hqq import HqqTritonWeight, triton_pack, triton_shapes, triton_supports
 
 
 class ComputeForm(Protocol):
     """nbytes: a slot's size; load(record uint8 [>= codec.nbytes], slot uint8 [>= nbytes]) on the slot's
-    device; weights(slot) -> (gate [I, H], up [I, H], down [H, I]), each a tensor or a packed weight."""
+    device; weights(slot) -> ExpertWeights: gate [I, H], up [I, H], down [H, I], each a tensor or a packed
+    weight, and the expert's biases (dense, or None)."""
 
     nbytes: int
     transcodes: bool  # False: a slot is a plain copy of the record
 
     def load(self, record: torch.Tensor, slot: torch.Tensor) -> None: ...
 
-    def weights(self, slot: torch.Tensor) -> tuple: ...
+    def weights(self, slot: torch.Tensor) -> ExpertWeights: ...
 
 
 class StoredForm:
@@ -46,7 +48,7 @@ class StoredForm:
     def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
         slot[: self.nbytes].copy_(record[: self.nbytes])
 
-    def weights(self, slot: torch.Tensor) -> tuple:
+    def weights(self, slot: torch.Tensor) -> ExpertWeights:
         return self.codec.decode(slot)
 
 
@@ -58,10 +60,11 @@ class DequantizedForm:
         self.nbytes = self.plain.nbytes
 
     def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
-        for name, weight in zip(MATRICES, self.codec.decode(record)):
-            self.plain.layout.slots[name].view(slot).copy_(weight)
+        decoded = self.codec.decode(record)
+        for name, piece in self.plain.layout.slots.items():  # matrices and biases
+            piece.view(slot).copy_(getattr(decoded, name))
 
-    def weights(self, slot: torch.Tensor) -> tuple:
+    def weights(self, slot: torch.Tensor) -> ExpertWeights:
         return self.plain.decode(slot)
 
 
@@ -78,6 +81,10 @@ class PackedForm:
         for name in MATRICES:
             for piece, (shape, piece_dtype) in self._shapes(codec.shapes[name]).items():
                 self.layout.add(f"{name}.{piece}", torch.empty(shape, dtype=piece_dtype, device="meta"))
+        self.biases = [name for name in BIASES if name in codec.layout.slots]  # kept dense, as stored
+        for name in self.biases:
+            stored = codec.layout.slots[name]
+            self.layout.add(name, torch.empty(stored.shape, dtype=stored.dtype, device="meta"))
         self.nbytes = self.layout.nbytes
 
     def _shapes(self, shape: tuple[int, int]) -> dict:
@@ -96,8 +103,10 @@ class PackedForm:
                 pieces = triton_pack(codes, scale, zero, bits, self.dtype)
             for piece, tensor in pieces.items():
                 self.layout.slots[f"{name}.{piece}"].view(slot).copy_(tensor)
+        for name in self.biases:
+            self.layout.slots[name].view(slot).copy_(self.codec.layout.slots[name].view(record))
 
-    def weights(self, slot: torch.Tensor) -> tuple:
+    def weights(self, slot: torch.Tensor) -> ExpertWeights:
         out = []
         for name in MATRICES:
             view = {piece: s.view(slot) for piece, s in self.layout.slots.items() if piece.startswith(name + ".")}
@@ -108,7 +117,7 @@ class PackedForm:
             else:
                 out.append(HqqTritonWeight(view["codes"], view["scale"], view["zero"], self.codec.bits,
                                            self.codec.group_size))
-        return tuple(out)
+        return ExpertWeights(*out, *(self.layout.slots[name].view(slot) for name in self.biases))
 
 
 def compute_form(codec: ExpertCodec, device: torch.device, decoded: bool = False) -> ComputeForm:
