@@ -79,8 +79,8 @@ class Transfer:
              wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
              write_back: int | None = None) -> None:
         try:
-            # inference mode: the slots may be inference tensors (made under inference_mode, as the
-            # bench does), which a worker thread, outside that thread-local mode, may not update
+            # inference mode: a slot view taken under inference_mode (the bench's prefetches) is an
+            # inference tensor, which this worker thread, outside that thread-local mode, may not update
             if self.stream is not None:
                 with torch.inference_mode(), torch.cuda.stream(self.stream):
                     if wait_for is not None:
