@@ -259,21 +259,22 @@ class HostCache:
                 saved = self._staging()
             saved[: dst.numel()].copy_(dst)  # device -> host, finished before the load below starts
             self._copy_to((layer, expert), dst)
+            staged = reserved is None  # the record waits in the staging buffer for a slot
             with self._cond:
                 if back in self.slot_of:  # cannot happen while levels are exclusive; keep one copy
                     return
                 slot = reserved
-                if slot is None:
+                if staged:
                     slot = self._free_or_victim()
                     if slot is None:
                         return  # every slot busy: it comes from disk next time
                     self.pins[slot] += 1
-            if slot is not reserved:
+            if staged:
                 self._wait_copied(slot)
                 self.arena[slot].copy_(saved)
             with self._cond:
                 self._map(slot, back)
-                if slot is not reserved:
+                if staged:
                     self.pins[slot] -= 1
             self.stats.record_write_back(layer, dst.numel())
         finally:
