@@ -275,6 +275,8 @@ def test_apply_bad_settings_keeps_serving(handlers, service):
         (dict(expert_bits="5"), "expert_bits=5 is not allowed"),
         (dict(prefetch="many"), "prefetch='many'"),
         (dict(model="/etc"), "not allowed"),
+        (dict(offload="disk", host_cache_gb="100000"), "host_cache_gb=100000 is more than this machine has"),
+        (dict(host_cache_gb="lots"), "host_cache_gb='lots' is not allowed"),
     ]
     if not torch.cuda.is_available():
         bad.append((dict(device="cuda"), "no CUDA GPU"))
