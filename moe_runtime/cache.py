@@ -6,6 +6,12 @@ expert is pinned while it is being loaded or computed with, so neither a prefetc
 can overwrite it. Loads go through `Transfer`: demand loads run in the caller's thread, prefetch
 loads on a background worker; on CUDA both copy on a side stream and hand back an event, so the
 compute stream waits on the GPU, not the host.
+
+Failures poison nothing: a load that raises leaves its slot unmapped and every pin it took
+released, and whoever waits on it is woken. A demand load that fails raises `ExpertLoadError`
+(layer, expert, cause) and the next use of that expert loads it again; a use that finds a failed
+prefetch loads the expert itself. Waiting for a slot or for another thread's load is bounded
+(`wait_timeout_s`), so a wedged tier ends in an error, not a hang.
 """
 
 from __future__ import annotations
@@ -20,6 +26,16 @@ import torch
 from .policies import EvictionPolicy
 from .stats import StatsCollector
 
+WAIT_TIMEOUT_S = 120.0  # a slot or another thread's load; far above any sane single expert load
+
+
+class ExpertLoadError(RuntimeError):
+    """A load of one expert failed (the slow tier raised) or could not start (no slot in time)."""
+
+    def __init__(self, layer: int, expert: int, why: str) -> None:
+        super().__init__(f"layer {layer}, expert {expert}: {why}")
+        self.layer, self.expert = layer, expert
+
 
 class LoadTicket:
     """Completion of one load: a host-side flag, plus a CUDA event when the copy is asynchronous."""
@@ -30,10 +46,13 @@ class LoadTicket:
         self.cuda_event: torch.cuda.Event | None = None
         self.error: BaseException | None = None
 
-    def wait(self) -> None:
-        self.done.wait()
+    def wait(self, timeout: float | None = None) -> None:
+        """Returns once the load landed; raises the load's own exception if it failed, and
+        TimeoutError if it has not ended within `timeout` seconds."""
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"the load did not end within {timeout:g} s")
         if self.error is not None:
-            raise RuntimeError(f"loading an expert failed: {self.error}") from self.error
+            raise self.error
         if self.cuda_event is not None:
             torch.cuda.current_stream(self.device).wait_event(self.cuda_event)
 
@@ -97,6 +116,7 @@ class ExpertCache:
         # slot waits on it so it never overwrites an expert a queued kernel still reads
         self.slot_free_events: list[torch.cuda.Event | None] = [None] * size
         self.prefetched: set[int] = set()  # experts loaded by prefetch and not used yet
+        self.wait_timeout_s = WAIT_TIMEOUT_S
         self._cond = threading.Condition()
 
     @property
@@ -110,17 +130,24 @@ class ExpertCache:
     # --- slot bookkeeping (caller holds the lock) ---------------------------------------------
     def _free_or_victim(self, protect: set[int] = frozenset()) -> int | None:
         for slot, owner in enumerate(self.owner):
-            if owner is None:
-                return slot
+            if owner is None and self.pins[slot] == 0:  # an unmapped slot may still be pinned by a
+                return slot                             # waiter that has not yet seen its load fail
         evictable = [e for e, s in self.slot_of.items() if self.pins[s] == 0 and e not in protect]
         if not evictable:
             return None
         victim = self.policy.victim(evictable)
-        slot = self.slot_of.pop(victim)
-        self.owner[slot] = None
-        self.policy.evict(victim)
-        self.prefetched.discard(victim)
+        slot = self.slot_of[victim]
+        self._unmap(slot)
         return slot
+
+    def _unmap(self, slot: int) -> None:
+        expert = self.owner[slot]
+        if expert is None:
+            return
+        del self.slot_of[expert]
+        self.owner[slot] = None
+        self.policy.evict(expert)
+        self.prefetched.discard(expert)
 
     def _assign(self, slot: int, expert: int) -> LoadTicket:
         self.owner[slot] = expert
@@ -131,32 +158,71 @@ class ExpertCache:
         self.policy.insert(expert)
         return ticket
 
+    def _wait_for_slot(self, expert: int, deadline: float) -> int:
+        slot = self._free_or_victim()
+        while slot is None:  # every slot is pinned by an in-flight load or a computing caller
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise ExpertLoadError(
+                    self.layer, expert, f"no slot became free within {self.wait_timeout_s:g} s: all "
+                    f"{self.cache_size} slots of the layer stay pinned (pins {self.pins})")
+            self._cond.wait(left)
+            slot = self._free_or_victim()
+        return slot
+
+    def _settle(self, slot: int, ticket: LoadTicket | None) -> None:
+        """Drop one pin of `slot`; if `ticket`'s load failed, unmap the expert it was loading."""
+        with self._cond:
+            self.pins[slot] -= 1
+            if ticket is not None and ticket.error is not None and self.tickets[slot] is ticket:
+                self._unmap(slot)
+            self._cond.notify_all()
+
     # --- demand path --------------------------------------------------------------------------
     def acquire(self, expert: int) -> torch.Tensor:
-        """Pin `expert` in a slot, loading it if needed; returns the slot's bytes once ready."""
+        """Pin `expert` in a slot, loading it if needed; returns the slot's bytes once ready.
+
+        Raises `ExpertLoadError` when the load fails (nothing stays pinned or mapped: the next
+        call loads it again) or when no slot frees up within `wait_timeout_s`."""
         start = time.perf_counter()
-        with self._cond:
-            slot = self.slot_of.get(expert)
-            hit = slot is not None
-            if hit:
-                self.pins[slot] += 1
-                ticket = self.tickets[slot]
-                if expert in self.prefetched:
+        deadline = start + self.wait_timeout_s
+        hit = False
+        try:
+            for attempt in range(2):
+                with self._cond:
+                    slot = self.slot_of.get(expert)
+                    hit = slot is not None
+                    if hit:
+                        self.pins[slot] += 1
+                        ticket = self.tickets[slot]
+                    else:
+                        slot = self._wait_for_slot(expert, deadline)
+                        ticket = self._assign(slot, expert)
+                    self.policy.access(expert)
+                    wait_for = self.slot_free_events[slot]
+                if not hit:
+                    self.stats.record_load(self.layer, self.record_nbytes, prefetch=False)
+                    self.transfer.load_now(self.layer, expert, self.slots[slot], ticket, wait_for)
+                try:
+                    ticket.wait(max(deadline - time.perf_counter(), 0.0))
+                    break
+                except TimeoutError as err:  # another thread's load is wedged: it keeps its own pin
+                    self._settle(slot, None)
+                    raise ExpertLoadError(self.layer, expert, f"waiting for its load: {err}") from None
+                except BaseException as err:
+                    self._settle(slot, ticket)
+                    if hit and attempt == 0:  # a prefetch of it failed: load it here, once
+                        hit = False
+                        continue
+                    raise ExpertLoadError(self.layer, expert,
+                                          f"loading it from the slow tier failed: {type(err).__name__}: {err}"
+                                          ) from err
+            with self._cond:
+                if hit and expert in self.prefetched:
                     self.prefetched.discard(expert)
                     self.stats.record_prefetch_used(self.layer)
-            else:
-                slot = self._free_or_victim()
-                while slot is None:  # every slot is pinned by an in-flight load: wait for one
-                    self._cond.wait()
-                    slot = self._free_or_victim()
-                ticket = self._assign(slot, expert)
-            self.policy.access(expert)
-            wait_for = self.slot_free_events[slot]
-        self.stats.record_access(self.layer, hit)
-        if not hit:
-            self.stats.record_load(self.layer, self.record_nbytes, prefetch=False)
-            self.transfer.load_now(self.layer, expert, self.slots[slot], ticket, wait_for)
-        ticket.wait()
+        finally:
+            self.stats.record_access(self.layer, hit)  # once per use, whatever happened
         stalled = time.perf_counter() - start
         if not hit or stalled > 1e-4:
             self.stats.record_stall(self.layer, stalled)
@@ -175,7 +241,8 @@ class ExpertCache:
     # --- speculative path ---------------------------------------------------------------------
     def prefetch(self, experts: list[int]) -> int:
         """Start loading the guessed experts that are not resident; never waits for a slot, and
-        never evicts another expert of the same guess."""
+        never evicts another expert of the same guess. A failed prefetch unmaps itself (the
+        demand path then loads the expert)."""
         issued = 0
         guessed = set(experts)
         for expert in experts:
@@ -190,26 +257,18 @@ class ExpertCache:
                 wait_for = self.slot_free_events[slot]
             self.stats.record_load(self.layer, self.record_nbytes, prefetch=True)
             self.transfer.load_async(self.layer, expert, self.slots[slot], ticket, wait_for,
-                                     on_done=lambda s=slot: self._unpin(s))
+                                     on_done=lambda s=slot, t=ticket: self._settle(s, t))
             issued += 1
         return issued
-
-    def _unpin(self, slot: int) -> None:
-        with self._cond:
-            self.pins[slot] -= 1
-            self._cond.notify_all()
 
     def clear(self) -> None:
         """Evict every expert that is not pinned (a cold cache, e.g. for a no-cache benchmark),
         after the loads in flight have landed."""
         self.drain()
         with self._cond:
-            for expert, slot in list(self.slot_of.items()):
+            for slot in list(self.slot_of.values()):
                 if self.pins[slot] == 0:
-                    del self.slot_of[expert]
-                    self.owner[slot] = None
-                    self.policy.evict(expert)
-                    self.prefetched.discard(expert)
+                    self._unmap(slot)
             self._cond.notify_all()
 
     def drain(self) -> None:

@@ -16,7 +16,7 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -137,6 +137,10 @@ def read_weight_map(folder: Path) -> WeightMap:
                 raise TypeError("weight_map is not a mapping of tensor names to file names")
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index} is not a valid safetensors index: {err}") from None
+        outside = sorted({name for name in weight_map.values() if not _inside(name)})
+        if outside:
+            raise ValueError(f"{index} names shard files outside its folder ({', '.join(map(repr, outside[:3]))}): "
+                             "shard names must be plain file names in the model's folder")
         canonical = json.dumps({"metadata": content.get("metadata"), "weight_map": weight_map}, sort_keys=True)
         identity = {"index": hashlib.sha256(canonical.encode()).hexdigest()}
         return WeightMap(folder, sorted(set(weight_map.values())), dict(weight_map), identity, indexed=True)
@@ -157,6 +161,13 @@ def read_weight_map(folder: Path) -> WeightMap:
         key_to_file.update(dict.fromkeys(open_safetensors(folder / name).keys(), name))
     identity = {name: (folder / name).stat().st_size for name in files}
     return WeightMap(folder, files, key_to_file, identity, indexed=False)
+
+
+def _inside(name: str) -> bool:
+    """Whether a shard name from an index stays inside the model folder (no '..', no absolute path)."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and ":" not in name \
+        and "\x00" not in name
 
 
 def open_safetensors(file: Path):

@@ -37,6 +37,7 @@ from .store import (
     DENSE_FILE,
     DiskTier,
     RamTier,
+    StoreDamaged,
     StoreWriter,
     open_store,
     round_up,
@@ -104,6 +105,63 @@ class ExpertReader:
         return tuple(self.checkpoint.get(k) for k in self.adapter.original_expert_keys(layer, expert))
 
 
+def _listed(names: list[str], limit: int = 4) -> str:
+    """'a, b, c, d and 7 more (11)': a few names and the count."""
+    shown = ", ".join(names[:limit])
+    return f"{shown} and {len(names) - limit} more ({len(names)} in all)" if len(names) > limit else shown
+
+
+def _check_weight_names(weights: WeightMap, model, adapter, shape) -> None:
+    """Refuse a checkpoint that does not fit the model config.json describes, from the names alone
+    (the index, before any shard is read): tensors the model has no place for (an extra layer, an
+    expert past num_experts) and dense tensors the model needs that the checkpoint lacks. Missing
+    experts are ExpertReader's to report; shapes are checked as tensors are read."""
+    expert_keys = set()
+    for layer in range(shape.num_layers):
+        expert_keys.update(adapter.fused_expert_keys(layer))
+        for expert in range(shape.num_experts):
+            expert_keys.update(adapter.original_expert_keys(layer, expert))
+    params = {name for name, _ in model.named_parameters() if not adapter.is_expert_key(name)}
+    buffers = {name for name, _ in model.named_buffers()}
+    unexpected, present = [], set()
+    for key in weights.key_to_file:
+        if adapter.is_expert_key(key):
+            if key not in expert_keys:
+                unexpected.append(key)
+            continue
+        name = adapter.dense_key(key)
+        if name in params:
+            present.add(name)
+        elif name not in buffers:  # old checkpoints carry rotary buffers: harmless, ignored
+            unexpected.append(key)
+    missing = sorted(params - present)
+    if getattr(model.config, "tie_word_embeddings", False):
+        missing = [name for name in missing if name != "lm_head.weight"]
+    if unexpected:
+        raise ValueError(f"checkpoint {weights.folder} has tensors the model of its config.json has no place for: "
+                         f"{_listed(sorted(unexpected))}; config.json and weights do not match")
+    if missing:
+        raise ValueError(f"checkpoint {weights.folder} lacks tensors the model needs: {_listed(missing)}; "
+                         "config.json and weights do not match")
+
+
+def _shape_checked(reader: ExpertReader, shape):
+    """reader(layer, expert), refusing tensors of another shape than config.json says."""
+    hidden, inter = shape.hidden_size, shape.intermediate_size
+    wanted = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+
+    def read(layer: int, expert: int):
+        weights = reader(layer, expert)
+        wrong = [f"{name} {tuple(t.shape)} (expected {want})"
+                 for (name, want), t in zip(wanted.items(), weights) if tuple(t.shape) != want]
+        if wrong:
+            raise ValueError(f"checkpoint expert {expert} of layer {layer} has the wrong shape: {', '.join(wrong)}; "
+                             "config.json and weights do not match")
+        return weights
+
+    return read
+
+
 def _deletes_shards(config: OffloadConfig, source: ModelSource, weights: WeightMap) -> bool:
     if not config.delete_shards:
         return False
@@ -128,6 +186,7 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, source: Model
         weights.require_files()
     checkpoint = Checkpoint(weights)
     reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)  # before any download
+    read = _shape_checked(reader, shape)
     files = weights.files
     order = {name: i for i, name in enumerate(files)}
     completes: dict[str, list[tuple[int, int]]] = {name: [] for name in files}
@@ -152,7 +211,7 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, source: Model
                     if key in dense:
                         writer.put_dense(dense[key], checkpoint.get(key))
                 for layer, expert in completes[name]:
-                    writer.put(layer, expert, *reader(layer, expert))
+                    writer.put(layer, expert, *read(layer, expert))
                     for key in reader.keys(layer, expert):
                         uses[key] -= 1
                         if not uses[key]:
@@ -210,20 +269,28 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
         "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
     }
     folder = store_folder(config.store_dir, model_name, identity)
-    if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
-        if config.offload == "ram" and config.expert_bits is None and not delete:
-            checkpoint = _full_checkpoint(source, weights)
-            reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
-            tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts, reader, pin)
-            dense = {adapter.dense_key(key): partial(checkpoint.get, key)
-                     for key in checkpoint.keys() if not adapter.is_expert_key(key)}
-            return tier, None, dense
-        _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
     stride = round_up(codec.nbytes)
-    if config.offload == "ram":
-        tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
-    else:
-        tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+    for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
+        if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
+            if config.offload == "ram" and config.expert_bits is None and not delete:
+                checkpoint = _full_checkpoint(source, weights)
+                reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
+                tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts,
+                                            _shape_checked(reader, shape), pin)
+                dense = {adapter.dense_key(key): partial(checkpoint.get, key)
+                         for key in checkpoint.keys() if not adapter.is_expert_key(key)}
+                return tier, None, dense
+            _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
+        try:
+            if config.offload == "ram":
+                tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
+            else:
+                tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+            break
+        except StoreDamaged as err:
+            if attempt:
+                raise
+            warnings.warn(f"{err}: rebuilding it now", stacklevel=3)
     handle = open_safetensors(folder / DENSE_FILE)
     return tier, folder, {name: partial(handle.get_tensor, name) for name in handle.keys()}
 
@@ -238,17 +305,21 @@ def _load_dense(model, tensors: dict, where: Path, device) -> None:
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
     loaded = set()
+    wrong = []
     for name, read in tensors.items():
         target = params.get(name)
-        if target is None:
+        if target is None:  # a buffer the checkpoint carries (names were checked before any work)
             continue
         tensor = read()
         if tuple(tensor.shape) != tuple(target.shape):
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(target.shape)}: config.json and weights do not match")
+            wrong.append(f"{name} {tuple(tensor.shape)} (expected {tuple(target.shape)})")
+            continue
         with torch.no_grad():
             target.copy_(tensor.to(device=device, dtype=target.dtype))
         loaded.add(name)
+    if wrong:
+        raise ValueError(f"checkpoint {where} has tensors of the wrong shape: {_listed(wrong)}; "
+                         "config.json and weights do not match")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
         loaded.add("lm_head.weight")
@@ -292,10 +363,11 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     except Exception as err:
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {err}") from None
 
+    hf_model = _build_model(hf_config, dtype)  # on the meta device: no memory, names and shapes only
+    _check_weight_names(weights, hf_model, adapter, shape)
     tier, store_path, dense = _slow_tier(config, codec, shape, adapter, source, weights, model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
-    hf_model = _build_model(hf_config, dtype)
     layers = adapter.layers(hf_model)
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,

@@ -3,8 +3,16 @@
 A store is a folder, written once and reused (keyed by model and quant settings):
 `experts.safetensors` with one uint8 tensor per expert (`layers.L.experts.E`), `dense.safetensors`
 with the model's other tensors under transformers' parameter names, and `store.json` (written
-last: its presence marks a complete store). A complete store is all a model needs besides
-config.json and the tokenizer. Two tiers read the records:
+last, after the records are fsynced: its presence marks a complete store). A complete store is all
+a model needs besides config.json and the tokenizer. A store.json that cannot be read as what it
+should be (null, a list, binary bytes, another layout) means "no store": it is rebuilt.
+
+Integrity: store.json holds an xxh3-64 checksum of every record and of every dense tensor, taken
+at build time. The dense tensors are checked when the store is opened (a mismatch: no store, so it
+is rebuilt); a record is checked whenever it is read from disk (the whole file for the RAM tier,
+each load for the disk tier). A record that does not match raises `StoreDamaged` naming the file,
+layer and expert, and removes store.json, so the next load rebuilds the store; nothing computes
+with it. Two tiers read the records:
 
 - `RamTier` holds all records in host memory (pinned when the compute device is CUDA, so copies
   to the GPU are asynchronous DMA).
@@ -22,16 +30,19 @@ import hashlib
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Protocol
 
 import torch
+import xxhash
 from tqdm.auto import tqdm
 
 from .quant import MATRICES, ExpertCodec
 
 PAGE = 4096
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: checksums of records and dense tensors
+CHECKSUM = "xxh3_64"
 STORE_FILE = "experts.safetensors"
 STORE_META = "store.json"
 DENSE_FILE = "dense.safetensors"
@@ -40,6 +51,28 @@ SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+
+
+class StoreDamaged(ValueError):
+    """Bytes read from a store do not match the checksum written when it was built."""
+
+
+def checksum(data: torch.Tensor) -> str:
+    """xxh3-64 of a host tensor's bytes (16 hex digits)."""
+    return xxhash.xxh3_64_hexdigest(memoryview(data.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def invalidate(folder: Path) -> None:
+    """Mark the store in `folder` incomplete, so the next load rebuilds it."""
+    (folder / STORE_META).unlink(missing_ok=True)
 
 
 def record_name(layer: int, expert: int) -> str:
@@ -100,6 +133,7 @@ class StoreWriter:
         self.file.write(len(text).to_bytes(8, "little") + text)
         self.file.truncate(self.start + num_layers * num_experts * stride)
         self.todo = {(layer, expert) for layer in range(num_layers) for expert in range(num_experts)}
+        self.sums = [[""] * num_experts for _ in range(num_layers)]
         self.record = torch.zeros(stride, dtype=torch.uint8)
         self.dense = None if dense_names is None else DenseWriter(folder / (DENSE_FILE + ".partial"), dense_names)
 
@@ -110,6 +144,7 @@ class StoreWriter:
         done = 0
         while done < self.stride:
             done += os.pwrite(self.file.fileno(), view[done:], offset + done)
+        self.sums[layer][expert] = checksum(self.record)
         self.todo.discard((layer, expert))
 
     def put_dense(self, name: str, tensor: torch.Tensor) -> None:
@@ -119,15 +154,25 @@ class StoreWriter:
         if self.todo:
             raise RuntimeError(f"expert store {self.folder}: {len(self.todo)} experts were never written")
         meta = {"version": STORE_VERSION, "stride": self.stride, "expert_nbytes": self.codec.nbytes,
-                "num_layers": self.num_layers, "num_experts": self.num_experts, "identity": self.identity}
+                "num_layers": self.num_layers, "num_experts": self.num_experts, "data_start": self.start,
+                "identity": self.identity, "checksum": CHECKSUM, "record_checksums": self.sums}
         if self.dense is not None:
             self.dense.finish()
             meta["dense"] = DENSE_FILE
+            meta["dense_checksums"] = self.dense.sums
+        os.fsync(self.file.fileno())  # the records are on disk before store.json says they are
         self.file.close()
         os.replace(self.tmp, self.folder / STORE_FILE)
         if self.dense is not None:
             os.replace(self.dense.path, self.folder / DENSE_FILE)
-        (self.folder / STORE_META).write_text(json.dumps(meta, indent=1, default=str))
+        _fsync_dir(self.folder)
+        tmp_meta = self.folder / (STORE_META + ".partial")
+        with open(tmp_meta, "w") as f:
+            f.write(json.dumps(meta, indent=1, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_meta, self.folder / STORE_META)
+        _fsync_dir(self.folder)
         return self.folder
 
     def abort(self) -> None:
@@ -152,6 +197,7 @@ class DenseWriter:
         self.file = open(path, "wb")
         self.file.seek(self.data_start)
         self.entries: dict[str, dict] = {}
+        self.sums: dict[str, str] = {}
         self.offset = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -161,6 +207,7 @@ class DenseWriter:
             raise ValueError(f"dense tensor {name!r} ({tensor.dtype}, rank {tensor.dim()}) cannot be stored")
         data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         self.file.write(memoryview(data.numpy()).cast("B"))
+        self.sums[name] = checksum(data)
         self.entries[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                               "data_offsets": [self.offset, self.offset + data.numel()]}
         self.offset += data.numel()
@@ -176,6 +223,8 @@ class DenseWriter:
         text += b" " * (self.data_start - 8 - len(text))
         self.file.seek(0)
         self.file.write(len(text).to_bytes(8, "little") + text)
+        self.file.flush()
+        os.fsync(self.file.fileno())
         self.file.close()
 
     def abort(self) -> None:
@@ -203,28 +252,49 @@ def write_store(folder: Path, codec: ExpertCodec, num_layers: int, num_experts: 
         raise
 
 
+def read_meta(folder: Path) -> dict | None:
+    """store.json as a dict, or None when it is absent or not a JSON object (null, a list, binary)."""
+    try:
+        meta = json.loads((folder / STORE_META).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):  # ValueError: JSON and UnicodeDecodeError
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def open_store(folder: Path, num_layers: int, num_experts: int, codec: ExpertCodec,
                dense: bool = False) -> dict | None:
-    """The store's metadata if a complete, matching store is in `folder`; otherwise None.
+    """The store's metadata if a complete, matching, undamaged store is in `folder`; otherwise None.
 
     `dense=True` also asks for the model's dense tensors (`dense.safetensors`), which make the
-    store all a model needs besides config.json and the tokenizer.
+    store all a model needs besides config.json and the tokenizer; they are checked against their
+    checksums here (a damaged dense file warns and returns None, so the store is rebuilt).
     """
-    try:
-        meta = json.loads((folder / STORE_META).read_text())
-    except (OSError, json.JSONDecodeError):
+    meta = read_meta(folder)
+    if meta is None:
         return None
-    expected = (STORE_VERSION, num_layers, num_experts, codec.nbytes, round_up(codec.nbytes))
+    expected = (STORE_VERSION, num_layers, num_experts, codec.nbytes, round_up(codec.nbytes), CHECKSUM)
     found = (meta.get("version"), meta.get("num_layers"), meta.get("num_experts"),
-             meta.get("expert_nbytes"), meta.get("stride"))
+             meta.get("expert_nbytes"), meta.get("stride"), meta.get("checksum"))
     file = folder / STORE_FILE
-    if found != expected or not file.exists():
+    if found != expected or not file.exists() or not _valid_sums(meta.get("record_checksums"), num_layers, num_experts):
         return None
-    if file.stat().st_size < _data_start(file) + num_layers * num_experts * meta["stride"]:
+    try:
+        if _data_start(file) != meta.get("data_start"):  # a damaged header would misplace every record
+            return None
+        if file.stat().st_size < meta["data_start"] + num_layers * num_experts * meta["stride"]:
+            return None
+    except OSError:
         return None
-    if dense and not (meta.get("dense") == DENSE_FILE and _complete_safetensors(folder / DENSE_FILE)):
+    if dense and not (meta.get("dense") == DENSE_FILE and _complete_safetensors(folder / DENSE_FILE)
+                      and _dense_intact(folder / DENSE_FILE, meta.get("dense_checksums"))):
         return None
     return meta
+
+
+def _valid_sums(sums, num_layers: int, num_experts: int) -> bool:
+    return (isinstance(sums, list) and len(sums) == num_layers
+            and all(isinstance(row, list) and len(row) == num_experts and all(isinstance(h, str) for h in row)
+                    for row in sums))
 
 
 def _complete_safetensors(file: Path) -> bool:
@@ -238,8 +308,39 @@ def _complete_safetensors(file: Path) -> bool:
             header = json.loads(f.read(length))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         return size == 8 + length + end
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return False
+
+
+def _dense_intact(file: Path, sums) -> bool:
+    """Whether every tensor of the dense file matches its build-time checksum (reads the file once)."""
+    try:
+        with open(file, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            if not isinstance(sums, dict) or set(sums) != set(header):
+                warnings.warn(f"{file}: its tensors do not match the checksums of store.json; rebuilding the store",
+                              stacklevel=3)
+                return False
+            for name, entry in header.items():
+                begin, end = entry["data_offsets"]
+                f.seek(8 + length + begin)
+                digest = xxhash.xxh3_64()
+                left = end - begin
+                while left > 0:
+                    chunk = f.read(min(left, 16 << 20))
+                    if not chunk:
+                        break
+                    digest.update(chunk)
+                    left -= len(chunk)
+                if digest.hexdigest() != sums[name]:
+                    warnings.warn(f"{file}: tensor {name} does not match its checksum (damaged); rebuilding the store",
+                                  stacklevel=3)
+                    return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def read_exactly(fd: int, dst: torch.Tensor, offset: int, what: str) -> None:
@@ -252,6 +353,21 @@ def read_exactly(fd: int, dst: torch.Tensor, offset: int, what: str) -> None:
         if n <= 0:
             raise OSError(f"short read from {what}")
         done += n
+
+
+def _record_sums(folder: Path) -> list[list[str]]:
+    meta = read_meta(folder)
+    sums = None if meta is None else meta.get("record_checksums")
+    if not isinstance(sums, list):
+        raise StoreDamaged(f"{folder / STORE_META} is missing or has no record checksums: the store is incomplete")
+    return sums
+
+
+def _verify(folder: Path, sums: list[list[str]], layer: int, expert: int, record: torch.Tensor) -> None:
+    if checksum(record) != sums[layer][expert]:
+        invalidate(folder)
+        raise StoreDamaged(f"{folder / STORE_FILE}: the record of layer {layer}, expert {expert} does not match "
+                           "its checksum (the file is damaged); the store will be rebuilt on the next load")
 
 
 def _data_start(file: Path) -> int:
@@ -285,13 +401,18 @@ class RamTier:
     @classmethod
     def from_file(cls, folder: Path, num_layers: int, num_experts: int, stride: int, nbytes: int,
                   pin: bool) -> RamTier:
+        """Every record of the store in `folder`, each checked against its checksum (`StoreDamaged`
+        names the first that does not match, and the store is marked for a rebuild)."""
         file = folder / STORE_FILE
+        sums = _record_sums(folder)
         start = _data_start(file)
         records = []
         with open(file, "rb", buffering=0) as f:
             for layer in tqdm(range(num_layers), desc="loading experts to RAM", unit="layer"):
                 buf = torch.empty((num_experts, stride), dtype=torch.uint8, pin_memory=pin)
                 read_exactly(f.fileno(), buf, start + layer * num_experts * stride, f"{file} at layer {layer}")
+                for expert in range(num_experts):
+                    _verify(folder, sums, layer, expert, buf[expert])
                 records.append(buf)
         return cls(records, nbytes)
 
@@ -320,7 +441,8 @@ class DiskTier:
     """Expert records read from the store file on every load (O_DIRECT where allowed)."""
 
     def __init__(self, folder: Path, num_experts: int, stride: int, nbytes: int, device: torch.device) -> None:
-        self.file = folder / STORE_FILE
+        self.folder, self.file = folder, folder / STORE_FILE
+        self.sums = _record_sums(folder)
         self.start = _data_start(self.file)
         self.num_experts, self.stride, self.nbytes = num_experts, stride, nbytes
         self.device = device
@@ -351,11 +473,12 @@ class DiskTier:
         return buf
 
     def read(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        """Read one whole record into `dst` (host, page-aligned, `stride` bytes)."""
+        """Read one whole record into `dst` (host, page-aligned, `stride` bytes) and check it."""
         offset = self.start + (layer * self.num_experts + expert) * self.stride
         read_exactly(self.fd, dst, offset, f"{self.file} at layer {layer} expert {expert}")
         if not self.direct_io:
             os.posix_fadvise(self.fd, offset, self.stride, os.POSIX_FADV_DONTNEED)
+        _verify(self.folder, self.sums, layer, expert, dst)
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         aligned_cpu = dst.device.type == "cpu" and dst.numel() == self.stride and dst.data_ptr() % PAGE == 0

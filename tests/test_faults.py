@@ -1,0 +1,148 @@
+"""Fault injection: a slow tier whose reads fail never poisons the cache, never hangs, and the
+next call after the fault is the same model as transformers' own."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moe_runtime import OffloadConfig, load
+from moe_runtime.cache import ExpertCache, ExpertLoadError, Transfer
+from moe_runtime.policies import LRU
+from moe_runtime.stats import StatsCollector
+from moe_runtime.store import RamTier
+
+TIME_LIMIT_S = 60  # a call that has not ended by then hangs
+
+
+class FaultyTier:
+    """Wraps a tier; reads fail as `mode` says while `broken` is set:
+    once (the first read only), always, prefetch (reads on the prefetch worker), demand (the others)."""
+
+    def __init__(self, inner, mode: str) -> None:
+        self.inner, self.mode = inner, mode
+        self.nbytes = inner.nbytes
+        self.broken = True
+        self.failures = 0
+
+    def _fails(self) -> bool:
+        if not self.broken:
+            return False
+        on_worker = threading.current_thread().name.startswith("expert-prefetch")
+        if self.mode == "once":
+            self.broken = False
+            return True
+        return {"always": True, "prefetch": on_worker, "demand": not on_worker}[self.mode]
+
+    def copy_to(self, layer, expert, dst):
+        if self._fails():
+            self.failures += 1
+            raise OSError(5, "Input/output error (injected)")
+        self.inner.copy_to(layer, expert, dst)
+
+    def record(self, layer, expert):
+        return self.inner.record(layer, expert)
+
+
+def within_limit(fn):
+    """fn() in a thread: (result, error); fails the test if it has not ended within TIME_LIMIT_S."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(TIME_LIMIT_S)
+    assert not thread.is_alive(), f"the call hung (still running after {TIME_LIMIT_S} s)"
+    return box.get("result"), box.get("error")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("mode", ["once", "always", "prefetch", "demand"])
+@pytest.mark.parametrize("cache_size", [1, 2, 3, 4])
+def test_failed_reads_end_in_the_right_logits_or_a_clear_error(tiny_dir, reference, mode, cache_size, tmp_path):
+    engine = load(tiny_dir, OffloadConfig(device="cpu", offload="ram", cache_size=cache_size, prefetch=2,
+                                          store_dir=str(tmp_path)))
+    tier = FaultyTier(engine.transfer.tier, mode)
+    engine.transfer.tier = tier
+    ids = torch.randint(0, engine.model.config.vocab_size, (1, 11))
+    with torch.no_grad():
+        expected = reference(ids).logits
+
+    def forward():
+        with torch.no_grad():
+            return engine.model(ids).logits
+
+    try:
+        for call in range(3):  # the fault, then the calls after it
+            logits, error = within_limit(forward)
+            if error is not None:
+                assert mode != "prefetch", f"a failed prefetch must not fail the call: {error}"
+                assert isinstance(error, ExpertLoadError), repr(error)
+                assert f"layer {error.layer}, expert {error.expert}" in str(error)
+                assert "Input/output error (injected)" in str(error)
+            else:
+                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+            if mode in ("always", "demand") and call == 0:
+                assert error is not None, "layer 0's loads are demand loads: the first call must fail"
+                tier.broken = False  # the disk recovers: the next call must work
+            if call == 2:
+                assert error is None, f"the engine stayed broken after the fault: {error}"
+        assert tier.failures >= 1
+        stats = engine.stats()
+        assert all(h + m == s for h, m, s in zip(stats.hits, stats.misses, stats.selections))
+    finally:
+        engine.close()
+
+
+def _ram_cache(size: int, tier=None):
+    records = [torch.arange(4 * 64, dtype=torch.int32).to(torch.uint8).view(4, 64)]
+    transfer = Transfer(tier or RamTier(records, 64), torch.device("cpu"))
+    stats = StatsCollector(1, 4, 1, size, 0)
+    return ExpertCache(0, torch.zeros(size, 64, dtype=torch.uint8), 64, LRU(), transfer, stats), records
+
+
+def test_waiting_for_a_slot_is_bounded_with_a_clear_error():
+    cache, _ = _ram_cache(1)
+    cache.wait_timeout_s = 0.5
+    cache.acquire(0)  # the only slot stays pinned
+    _, error = within_limit(lambda: cache.acquire(1))
+    assert isinstance(error, ExpertLoadError) and "no slot became free" in str(error), repr(error)
+    assert "layer 0, expert 1" in str(error)
+    cache.release(0)
+    assert torch.equal(cache.acquire(1), cache.transfer.tier.records[0][1])  # free again: it loads
+
+
+def test_failed_prefetch_wakes_a_waiter_and_leaves_nothing_pinned():
+    gate = threading.Event()
+    records = [torch.arange(4 * 64, dtype=torch.int32).to(torch.uint8).view(4, 64)]
+
+    class BlockedFailingPrefetch(RamTier):
+        def copy_to(self, layer, expert, dst):
+            if threading.current_thread().name.startswith("expert-prefetch"):
+                gate.wait(10)
+                raise OSError("injected")
+            super().copy_to(layer, expert, dst)
+
+    cache, _ = _ram_cache(1, BlockedFailingPrefetch(records, 64))
+    assert cache.prefetch([2]) == 1  # takes the one slot, then fails
+    threading.Timer(0.2, gate.set).start()
+    data, error = within_limit(lambda: cache.acquire(2))  # waits on the prefetch, then loads 2 itself
+    assert error is None, repr(error)
+    assert torch.equal(data, records[0][2])
+    cache.release(2)
+    data, error = within_limit(lambda: cache.acquire(3))  # the slot is free again
+    assert error is None and torch.equal(data, records[0][3])
+    cache.release(3)
+    cache.transfer.close()
