@@ -8,7 +8,8 @@ Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache
 each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (Plotly
 figures refreshed while a reply streams, counters, routing-trace download, reset).
 API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, figures, trace
-file), /apply_settings, /reset_stats.
+file), /apply_settings, /reset_stats. OpenAI-compatible, on the same port: POST /v1/chat/completions,
+GET /v1/models (webapp.openai_api; --api-key to require a key).
 
 UI only: the engine's lifecycle is `webapp.service`, the figures are `webapp.plots`.
 """
@@ -28,6 +29,7 @@ from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import POLICIES  # noqa: E402
 from webapp import plots  # noqa: E402
+from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import EMBEDDED_MODEL, EngineService, build_messages, device_choices  # noqa: E402
 
 TITLE = "Mixture-of-Experts with expert offloading"
@@ -351,11 +353,18 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
-    """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE)."""
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,
+           api: OpenAIServer | None = None):
+    """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE), and `api`'s
+    OpenAI-compatible routes on the same server (added to gradio's FastAPI app once it runs)."""
     demo.queue(default_concurrency_limit=1)
-    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                       theme=THEME, css=CSS, show_error=True, quiet=not block)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                theme=THEME, css=CSS, show_error=True, quiet=not block)
+    if api is not None:
+        api.mount(demo.server_app)
+    if block:
+        demo.block_thread()
+    return demo
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -404,7 +413,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--allow-local-paths", action="store_true",
                    help="let the Settings tab load any local model folder (otherwise only the embedded model, "
                         "--model and known Mixtral hub ids)")
-    s.add_argument("--max-new-tokens", type=int, default=128, help="initial value of the Max new tokens slider")
+    s.add_argument("--max-new-tokens", type=int, default=128,
+                   help="initial value of the Max new tokens slider, and the API's max_tokens when a request has none")
+    s.add_argument("--api-key", default=os.environ.get("MOE_API_KEY") or None,
+                   help="require this key (as 'Authorization: Bearer <key>') on the OpenAI-compatible API under "
+                        "/v1 (default: $MOE_API_KEY; unset = no key)")
     return p.parse_args(argv)
 
 
@@ -436,7 +449,8 @@ def main(argv: list[str] | None = None, block: bool = True) -> gr.Blocks:
     except ValueError as err:
         sys.exit(f"app.py: error: {err}")
     demo = build_app(service, default_max_new_tokens=args.max_new_tokens)
-    launch(demo, args.host, args.port, args.share, block=block)
+    api = OpenAIServer(service, api_key=args.api_key, default_max_tokens=args.max_new_tokens)
+    launch(demo, args.host, args.port, args.share, block=block, api=api)
     return demo
 
 

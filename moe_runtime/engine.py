@@ -49,6 +49,7 @@ class StreamUpdate:
     hit_rate: float
     finished: bool = False
     finish_reason: str | None = None  # "length", "stop" (end of sequence) or "cancelled"
+    prompt_tokens: int = 0  # tokens of the prompt the reply continues (for usage counts)
 
 
 class _TimedStreamer(TextIteratorStreamer):
@@ -166,7 +167,7 @@ class Engine:
             try:
                 for piece in streamer:
                     text += piece
-                    yield self._update(text, streamer.count, start)
+                    yield self._update(text, streamer.count, start, prompt_tokens=input_ids.shape[-1])
             except GeneratorExit:  # the consumer stopped early: end generation at the next token
                 cancelled_here = True
                 stop.set()
@@ -177,7 +178,8 @@ class Engine:
                 raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
             cancelled = cancelled_here or stopper.fired  # not merely set after the reply had ended
             reason = "cancelled" if cancelled else self._finish_reason(streamer.count, settings)
-            yield self._update(text, streamer.count, start, finished=True, reason=reason)
+            yield self._update(text, streamer.count, start, finished=True, reason=reason,
+                               prompt_tokens=input_ids.shape[-1])
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
              stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
@@ -205,12 +207,14 @@ class Engine:
             errors.append(err)
             kwargs["streamer"].end()
 
-    def _update(self, text: str, count: int, start: Counters, finished=False, reason=None) -> StreamUpdate:
+    def _update(self, text: str, count: int, start: Counters, finished=False, reason=None,
+                prompt_tokens: int = 0) -> StreamUpdate:
         """The reply so far; its hit rate is over this reply's window of the counters."""
         times = self._stats.token_times
         elapsed = times[-1] if times else 0.0
         tps = (len(times) - 1) / elapsed if elapsed > 0 else 0.0
-        return StreamUpdate(text, count, tps, (self._stats.counters() - start).hit_rate, finished, reason)
+        return StreamUpdate(text, count, tps, (self._stats.counters() - start).hit_rate, finished, reason,
+                            prompt_tokens)
 
     def _finish_reason(self, count: int, settings: GenerationSettings) -> str:
         return "length" if count >= settings.max_new_tokens else "stop"
