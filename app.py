@@ -5,8 +5,9 @@
     python app.py --help                # every flag
 
 Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache hit rate under
-each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (Plotly
-figures refreshed while a reply streams, counters, routing-trace download, reset).
+each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (a table of
+the counters and Plotly figures, each with a line on how to read it, refreshed while a reply streams;
+routing-trace and counters downloads, reset).
 API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, figures, trace
 file), /apply_settings, /reset_stats. OpenAI-compatible, on the same port: POST /v1/chat/completions,
 GET /v1/models (webapp.openai_api; --api-key to require a key).
@@ -35,7 +36,7 @@ from webapp.service import EMBEDDED_MODEL, EngineService, build_messages, device
 TITLE = "Mixture-of-Experts with expert offloading"
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])  # system fonts: no font download
-CSS = ".reply-footer { opacity: 0.7; }"
+CSS = ".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9em; margin-top: -0.5em; }"
 STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved")
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped"}
@@ -183,26 +184,29 @@ class Handlers:
 
     # stats -----------------------------------------------------------------------------------------
     def stats_view(self):
-        """(counters, *figures) of the running engine (polled while a reply streams: no trace copy)."""
+        """(counters, counter table, *figures) of the running engine (polled while a reply streams:
+        no trace copy, no files)."""
         try:
             stats = self.service.stats(trace=False)
         except ValueError as err:
             gr.Warning(str(err))
-            return (gr.skip(),) * (1 + len(STATS_FIGURES))
+            return (gr.skip(),) * (2 + len(STATS_FIGURES))
         return self._view(stats)
 
     def _view(self, stats):
         figures = plots.dashboard(stats)
-        return (plots.counters(stats), *(figures[name] for name in STATS_FIGURES))
+        return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
 
     def stats_with_trace(self):
-        """(counters, *figures, routing-trace JSON file), all from one snapshot."""
+        """(counters, counter table, *figures, routing-trace JSON file, counters JSON file), all from
+        one snapshot."""
         try:
             stats = self.service.stats()
         except ValueError as err:
             gr.Warning(str(err))
-            return (gr.skip(),) * (2 + len(STATS_FIGURES))
-        return (*self._view(stats), self.service.save_trace(stats))
+            return (gr.skip(),) * (4 + len(STATS_FIGURES))
+        view = self._view(stats)
+        return (*view, self.service.save_trace(stats), self.service.save_counters(view[0]))
 
     def after_reply(self):
         return (*self.stats_with_trace(), gr.Timer(active=False))
@@ -317,21 +321,37 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
                     refresh = gr.Button("Refresh", elem_id="refresh")
                     reset = gr.Button("Reset stats", elem_id="reset")
                     download = gr.DownloadButton("Download routing trace (JSON)", elem_id="download-trace")
-                counters = gr.JSON(label="Counters", elem_id="counters")
-                figures = [gr.Plot(label="Expert selections", elem_id="expert-heatmap")]
-                with gr.Row():
-                    figures += [gr.Plot(label="Cache hit rate"), gr.Plot(label="Prefetch recall")]
-                with gr.Row():
-                    figures += [gr.Plot(label="Tokens per second"), gr.Plot(label="Bytes moved")]
+                    download_counters = gr.DownloadButton("Download counters (JSON)", elem_id="download-counters")
+                counters = gr.JSON(visible=False)  # the counters as data, for API clients (/stats)
+                table = gr.Dataframe(headers=plots.COUNTER_COLUMNS, label="Counters", interactive=False, wrap=True,
+                                     elem_id="counters", column_widths=["22%", "22%", "56%"])
+                figures = []
 
-        stats_outputs = [counters, *figures]
+                def figure(name: str, label: str, elem_id: str | None = None) -> None:
+                    figures.append(gr.Plot(label=label, elem_id=elem_id))
+                    gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
+
+                figure("experts", "Expert selections", "expert-heatmap")
+                with gr.Row():
+                    with gr.Column():
+                        figure("hit_rate", "Cache hit rate")
+                    with gr.Column():
+                        figure("prefetch_recall", "Prefetch recall")
+                with gr.Row():
+                    with gr.Column():
+                        figure("tokens_per_second", "Tokens per second")
+                    with gr.Column():
+                        figure("bytes_moved", "Bytes moved")
+
+        stats_outputs = [counters, table, *figures]
+        stats_files = [download, download_counters]
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
         replies = []
         for trigger in (message.submit, send.click):
             reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
                 h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
                 show_progress="minimal", **private)
-            reply.then(h.after_reply, None, [*stats_outputs, download, timer], show_progress="hidden", **private)
+            reply.then(h.after_reply, None, [*stats_outputs, *stats_files, timer], show_progress="hidden", **private)
             replies.append(reply)
         stop.click(h.stop, None, None, queue=False, **private)
         clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
@@ -339,17 +359,17 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
         timer.tick(h.stats_view, None, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
-        refresh.click(h.stats_with_trace, None, [*stats_outputs, download], api_name="stats", concurrency_limit=None)
-        reset.click(h.reset_stats, None, [*stats_outputs, download], api_name="reset_stats",
+        refresh.click(h.stats_with_trace, None, [*stats_outputs, *stats_files], api_name="stats", concurrency_limit=None)
+        reset.click(h.reset_stats, None, [*stats_outputs, *stats_files], api_name="reset_stats",
                     concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
 
         settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy]
         apply.click(h.apply, settings_inputs, [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_with_trace, None, [*stats_outputs, download], show_progress="hidden", **private)
+            h.stats_with_trace, None, [*stats_outputs, *stats_files], show_progress="hidden", **private)
 
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_with_trace, None, [*stats_outputs, download], show_progress="hidden", **private)
+        demo.load(h.stats_with_trace, None, [*stats_outputs, *stats_files], show_progress="hidden", **private)
     return demo
 
 

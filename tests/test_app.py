@@ -1,9 +1,11 @@
 """The web app: its command line, the engine service, the event handlers called directly (baby model),
 and `python app.py` itself, launched once and driven through gradio_client (embedded model)."""
 
+import json
 import socket
 import threading
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 import app
 from moe_runtime import OffloadConfig, RoutingTrace
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
+from webapp import plots
 from webapp.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
 
 EMBEDDED_DIR = EMBEDDED_MODEL_DIR
@@ -251,8 +254,10 @@ def test_leaving_a_reply_early_frees_the_engine(handlers):
 
 def test_stats_figures_and_trace_file(handlers):
     list(handlers.respond("To be", [], "", 0.7, 0.95, 6))
-    counters, *figures, trace_path = handlers.stats_with_trace()
+    counters, table, *figures, trace_path, counters_path = handlers.stats_with_trace()
     assert counters["tokens_generated"] > 0 and len(figures) == len(app.STATS_FIGURES)
+    assert json.loads(Path(counters_path).read_text()) == counters
+    assert dict((row[0], row[1]) for row in table)["tokens generated"] == f"{counters['tokens_generated']} tokens"
     assert figures[0].data[0].type == "heatmap"
     trace = RoutingTrace.load(trace_path)
     assert trace.num_tokens == counters["trace_tokens"] > 0
@@ -342,9 +347,11 @@ def test_served_app_streams_a_reply_and_reports_stats(client):
     history = [{"role": "user", "content": "To be, or not to be"}, {"role": "assistant", "content": streamed[-1]}]
     assert isinstance(client.predict("and then?", history, "", 0, 1, 4, api_name="/chat"), str)
 
-    counters, heatmap, *others, trace_file = client.predict(api_name="/stats")
+    counters, table, heatmap, *others, trace_file, counters_file = client.predict(api_name="/stats")
     assert counters["tokens_generated"] > 0 and 0 <= counters["hit_rate"] <= 1
-    assert heatmap["type"] == "plotly" and '"heatmap"' in heatmap["plot"] and len(others) == 4
+    assert table["headers"] == plots.COUNTER_COLUMNS and len(table["data"]) > 5
+    assert json.loads(Path(counters_file).read_text())["tokens_generated"] == counters["tokens_generated"]
+    assert heatmap["type"] == "plotly" and '"heatmap"' in heatmap["plot"] and len(others) == len(app.STATS_FIGURES) - 1
     assert RoutingTrace.load(trace_file).num_tokens == counters["trace_tokens"]
 
 

@@ -92,6 +92,21 @@ def test_counters_extend_the_summary():
     json.dumps(counters)
 
 
+def test_counter_table_names_units_and_how_to_read_each_row():
+    stats = make_stats()
+    rows = plots.counter_rows(stats)
+    assert all(len(row) == len(plots.COUNTER_COLUMNS) and all(row) for row in rows)
+    table = {name: value for name, value, _ in rows}
+    assert table["cache hit rate"] == "73.3%"  # 22 hits of 30 selections
+    assert table["expert loads on demand"] == "8 loads" and table["prefetch loads"] == "8 loads"
+    assert table["prefetch recall"] == "70.0%" and table["prefetch precision"] == "75.0%"
+    assert table["bytes moved"] == "4.50 MiB" and table["decode speed"] == "10.00 tokens/s"
+    assert table["cache"] == "2 of 4 experts × 3 layers"
+    empty = {name: value for name, value, _ in plots.counter_rows(make_stats(empty=True))}
+    assert empty["cache hit rate"] == "—" and empty["prefetch recall"] == "—"
+    assert set(plots.CAPTIONS) >= set(plots.dashboard(stats))
+
+
 def test_figures_from_a_real_run(tiny_dir, tmp_path):
     engine = load(tiny_dir, OffloadConfig(device="cpu", store_dir=str(tmp_path / "store")))
     try:

@@ -28,6 +28,22 @@ def dashboard(stats: Stats) -> dict[str, go.Figure]:
     }
 
 
+# one line under each figure of the Stats tab: how to read it
+CAPTIONS = {
+    "experts": "Each cell counts how often a layer's router picked that expert (prompt and reply tokens): "
+               "bright columns are the experts worth keeping cached.",
+    "hit_rate": "Share of the experts a layer needed that were already on the device; the rest were "
+                "loaded on demand while the layer waited. Higher is better.",
+    "prefetch_recall": "Of the experts a layer selected, the share the previous layer's speculator had "
+                       "guessed (and loaded ahead). Layer 0 has nothing to guess from.",
+    "tokens_per_second": "Decode speed over the latest reply, over a sliding window of 4 tokens: dips are "
+                         "tokens that waited for expert loads.",
+    "bytes_moved": "Bytes copied from the slow tier (RAM or disk) into each layer's cache, demand loads "
+                   "and prefetches together. Lower is better.",
+}
+COUNTER_COLUMNS = ["counter", "value", "how to read it"]
+
+
 def counters(stats: Stats) -> dict:
     """`Stats.summary()` plus the cache shape and totals a reader needs to interpret the plots."""
     return {
@@ -43,6 +59,39 @@ def counters(stats: Stats) -> dict:
         "prefetch_loads": sum(stats.prefetch_issued),
         "trace_tokens": stats.trace_tokens,
     }
+
+
+def counter_rows(stats: Stats) -> list[list[str]]:
+    """The counters as a small table for people: [plain name, value with its unit, how to read it]."""
+    totals, tokens = stats.totals(), max(stats.tokens_generated, 1)
+    moved, stall = totals["bytes_moved"], totals["stall_seconds"]
+    scale, unit = byte_unit(moved)
+
+    def percent(value: float | None) -> str:
+        return "—" if value is None else f"{value:.1%}"
+
+    return [
+        ["decode speed", f"{stats.tokens_per_second:.2f} tokens/s",
+         "reply tokens per second after the first one (prefill excluded)"],
+        ["tokens generated", f"{stats.tokens_generated} tokens", "reply tokens counted in the decode speed"],
+        ["cache hit rate", percent(stats.hit_rate if stats.total("selections") else None),
+         "selected experts already on the device: no wait"],
+        ["expert loads on demand", f"{int(stats.total('misses'))} loads",
+         "selected experts that were not on the device: the layer waited for each"],
+        ["prefetch loads", f"{int(stats.total('prefetch_issued'))} loads",
+         "experts loaded ahead on the speculator's guess"],
+        ["prefetch recall", percent(stats.prefetch_recall),
+         "of the experts selected, the share the speculator had guessed (— without guesses)"],
+        ["prefetch precision", percent(stats.prefetch_precision),
+         "of the prefetched experts, the share used before being evicted"],
+        ["bytes moved", f"{moved / scale:.2f} {unit}" if scale > 1 else f"{moved:.0f} B",
+         f"copied from the slow tier (prompt and reply); {moved / tokens / 2**20:.2f} MiB per reply token"],
+        ["stall time", f"{stall:.3f} s", f"compute waiting for experts; {1e3 * stall / tokens:.1f} ms per reply token"],
+        ["expert selections", f"{int(stats.total('selections'))}", "experts the routers picked (hits + demand loads)"],
+        ["cache", f"{stats.cache_size} of {stats.num_experts} experts × {stats.num_layers} layers",
+         f"device slots per layer; each token uses top-{stats.top_k}, prefetch width {stats.prefetch}"],
+        ["routing trace", f"{stats.trace_tokens} tokens", "tokens in the downloadable routing trace"],
+    ]
 
 
 def expert_heatmap(stats: Stats) -> go.Figure:

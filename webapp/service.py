@@ -10,6 +10,7 @@ allows it. Nothing here imports a UI library.
 from __future__ import annotations
 
 import gc
+import json
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -246,6 +247,17 @@ class EngineService:
             self._trace_count += 1
             path = trace.save(folder / f"routing-trace-{self._trace_count}.json")
             for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def save_counters(self, counters: dict) -> Path:
+        """`counters` (plain values) as JSON in a fresh temp file; the newest KEEP_TRACES are kept."""
+        folder = Path(self._trace_dir.name)
+        with self._trace_lock:
+            self._trace_count += 1
+            path = folder / f"counters-{self._trace_count}.json"
+            path.write_text(json.dumps(counters, indent=1))
+            for old in sorted(folder.glob("counters-*.json"), key=_trace_number)[:-KEEP_TRACES]:
                 old.unlink(missing_ok=True)
         return path
 
