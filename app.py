@@ -7,10 +7,14 @@
 Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache hit rate under
 each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (a table of
 the counters and Plotly figures, each with a line on how to read it, refreshed while a reply streams;
-routing-trace and counters downloads, reset).
-API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, figures, trace
-file), /apply_settings, /reset_stats. OpenAI-compatible, on the same port: POST /v1/chat/completions,
-GET /v1/models (webapp.openai_api; --api-key to require a key).
+routing-trace and counters downloads on request, reset).
+API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, counter table,
+figures), /trace (the routing-trace file), /apply_settings, /reset_stats. OpenAI-compatible, on the
+same port: POST /v1/chat/completions, GET /v1/models (webapp.openai_api; --api-key to require a key).
+
+Public host (listening beyond 127.0.0.1, --share, a Hugging Face Space, or --public): settings,
+reloads (hence hub downloads) and stats reset need the operator token (MOE_OPERATOR_TOKEN, or
+--operator-token); visitors see the settings read-only. A local launch keeps full control.
 
 UI only: the engine's lifecycle is `webapp.service`, the figures are `webapp.plots`.
 """
@@ -18,7 +22,9 @@ UI only: the engine's lifecycle is `webapp.service`, the figures are `webapp.plo
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import signal
 import sys
 import threading
 
@@ -31,17 +37,29 @@ from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # 
 from moe_runtime.policies import POLICIES  # noqa: E402
 from webapp import plots  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
-from webapp.service import EMBEDDED_MODEL, EngineService, build_messages, device_choices  # noqa: E402
+from webapp.service import (  # noqa: E402
+    EMBEDDED_MODEL,
+    EngineService,
+    Operator,
+    build_messages,
+    device_choices,
+    public_name,
+)
 
 TITLE = "Mixture-of-Experts with expert offloading"
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])  # system fonts: no font download
 CSS = ".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9em; margin-top: -0.5em; }"
 STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved")
+SETTINGS_WIDGETS = 10  # the 8 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
-FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped"}
+FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
+                  "context": "context window full", "time": "time limit reached"}
 LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
+MAX_UPLOAD = "1mb"  # the app takes no files; gradio's upload route stays small
+CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
+TOKEN_ENV = "MOE_OPERATOR_TOKEN"  # the operator token on a public host (a Space: a secret of that name)
 
 
 # --- values between widgets and the engine --------------------------------------------------------
@@ -64,7 +82,9 @@ def parse_bits(name: str, value) -> int | None:
 
 
 def whole_number(name: str, value) -> int:
-    if isinstance(value, bool) or value is None or value == "":
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not allowed: give a whole number")
+    if value is None or value == "":
         raise ValueError(f"{name} is empty: give a whole number")
     try:
         number = float(value)
@@ -109,7 +129,7 @@ def byte_size(n: float) -> str:
     return f"{n / scale:.1f} {unit}" if scale > 1 else f"{n:.0f} B"
 
 
-def engine_markdown(facts: dict) -> str:
+def engine_markdown(facts: dict, public: bool = False) -> str:
     rows = [
         ("model", f"`{facts['model']}`"),
         ("device / dtype", f"{facts['device']} / {facts.get('dtype')}"),
@@ -121,15 +141,16 @@ def engine_markdown(facts: dict) -> str:
         ("expert / attention bits", f"{bits_text(facts['expert_bits'])} / {bits_text(facts['attn_bits'])}"),
         ("prefetch / policy", f"{facts['prefetch']} / {facts['policy']}"),
     ]
-    if facts.get("store"):
-        rows.append(("expert store", f"`{facts['store']}`"))
+    if facts.get("store"):  # a visitor of a public host sees no server paths
+        rows.append(("expert store", f"`{os.path.basename(facts['store']) if public else facts['store']}`"))
     return "| | |\n|:--|:--|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 # --- event handlers (plain methods, so tests can call them without a browser) ----------------------
 class Handlers:
-    def __init__(self, service: EngineService) -> None:
+    def __init__(self, service: EngineService, operator: Operator | None = None) -> None:
         self.service = service
+        self.operator = operator or Operator()
         self._stops: dict[str, threading.Event] = {}  # browser session -> its running reply
 
     # chat ------------------------------------------------------------------------------------------
@@ -184,46 +205,50 @@ class Handlers:
 
     # stats -----------------------------------------------------------------------------------------
     def stats_view(self):
-        """(counters, counter table, *figures) of the running engine (polled while a reply streams:
-        no trace copy, no files)."""
+        """(counters, counter table, *figures) of the running engine, from one snapshot without the
+        trace (cheap: polled while a reply streams, and the /stats endpoint)."""
         try:
             stats = self.service.stats(trace=False)
         except ValueError as err:
             gr.Warning(str(err))
             return (gr.skip(),) * (2 + len(STATS_FIGURES))
-        return self._view(stats)
-
-    def _view(self, stats):
         figures = plots.dashboard(stats)
         return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
 
-    def stats_with_trace(self):
-        """(counters, counter table, *figures, routing-trace JSON file, counters JSON file), all from
-        one snapshot."""
+    def trace_download(self):
+        """The routing trace as a JSON file, made on request (a new file at most every
+        TRACE_EVERY_SECONDS; the newest MAX_TRACE_TOKENS tokens)."""
         try:
-            stats = self.service.stats()
+            return self.service.trace_file()
         except ValueError as err:
-            gr.Warning(str(err))
-            return (gr.skip(),) * (4 + len(STATS_FIGURES))
-        view = self._view(stats)
-        return (*view, self.service.save_trace(stats), self.service.save_counters(view[0]))
+            raise gr.Error(str(err)) from None
+
+    def counters_download(self):
+        """The counters as a JSON file, made on request."""
+        try:
+            return self.service.save_counters(plots.counters(self.service.stats(trace=False)))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
 
     def after_reply(self):
-        return (*self.stats_with_trace(), gr.Timer(active=False))
+        return (*self.stats_view(), gr.Timer(active=False))
 
-    def reset_stats(self):
+    def reset_stats(self, operator_token: str = ""):
+        """Zero the shared counters (the operator's, on a public host); returns the stats view."""
         try:
+            self.operator.check(operator_token, "resetting the stats")
             self.service.reset_stats()
         except ValueError as err:
             gr.Warning(str(err))
-        return self.stats_with_trace()
+        return self.stats_view()
 
     # settings --------------------------------------------------------------------------------------
     def apply(self, model: str, expert_bits: str, attn_bits: str, cache_size: float, prefetch: float,
-              offload: str, device: str, policy: str, progress=LOADING_PROGRESS):
+              offload: str, device: str, policy: str, operator_token: str = "", progress=LOADING_PROGRESS):
         """Reload the engine; returns (status, engine facts, header). On failure the running engine
-        keeps serving and the status says why."""
+        keeps serving and the status says why. On a public host only the operator may."""
         try:
+            self.operator.check(operator_token, "changing the settings")
             config = self.service.settings(
                 expert_bits=parse_bits("expert_bits", expert_bits), attn_bits=parse_bits("attn_bits", attn_bits),
                 cache_size=whole_number("cache_size", cache_size), prefetch=whole_number("prefetch", prefetch),
@@ -243,9 +268,20 @@ class Handlers:
         return (self.service.model, bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
                 c.offload, c.device, c.policy, self.engine_facts(), self.header())
 
+    def unlock(self, operator_token: str):
+        """The settings widgets made editable for this page when the token is the operator's."""
+        allowed = self.operator.allows(operator_token)
+        if not allowed:
+            gr.Warning("That is not the operator token: the settings stay read-only")
+        note = "**Unlocked**: you may change the settings." if allowed else "**Read-only.**"
+        return (*(gr.update(interactive=allowed) for _ in range(SETTINGS_WIDGETS)), note)
+
     def engine_facts(self) -> str:
         try:
-            return "### Running engine\n" + engine_markdown(self.service.describe())
+            facts = self.service.describe()
+            if self.operator.public:
+                facts["model"] = public_name(facts["model"])
+            return "### Running engine\n" + engine_markdown(facts, self.operator.public)
         except ValueError as err:
             return f"**No engine:** {err}"
 
@@ -258,7 +294,8 @@ class Handlers:
             engine = self.service.engine
         except ValueError:
             return "no model"
-        return f"{self.service.model} on {engine.device}"
+        name = public_name(self.service.model) if self.operator.public else self.service.model
+        return f"{name} on {engine.device}"
 
 
 def _session(request: gr.Request | None) -> str:
@@ -266,11 +303,13 @@ def _session(request: gr.Request | None) -> str:
 
 
 # --- layout ---------------------------------------------------------------------------------------
-def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> gr.Blocks:
-    h = Handlers(service)
+def build_app(service: EngineService, *, default_max_new_tokens: int = 128, operator: Operator | None = None
+              ) -> gr.Blocks:
+    h = Handlers(service, operator)
     private = {"api_visibility": "private"}
-    # trace files returned to the browser are copied into gradio's cache: drop copies older than an hour
-    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
+    editable = not h.operator.public  # a visitor of a public host sees the settings read-only
+    # trace files returned to the browser are copied into gradio's cache: drop copies older than CACHE_SECONDS
+    with gr.Blocks(title=TITLE, delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         header = gr.Markdown(h.header())
         history = gr.State([])
         timer = gr.Timer(1.0, active=False)
@@ -297,29 +336,39 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
                 with gr.Row():
                     model = gr.Dropdown(service.policy.choices, value=service.model, label="Model",
                                         allow_custom_value=service.policy.allow_local_paths, scale=3,
+                                        interactive=editable,
                                         info="Local folders are accepted only with --allow-local-paths"
                                         if not service.policy.allow_local_paths else "A listed model or a local folder")
                     device = gr.Dropdown(device_choices(), value=service.config.device, label="Device",
-                                         allow_custom_value=True, info="auto, cpu, cuda or cuda:N")
+                                         allow_custom_value=True, info="auto, cpu, cuda or cuda:N",
+                                         interactive=editable)
                 with gr.Row():
                     expert_bits = gr.Dropdown(bits_choices(EXPERT_BITS), value=bits_text(service.config.expert_bits),
-                                              label="Expert bits (HQQ)")
+                                              label="Expert bits (HQQ)", interactive=editable)
                     attn_bits = gr.Dropdown(bits_choices(ATTN_BITS), value=bits_text(service.config.attn_bits),
-                                            label="Attention bits (HQQ)")
+                                            label="Attention bits (HQQ)", interactive=editable)
                     cache_size = gr.Number(service.config.cache_size, precision=0, label="Cache size per layer",
-                                           info="experts kept on the device per layer")
+                                           info="experts kept on the device per layer", interactive=editable)
                     prefetch = gr.Number(service.config.prefetch, precision=0, label="Prefetch",
-                                         info="experts of the next layer loaded ahead (0 = off)")
+                                         info="experts of the next layer loaded ahead (0 = off)",
+                                         interactive=editable)
                 with gr.Row():
-                    offload = gr.Radio(list(OFFLOAD_TIERS), value=service.config.offload, label="Offload tier")
-                    policy = gr.Radio(list(POLICIES), value=service.config.policy, label="Eviction policy")
-                apply = gr.Button("Apply", variant="primary", elem_id="apply")
+                    offload = gr.Radio(list(OFFLOAD_TIERS), value=service.config.offload, label="Offload tier",
+                                       interactive=editable)
+                    policy = gr.Radio(list(POLICIES), value=service.config.policy, label="Eviction policy",
+                                      interactive=editable)
+                with gr.Row(visible=not editable):
+                    token = gr.Textbox("", label="Operator token", type="password", scale=4, elem_id="operator-token",
+                                       info="this is a public host: only its operator changes the shared engine")
+                    unlock = gr.Button("Unlock", scale=1, elem_id="unlock")
+                apply = gr.Button("Apply", variant="primary", elem_id="apply", interactive=editable)
                 status = gr.Markdown(elem_id="settings-status")
                 facts = gr.Markdown(h.engine_facts())
             with gr.Tab("Stats", id="stats"):
                 with gr.Row():
                     refresh = gr.Button("Refresh", elem_id="refresh")
-                    reset = gr.Button("Reset stats", elem_id="reset")
+                    reset = gr.Button("Reset stats", elem_id="reset", interactive=editable)
+                    prepare = gr.Button("Prepare downloads", elem_id="prepare-trace")
                     download = gr.DownloadButton("Download routing trace (JSON)", elem_id="download-trace")
                     download_counters = gr.DownloadButton("Download counters (JSON)", elem_id="download-counters")
                 counters = gr.JSON(visible=False)  # the counters as data, for API clients (/stats)
@@ -344,14 +393,13 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
                         figure("bytes_moved", "Bytes moved")
 
         stats_outputs = [counters, table, *figures]
-        stats_files = [download, download_counters]
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
         replies = []
         for trigger in (message.submit, send.click):
             reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
                 h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
                 show_progress="minimal", **private)
-            reply.then(h.after_reply, None, [*stats_outputs, *stats_files, timer], show_progress="hidden", **private)
+            reply.then(h.after_reply, None, [*stats_outputs, timer], show_progress="hidden", **private)
             replies.append(reply)
         stop.click(h.stop, None, None, queue=False, **private)
         clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
@@ -359,17 +407,21 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128) -> g
         timer.tick(h.stats_view, None, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
-        refresh.click(h.stats_with_trace, None, [*stats_outputs, *stats_files], api_name="stats", concurrency_limit=None)
-        reset.click(h.reset_stats, None, [*stats_outputs, *stats_files], api_name="reset_stats",
+        refresh.click(h.stats_view, None, stats_outputs, api_name="stats", concurrency_limit=4)
+        prepare.click(h.trace_download, None, download, api_name="trace", concurrency_id="trace",
+                      concurrency_limit=1)
+        prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
+        reset.click(h.reset_stats, token, stats_outputs, api_name="reset_stats",
                     concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
 
         settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy]
-        apply.click(h.apply, settings_inputs, [status, facts, header], api_name="apply_settings",
+        unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
+        apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_with_trace, None, [*stats_outputs, *stats_files], show_progress="hidden", **private)
+            h.stats_view, None, stats_outputs, show_progress="hidden", **private)
 
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_with_trace, None, [*stats_outputs, *stats_files], show_progress="hidden", **private)
+        demo.load(h.stats_view, None, stats_outputs, show_progress="hidden", **private)
     return demo
 
 
@@ -379,7 +431,7 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     OpenAI-compatible routes on the same server (added to gradio's FastAPI app once it runs)."""
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                theme=THEME, css=CSS, show_error=True, quiet=not block)
+                theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD)
     if api is not None:
         api.mount(demo.server_app)
     if block:
@@ -401,28 +453,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a local folder with config.json and *.safetensors, or a hub id such as "
                         f"mistralai/Mixtral-8x7B-Instruct-v0.1; {EMBEDDED_MODEL} is the embedded tiny Mixtral "
                         "trained on Tiny Shakespeare (works offline)")
-    o = p.add_argument_group("offloading (moe_runtime.OffloadConfig; each help is the setting's own doc)")
-    doc = OffloadConfig.field_docs()
-    o.add_argument("--device", default=d.device, help=doc["device"])
-    o.add_argument("--offload", default=d.offload, choices=OFFLOAD_TIERS, help=doc["offload"])
-    o.add_argument("--cache-size", type=int, default=d.cache_size, help=doc["cache_size"])
-    o.add_argument("--prefetch", type=int, default=d.prefetch, help=doc["prefetch"])
+    o = p.add_argument_group("offloading (moe_runtime.OffloadConfig)")
+    o.add_argument("--device", default=d.device, help="where attention and the expert cache run: auto (CUDA when "
+                   "present), cpu, cuda or cuda:N")
+    o.add_argument("--offload", default=d.offload, choices=OFFLOAD_TIERS,
+                   help="slow tier holding every expert: ram (host memory) or disk (the expert store, read on demand)")
+    o.add_argument("--cache-size", type=int, default=d.cache_size,
+                   help="experts per MoE layer kept on the device (1..experts per layer)")
+    o.add_argument("--prefetch", type=int, default=d.prefetch,
+                   help="experts of the next layer guessed from this layer's hidden state and loaded ahead (0 = off)")
     o.add_argument("--expert-bits", type=_bits_arg, default=d.expert_bits, metavar="{none,2,3,4,8}",
-                   help=doc["expert_bits"])
-    o.add_argument("--expert-group-size", type=int, default=d.expert_group_size, help=doc["expert_group_size"])
-    o.add_argument("--attn-bits", type=_bits_arg, default=d.attn_bits, metavar="{none,4,8}", help=doc["attn_bits"])
-    o.add_argument("--attn-group-size", type=int, default=d.attn_group_size, help=doc["attn_group_size"])
+                   help="HQQ bits of the experts (none = unquantized)")
+    o.add_argument("--expert-group-size", type=int, default=d.expert_group_size,
+                   help="HQQ group size of the experts (default: 16 for 2-/3-bit, 64 for 4-/8-bit)")
+    o.add_argument("--attn-bits", type=_bits_arg, default=d.attn_bits, metavar="{none,4,8}",
+                   help="HQQ bits of the attention projections (none = unquantized)")
+    o.add_argument("--attn-group-size", type=int, default=d.attn_group_size, help="HQQ group size of attention")
     o.add_argument("--no-quantize-meta", dest="quantize_meta", action="store_false",
-                   help="turn off quantize_meta: " + doc["quantize_meta"])
+                   help="keep HQQ scales and zeros in 16-bit instead of quantizing them to 8-bit")
     o.add_argument("--no-hqq-optimize", dest="hqq_optimize", action="store_false",
-                   help="turn off hqq_optimize: " + doc["hqq_optimize"])
-    o.add_argument("--store-dir", default=d.store_dir, help=doc["store_dir"])
-    o.add_argument("--delete-shards", action="store_true", help=doc["delete_shards"])
-    o.add_argument("--decoded-cache", action="store_true", help=doc["decoded_cache"])
-    o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help=doc["policy"])
-    o.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=doc["dtype"])
+                   help="quantize by round-to-nearest instead of HQQ's optimizer (much faster to build the "
+                        "store on a CPU, a little less accurate)")
+    o.add_argument("--store-dir", default=d.store_dir,
+                   help="folder of the on-disk expert store (built once per model and quantization, then reused)")
+    o.add_argument("--delete-shards", action="store_true",
+                   help="hub models: delete each downloaded safetensors shard once it is in the expert store, so "
+                        "the disk holds the store plus one or two shards (later starts need only the store); "
+                        "local folders are never touched")
+    o.add_argument("--decoded-cache", action="store_true",
+                   help="with quantized experts, keep them dequantized in the cache: much faster on CPUs, "
+                        "more memory per cached expert")
+    o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help="eviction policy of the expert cache")
+    o.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="compute dtype (auto: float16 on CUDA, float32 on CPU)")
     o.add_argument("--no-trace", dest="record_trace", action="store_false",
-                   help="turn off record_trace: " + doc["record_trace"])
+                   help="do not record the per-token routing trace (saves memory on long chats)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on; 0.0.0.0 accepts connections from other machines (default: "
@@ -437,7 +502,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="initial value of the Max new tokens slider, and the API's max_tokens when a request has none")
     s.add_argument("--api-key", default=os.environ.get("MOE_API_KEY") or None,
                    help="require this key (as 'Authorization: Bearer <key>') on the OpenAI-compatible API under "
-                        "/v1 (default: $MOE_API_KEY; unset = no key)")
+                        "/v1 (default: $MOE_API_KEY; unset = open, like the Chat tab)")
+    s.add_argument("--public", action="store_true",
+                   help="treat this as a public host even on 127.0.0.1 (behind a proxy): settings, reloads and "
+                        "stats reset need the operator token. Implied by a --host other than loopback, --share "
+                        "and a Hugging Face Space")
+    s.add_argument("--operator-token", default=os.environ.get(TOKEN_ENV),
+                   help=f"the operator token of a public host (default: ${TOKEN_ENV}; on a Space, a secret of "
+                        "that name). Without one a public host's settings cannot be changed")
     return p.parse_args(argv)
 
 
@@ -446,6 +518,18 @@ def _bits_arg(text: str) -> int | None:
         return parse_bits("bits", text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def is_public(args: argparse.Namespace) -> bool:
+    """Whether visitors other than the person at this machine can reach the app."""
+    if args.public or args.share or os.environ.get("SPACE_ID"):
+        return True
+    if args.host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a host name: assume it is reachable
+        return True
 
 
 def config_from_args(args: argparse.Namespace) -> OffloadConfig:
@@ -468,7 +552,13 @@ def main(argv: list[str] | None = None, block: bool = True) -> gr.Blocks:
         service.start()
     except ValueError as err:
         sys.exit(f"app.py: error: {err}")
-    demo = build_app(service, default_max_new_tokens=args.max_new_tokens)
+    operator = Operator(public=is_public(args), token=args.operator_token or None)
+    if operator.public:
+        print("Public host: settings, reloads and stats reset need the operator token"
+              + ("" if operator.token else f" (none set: ${TOKEN_ENV}), so they are off"), flush=True)
+    demo = build_app(service, default_max_new_tokens=args.max_new_tokens, operator=operator)
+    if block:  # SIGTERM (docker stop, a Space restart) exits like Ctrl-C: temp files are removed
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     api = OpenAIServer(service, api_key=args.api_key, default_max_tokens=args.max_new_tokens)
     launch(demo, args.host, args.port, args.share, block=block, api=api)
     return demo

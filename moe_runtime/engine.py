@@ -8,6 +8,7 @@ hit rate of the reply so far.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ class GenerationSettings:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int | None = None
+    max_seconds: float | None = None  # the reply ends (finish_reason "time") once it has run this long
 
     def validate(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
@@ -37,6 +39,10 @@ class GenerationSettings:
             raise ValueError(f"temperature={self.temperature!r} is not allowed: use a number in 0..5 (0 = greedy)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is not allowed: use a number in (0, 1]")
+        if self.max_seconds is not None and (isinstance(self.max_seconds, bool)
+                                             or not isinstance(self.max_seconds, (int, float))
+                                             or not 0 < self.max_seconds <= 86400):
+            raise ValueError(f"max_seconds={self.max_seconds!r} is not allowed: use a number of seconds in (0, 86400]")
 
 
 @dataclass
@@ -48,7 +54,8 @@ class StreamUpdate:
     tokens_per_second: float
     hit_rate: float
     finished: bool = False
-    finish_reason: str | None = None  # "length", "stop" (end of sequence) or "cancelled"
+    finish_reason: str | None = None  # "length", "stop" (end of sequence), "cancelled", "time" (max_seconds)
+    # or, from the app's service, "context" (the reply was clipped to the context window and filled it)
     prompt_tokens: int = 0  # tokens of the prompt the reply continues (for usage counts)
 
 
@@ -68,15 +75,20 @@ class _TimedStreamer(TextIteratorStreamer):
 
 
 class _StopOnEvent(StoppingCriteria):
-    """Ends generation at the next token once `event` is set; `fired` says whether it did."""
+    """Ends generation at the next token once `event` is set or `deadline` (time.monotonic) has
+    passed; `fired` / `timed_out` say whether it did."""
 
-    def __init__(self, event: threading.Event) -> None:
+    def __init__(self, event: threading.Event, deadline: float | None = None) -> None:
         self.event = event
+        self.deadline = deadline
         self.fired = False
+        self.timed_out = False
 
     def __call__(self, input_ids, scores, **kwargs):
         self.fired = self.fired or self.event.is_set()
-        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+        self.timed_out = self.timed_out or (self.deadline is not None and time.monotonic() >= self.deadline)
+        stop = self.fired or self.timed_out
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -97,6 +109,10 @@ class Engine:
         self.store_path = store_path
         self._stats = stats
         self._lock = threading.Lock()
+        # every forward pass (the prompt, then one per token) is a step of the stats: a snapshot is
+        # taken between steps, so it holds every layer of a token or none
+        model.register_forward_pre_hook(lambda module, args: stats.begin_step())
+        model.register_forward_hook(lambda module, args, out: stats.end_step(), always_call=True)
 
     # --- statistics ---------------------------------------------------------------------------
     def stats(self, trace: bool = True) -> Stats:
@@ -154,9 +170,10 @@ class Engine:
         settings.validate()
         stop = stop or threading.Event()
         with self._lock:
+            deadline = None if settings.max_seconds is None else time.monotonic() + settings.max_seconds
             self._stats.start_generation()
             streamer = _TimedStreamer(self.tokenizer, self._stats, skip_prompt=True, skip_special_tokens=True)
-            stopper = _StopOnEvent(stop)
+            stopper = _StopOnEvent(stop, deadline)
             kwargs = self._generate_kwargs(input_ids, settings, stopper, streamer)
             errors: list[BaseException] = []
             worker = threading.Thread(target=self._generate_into, args=(kwargs, errors), daemon=True)
@@ -177,7 +194,12 @@ class Engine:
             if errors:
                 raise RuntimeError(f"generation failed: {errors[0]}") from errors[0]
             cancelled = cancelled_here or stopper.fired  # not merely set after the reply had ended
-            reason = "cancelled" if cancelled else self._finish_reason(streamer.count, settings)
+            if cancelled:
+                reason = "cancelled"
+            elif stopper.timed_out and streamer.count < settings.max_new_tokens:
+                reason = "time"
+            else:
+                reason = self._finish_reason(streamer.count, settings)
             yield self._update(text, streamer.count, start, finished=True, reason=reason,
                                prompt_tokens=input_ids.shape[-1])
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 TRACE_FORMAT = "moe-routing-trace"
 TRACE_VERSION = 1
+STEP_WAIT_S = 10.0  # the longest a snapshot waits for the forward pass in progress to end
 
 
 @dataclass
@@ -223,7 +224,8 @@ class StatsCollector:
         self.record_trace = record_trace
         self.max_trace_tokens = max_trace_tokens
         self.model = model
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._in_step = False
         self.reset()
 
     def reset(self) -> None:
@@ -292,6 +294,17 @@ class StatsCollector:
             self.counts.stall_seconds[layer] += seconds
 
     # --- written by the generation loop ------------------------------------------------------
+    def begin_step(self) -> None:
+        """A forward pass of the whole model starts (the prompt, or one token)."""
+        with self._lock:
+            self._in_step = True
+
+    def end_step(self) -> None:
+        """The forward pass ended (or failed): every layer of it is recorded."""
+        with self._lock:
+            self._in_step = False
+            self._lock.notify_all()
+
     def start_generation(self) -> None:
         """A new reply starts: its prompt is prefill, and its token times start afresh."""
         with self._lock:
@@ -322,14 +335,19 @@ class StatsCollector:
         """The counters now; with `trace`, also a copy of the routing trace (the costly part)."""
         n_layers, n_experts, top_k, cache_size, prefetch = self.shape
         with self._lock:
+            # between two forward passes, so every layer of a token is in or none; a step that takes
+            # longer than STEP_WAIT_S (a huge model on a slow disk) gets a trace cut to the tokens
+            # every layer has
+            self._lock.wait_for(lambda: not self._in_step, timeout=STEP_WAIT_S)
             trace_tokens = len(self.trace.phase) if self.trace is not None else 0
             copy = None
             if trace and self.trace is not None:
+                whole = min([len(self.trace.phase), *(len(rows) for rows in self.trace.selected)])
                 copy = RoutingTrace(
                     n_layers, n_experts, top_k, self.model,
-                    selected=[list(x) for x in self.trace.selected],
-                    guess=[list(x) for x in self.trace.guess],
-                    phase=list(self.trace.phase),
+                    selected=[list(x[:whole]) for x in self.trace.selected],
+                    guess=[list(x[:whole]) for x in self.trace.guess],
+                    phase=list(self.trace.phase[:whole]),
                 )
             return Stats(
                 num_layers=n_layers, num_experts=n_experts, top_k=top_k,

@@ -254,12 +254,12 @@ def test_leaving_a_reply_early_frees_the_engine(handlers):
 
 def test_stats_figures_and_trace_file(handlers):
     list(handlers.respond("To be", [], "", 0.7, 0.95, 6))
-    counters, table, *figures, trace_path, counters_path = handlers.stats_with_trace()
+    counters, table, *figures = handlers.stats_view()
     assert counters["tokens_generated"] > 0 and len(figures) == len(app.STATS_FIGURES)
-    assert json.loads(Path(counters_path).read_text()) == counters
+    assert json.loads(Path(handlers.counters_download()).read_text())["tokens_generated"] == counters["tokens_generated"]
     assert dict((row[0], row[1]) for row in table)["tokens generated"] == f"{counters['tokens_generated']} tokens"
     assert figures[0].data[0].type == "heatmap"
-    trace = RoutingTrace.load(trace_path)
+    trace = RoutingTrace.load(handlers.service.trace_file(every=0))
     assert trace.num_tokens == counters["trace_tokens"] > 0
     assert handlers.reset_stats()[0]["tokens_generated"] == 0
 
@@ -335,7 +335,7 @@ def client(served, tmp_path_factory):
 
 def test_served_app_has_the_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/chat", "/stats", "/apply_settings", "/reset_stats"} <= set(endpoints)
+    assert {"/chat", "/stats", "/trace", "/apply_settings", "/reset_stats"} <= set(endpoints)
 
 
 def test_served_app_streams_a_reply_and_reports_stats(client):
@@ -347,12 +347,13 @@ def test_served_app_streams_a_reply_and_reports_stats(client):
     history = [{"role": "user", "content": "To be, or not to be"}, {"role": "assistant", "content": streamed[-1]}]
     assert isinstance(client.predict("and then?", history, "", 0, 1, 4, api_name="/chat"), str)
 
-    counters, table, heatmap, *others, trace_file, counters_file = client.predict(api_name="/stats")
+    counters, table, heatmap, *others = client.predict(api_name="/stats")
     assert counters["tokens_generated"] > 0 and 0 <= counters["hit_rate"] <= 1
     assert table["headers"] == plots.COUNTER_COLUMNS and len(table["data"]) > 5
-    assert json.loads(Path(counters_file).read_text())["tokens_generated"] == counters["tokens_generated"]
     assert heatmap["type"] == "plotly" and '"heatmap"' in heatmap["plot"] and len(others) == len(app.STATS_FIGURES) - 1
-    assert RoutingTrace.load(trace_file).num_tokens == counters["trace_tokens"]
+    trace = RoutingTrace.load(client.predict(api_name="/trace"))  # made on request, not with every /stats
+    assert trace.num_tokens == counters["trace_tokens"]
+    assert trace.model == EMBEDDED_MODEL  # the name users see, not the server's absolute path
 
 
 def test_served_app_applies_settings_and_survives_bad_input(client):

@@ -27,18 +27,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from moe_runtime.engine import GenerationSettings, StreamUpdate
-from webapp.service import EMBEDDED_MODEL, EngineService, build_messages, message_text
+from webapp.service import EngineService, build_messages, message_text, public_name
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is parsed
 MAX_STOP = 4  # stop sequences per request (as OpenAI's API)
 SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
-FINISH_REASONS = {"stop": "stop", "cancelled": "stop", "length": "length", "time": "length"}
+# the engine's and service's reasons -> OpenAI's ("context": the reply was clipped to the context window)
+FINISH_REASONS = {"stop": "stop", "cancelled": "stop", "length": "length", "time": "length", "context": "length"}
 
 
 class APIError(Exception):
@@ -203,13 +203,6 @@ def _api_error(err: BaseException) -> APIError:
     return APIError(500, f"the reply failed: {type(err).__name__}: {text}", kind="server_error")
 
 
-def public_model_id(name: str) -> str:
-    """The served model's name for clients: a local folder by its last part only (never a server path)."""
-    if name != EMBEDDED_MODEL and Path(name).is_dir():
-        return Path(name).name
-    return name
-
-
 class OpenAIServer:
     """The /v1 routes over one `EngineService`; `api_key` (None: open) is required as a Bearer token."""
 
@@ -256,7 +249,7 @@ class OpenAIServer:
 
     @property
     def model_id(self) -> str:
-        return public_model_id(self.service.model)
+        return public_name(self.service.model)
 
     # --- helpers ----------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

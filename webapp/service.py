@@ -4,15 +4,18 @@
 engine keeps serving when the new settings or model fail), serialized replies, stats and the routing
 trace. `ModelPolicy` decides which models a remote user may load: the embedded model, the model the
 operator started with and a list of known hub ids, and arbitrary local folders only when the operator
-allows it. Nothing here imports a UI library.
+allows it. `Operator` decides who may change the shared engine: on a public host only whoever has
+the operator token. Nothing here imports a UI library.
 """
 
 from __future__ import annotations
 
 import gc
+import hmac
 import json
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +26,7 @@ from moe_runtime.config import OffloadConfig
 from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
 from moe_runtime.loading import load
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
-from moe_runtime.stats import Stats
+from moe_runtime.stats import RoutingTrace, Stats
 
 EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
 KNOWN_MODELS = (
@@ -33,6 +36,9 @@ KNOWN_MODELS = (
 )
 ROLES = ("user", "assistant")
 KEEP_TRACES = 8
+TRACE_EVERY_SECONDS = 30.0  # at most one new trace file per this many seconds (the disk stays bounded)
+REQUEST_SECONDS = 300.0  # one reply's deadline, counted from its arrival (waiting for the engine included)
+MAX_TRACE_TOKENS = 20_000  # a trace download holds at most the newest this many tokens (~2-4 MB of JSON)
 
 
 def device_choices() -> list[str]:
@@ -79,23 +85,59 @@ class ModelPolicy:
                          "(local folders only when the app is started with --allow-local-paths)")
 
 
+@dataclass(frozen=True)
+class Operator:
+    """Who may change the engine everyone shares (settings and model reloads, hub downloads, stats
+    reset). A local launch (127.0.0.1, not shared) is the operator's own: everyone may. On a public
+    host only a caller with `token` may, and nobody when no token is configured."""
+
+    public: bool = False
+    token: str | None = None
+
+    def allows(self, token) -> bool:
+        if not self.public:
+            return True
+        if not self.token or not isinstance(token, str):
+            return False
+        return hmac.compare_digest(token.encode(), self.token.encode())
+
+    def check(self, token, what: str) -> None:
+        if not self.allows(token):
+            how = "give the operator token" if self.token else \
+                "this host was started without an operator token (MOE_OPERATOR_TOKEN), so nobody can"
+            raise ValueError(f"{what} is for the operator of this public host: {how}")
+
+
 def message_text(content) -> str:
-    """The text of a chat message's content: a string, or Gradio's list of {"type": "text", "text"} parts."""
+    """The text of a chat message's content: a string, a {"text": ...} part, or Gradio's list of
+    such parts (one level: parts are strings or {"type": "text", "text"} dicts; others are skipped)."""
     if isinstance(content, str):
         return content
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         return content["text"]
     if isinstance(content, (list, tuple)):
-        parts = [message_text(part) for part in content if not isinstance(part, dict) or "text" in part]
-        return "".join(parts)
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif not isinstance(part, dict) or "text" in part:
+                raise ValueError("chat message content parts must be text or {'type': 'text', 'text': ...}, "
+                                 f"not {type(part).__name__}")
+        return "".join(texts)
     raise ValueError(f"chat message content must be text, not {type(content).__name__}")
 
 
 def build_messages(message: str, history: list | None = None, system_prompt: str | None = None) -> list[dict]:
     """Chat messages for the model: optional system prompt, the history (only role and content
     are kept, so a UI may store extra keys), then the new user message. ValueError on bad input."""
-    if not isinstance(message, str) or not message.strip():
+    if not isinstance(message, str):
+        raise ValueError(f"the message must be text, not {type(message).__name__}")
+    if not message.strip():
         raise ValueError("the message is empty: type something to send")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"system_prompt must be text, not {type(system_prompt).__name__}")
     if history is None:
         history = []
     if not isinstance(history, (list, tuple)):
@@ -131,6 +173,7 @@ class EngineService:
         self._trace_dir = tempfile.TemporaryDirectory(prefix="moe-trace-")  # removed at exit
         self._trace_lock = threading.Lock()
         self._trace_count = 0
+        self._last_trace: tuple[float, Path] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -208,22 +251,52 @@ class EngineService:
 
     # --- replies ------------------------------------------------------------------------------
     def chat(self, messages: list[dict], settings: GenerationSettings,
-             stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
+             stop: threading.Event | None = None, seconds: float = REQUEST_SECONDS) -> Iterator[StreamUpdate]:
         """Stream one reply; replies from all users run one at a time. Leaving the loop early (or
-        closing the iterator) stops the generation instead of letting it run to max_new_tokens."""
+        closing the iterator) stops the generation instead of letting it run to max_new_tokens.
+
+        The prompt is prepared (tokenized, old turns dropped to fit the context; a new message that
+        cannot fit is refused) before the engine's lock is taken, so a huge input delays nobody. The
+        reply ends within `seconds` of the call, waiting for the engine included."""
         settings.validate()
         stop = stop or threading.Event()
-        with self._lock:
+        deadline = time.monotonic() + seconds
+        for _ in range(3):  # a reload between preparing and locking: prepare again for the new engine
             engine = self.engine
+            prompt = self._prepare(engine, messages, settings.max_new_tokens)
+            if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                raise ValueError(f"the engine stayed busy for {seconds:g} s: try again later")
+            if self._engine is engine:
+                break
+            self._lock.release()
+        else:
+            raise ValueError("the engine was reloaded while this message was prepared: send it again")
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ValueError(f"the engine stayed busy for {seconds:g} s: try again later")
+            context = getattr(engine.model.config, "max_position_embeddings", None)
+            room = context - prompt.shape[-1] if context else settings.max_new_tokens
+            clipped = room < settings.max_new_tokens  # the reply ends where the context is full
+            updates = engine.stream(prompt, replace(settings, max_seconds=left,
+                                                    max_new_tokens=min(room, settings.max_new_tokens)), stop)
             try:
-                prompt = _prompt_within_context(engine, messages, settings.max_new_tokens)
-            except Exception as err:  # e.g. a jinja TemplateError: "roles must alternate user/assistant"
-                raise ValueError(f"the chat template of {self.model} refused these messages: {err}") from err
-            updates = engine.stream(prompt, settings, stop)
-            try:
-                yield from updates
+                for update in updates:
+                    if clipped and update.finish_reason == "length":
+                        update = replace(update, finish_reason="context")
+                    yield update
             finally:
                 updates.close()  # stops the generation if the caller left early
+        finally:
+            self._lock.release()
+
+    def _prepare(self, engine: Engine, messages: list[dict], max_new_tokens: int):
+        try:
+            return prompt_within_context(engine, messages, max_new_tokens)
+        except ValueError:
+            raise
+        except Exception as err:  # e.g. a jinja TemplateError: "roles must alternate user/assistant"
+            raise ValueError(f"the chat template of {self.model} refused these messages: {err}") from err
 
     # --- statistics ---------------------------------------------------------------------------
     def stats(self, trace: bool = True) -> Stats:
@@ -236,18 +309,42 @@ class EngineService:
         """`Engine.describe()` under the name the user picked."""
         return {**self.engine.describe(), "model": self.model}
 
+    def close_trace_folder(self) -> None:
+        """Remove the temp folder of trace files now (also done at interpreter exit)."""
+        self._trace_dir.cleanup()
+
     def save_trace(self, stats: Stats) -> Path | None:
-        """The routing trace of `stats` as JSON in a fresh temp file (None when trace recording is
-        off). The newest KEEP_TRACES files are kept, so a web server has time to copy one before it goes."""
+        """The routing trace of `stats` (its newest MAX_TRACE_TOKENS tokens) as JSON in a fresh temp
+        file (None when trace recording is off). The newest KEEP_TRACES files are kept, so a web
+        server has time to copy one before it goes."""
         trace = stats.trace
         if trace is None:
             return None
+        keep = min(trace.num_tokens, MAX_TRACE_TOKENS)  # the newest tokens: a download has a bounded size
+        trace = RoutingTrace(trace.num_layers, trace.num_experts, trace.top_k, public_name(self.model),
+                             selected=[rows[len(rows) - keep:] for rows in trace.selected],
+                             guess=[rows[len(rows) - keep:] for rows in trace.guess],
+                             phase=trace.phase[len(trace.phase) - keep:])
         folder = Path(self._trace_dir.name)
         with self._trace_lock:
             self._trace_count += 1
             path = trace.save(folder / f"routing-trace-{self._trace_count}.json")
             for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
                 old.unlink(missing_ok=True)
+        return path
+
+    def trace_file(self, every: float = TRACE_EVERY_SECONDS) -> Path | None:
+        """The routing trace as a file for a download: a new one at most every `every` seconds,
+        otherwise the last one again (a server that copies each file it hands out then writes at
+        most one file per `every` seconds, whoever asks and however often)."""
+        with self._trace_lock:
+            last = self._last_trace
+            if last is not None and time.monotonic() - last[0] < every and last[1].exists():
+                return last[1]
+        path = self.save_trace(self.stats())
+        if path is not None:
+            with self._trace_lock:
+                self._last_trace = (time.monotonic(), path)
         return path
 
     def save_counters(self, counters: dict) -> Path:
@@ -262,20 +359,52 @@ class EngineService:
         return path
 
 
-def _prompt_within_context(engine: Engine, messages: list[dict], max_new_tokens: int):
+
+def public_name(model: str) -> str:
+    """A model's name as others may see it: the embedded model's and hub ids as they are, a local
+    folder by its last part only (never the server's absolute path)."""
+    if model == EMBEDDED_MODEL or (model.count("/") == 1 and not model.startswith(("/", ".", "~"))
+                                   and not Path(model).is_dir()):
+        return model
+    return Path(model).name or model
+
+
+def prompt_within_context(engine: Engine, messages: list[dict], max_new_tokens: int):
     """Token ids of the chat, dropping the oldest turns (never the system prompt or the newest
-    message) while prompt + reply would overflow the model's context window."""
+    message) while prompt + reply would overflow the model's context window. When the newest
+    message leaves less room than max_new_tokens the caller clips the reply; a message that leaves
+    no room at all is refused (ValueError with its size in tokens).
+
+    The cut is found by bisection over the turns (a kept part starts with a user message), so a
+    long history costs O(log n) tokenizations, not one per dropped turn."""
     context = getattr(engine.model.config, "max_position_embeddings", None)
+    first = 1 if messages[0]["role"] == "system" else 0
+    if not context:
+        return engine.chat_prompt(messages)
+    room = context - max_new_tokens
+    shortest = engine.chat_prompt(messages[:first] + messages[-1:])
+    if shortest.shape[-1] >= context:
+        alone = len(engine.tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
+        raise ValueError(f"the message is too long: {alone} tokens, and the model's context holds {context} "
+                         f"tokens in all{' (with the system prompt)' if first else ''}: it was not sent; shorten it")
+    if shortest.shape[-1] > room:
+        return shortest
     ids = engine.chat_prompt(messages)
-    while context and ids.shape[-1] + max_new_tokens > context:
-        first = 1 if messages[0]["role"] == "system" else 0
-        if len(messages) - first <= 1:
-            break  # only the new message is left: let it run, the model copes or truncates
-        messages = messages[:first] + messages[first + 1:]
-        while messages[first]["role"] == "assistant":  # templates want the user to speak first
-            messages = messages[:first] + messages[first + 1:]
-        ids = engine.chat_prompt(messages)
-    return ids
+    if ids.shape[-1] <= room:
+        return ids
+    # cuts: where the kept part may start (a user turn after the system prompt; the newest message last)
+    cuts = [i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"]
+    if not cuts or cuts[-1] != len(messages) - 1:
+        cuts.append(len(messages) - 1)
+    low, high, best = 0, len(cuts) - 1, shortest  # cuts[high] fits (best is its prompt); find the first that does
+    while low < high:
+        mid = (low + high) // 2
+        trial = engine.chat_prompt(messages[:first] + messages[cuts[mid]:])
+        if trial.shape[-1] <= room:
+            high, best = mid, trial
+        else:
+            low = mid + 1
+    return best
 
 
 def _trace_number(path: Path) -> int:
