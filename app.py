@@ -50,7 +50,7 @@ TITLE = "Mixture-of-Experts with expert offloading"
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])  # system fonts: no font download
 CSS = ".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9em; margin-top: -0.5em; }"
-STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved")
+STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline")
 SETTINGS_WIDGETS = 10  # the 8 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
@@ -204,15 +204,20 @@ class Handlers:
             raise gr.Error(str(err)) from None
 
     # stats -----------------------------------------------------------------------------------------
-    def stats_view(self):
+    def stats_view(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
         """(counters, counter table, *figures) of the running engine, from one snapshot without the
-        trace (cheap: polled while a reply streams, and the /stats endpoint)."""
+        trace (cheap: polled while a reply streams, and the /stats endpoint); the timeline shows the
+        newest `timeline_tokens` tokens."""
         try:
             stats = self.service.stats(trace=False)
         except ValueError as err:
             gr.Warning(str(err))
             return (gr.skip(),) * (2 + len(STATS_FIGURES))
-        figures = plots.dashboard(stats)
+        try:
+            tokens = whole_number("timeline tokens", timeline_tokens)
+        except ValueError:
+            tokens = plots.TIMELINE_TOKENS
+        figures = plots.dashboard(stats, timeline_tokens=max(tokens, 1))
         return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
 
     def trace_download(self):
@@ -230,8 +235,8 @@ class Handlers:
         except ValueError as err:
             raise gr.Error(str(err)) from None
 
-    def after_reply(self):
-        return (*self.stats_view(), gr.Timer(active=False))
+    def after_reply(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
+        return (*self.stats_view(timeline_tokens), gr.Timer(active=False))
 
     def reset_stats(self, operator_token: str = ""):
         """Zero the shared counters (the operator's, on a public host); returns the stats view."""
@@ -374,12 +379,15 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                 counters = gr.JSON(visible=False)  # the counters as data, for API clients (/stats)
                 table = gr.Dataframe(headers=plots.COUNTER_COLUMNS, label="Counters", interactive=False, wrap=True,
                                      elem_id="counters", column_widths=["22%", "22%", "56%"])
-                figures = []
+                plotted = {}  # figure name -> its gr.Plot
 
                 def figure(name: str, label: str, elem_id: str | None = None) -> None:
-                    figures.append(gr.Plot(label=label, elem_id=elem_id))
+                    plotted[name] = gr.Plot(label=label, elem_id=elem_id)
                     gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
 
+                timeline_tokens = gr.Slider(1, 256, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
+                                            label="Timeline: newest tokens shown")
+                figure("timeline", "Load/compute timeline", "timeline")
                 figure("experts", "Expert selections", "expert-heatmap")
                 with gr.Row():
                     with gr.Column():
@@ -391,6 +399,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                         figure("tokens_per_second", "Tokens per second")
                     with gr.Column():
                         figure("bytes_moved", "Bytes moved")
+                figures = [plotted[name] for name in STATS_FIGURES]
 
         stats_outputs = [counters, table, *figures]
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
@@ -399,15 +408,17 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
             reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
                 h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
                 show_progress="minimal", **private)
-            reply.then(h.after_reply, None, [*stats_outputs, timer], show_progress="hidden", **private)
+            reply.then(h.after_reply, timeline_tokens, [*stats_outputs, timer], show_progress="hidden", **private)
             replies.append(reply)
         stop.click(h.stop, None, None, queue=False, **private)
         clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
         chatbot.clear(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
-        timer.tick(h.stats_view, None, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
+        timer.tick(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
-        refresh.click(h.stats_view, None, stats_outputs, api_name="stats", concurrency_limit=4)
+        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_limit=4)
+        timeline_tokens.release(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden",
+                                concurrency_id="stats-view", concurrency_limit=4, **private)
         prepare.click(h.trace_download, None, download, api_name="trace", concurrency_id="trace",
                       concurrency_limit=1)
         prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
@@ -418,10 +429,10 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
         apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_view, None, stats_outputs, show_progress="hidden", **private)
+            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
 
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_view, None, stats_outputs, show_progress="hidden", **private)
+        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
     return demo
 
 

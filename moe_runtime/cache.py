@@ -29,6 +29,13 @@ from .stats import StatsCollector
 WAIT_TIMEOUT_S = 120.0  # a slot or another thread's load; far above any sane single expert load
 
 
+def level_of(tier, layer: int, expert: int) -> str:
+    """Where the slow tier holds an expert now ("ram", "disk", ...: `SlowTier.level_of`); tiers
+    without that method (test doubles) are "slow tier"."""
+    query = getattr(tier, "level_of", None)
+    return query(layer, expert) if query is not None else "slow tier"
+
+
 class ExpertLoadError(RuntimeError):
     """A load of one expert failed (the slow tier raised) or could not start (no slot in time)."""
 
@@ -60,14 +67,16 @@ class LoadTicket:
 class Transfer:
     """Moves expert records from the slow tier into device slots."""
 
-    def __init__(self, tier, device: torch.device) -> None:
+    def __init__(self, tier, device: torch.device, stats: StatsCollector | None = None) -> None:
         self.tier = tier
         self.device = device
+        self.stats = stats  # gets a "demand"/"prefetch" span of the timeline per load
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
 
     def _run(self, layer: int, expert: int, dst: torch.Tensor, ticket: LoadTicket,
-             wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None) -> None:
+             wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None, kind: str = "demand") -> None:
+        start = time.perf_counter()
         try:
             if self.stream is not None:
                 with torch.cuda.stream(self.stream):
@@ -82,6 +91,8 @@ class Transfer:
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:
+            if self.stats is not None:
+                self.stats.record_span(kind, layer, expert, start, time.perf_counter(), level_of(self.tier, layer, expert))
             if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
                 on_done()
             ticket.done.set()
@@ -90,7 +101,7 @@ class Transfer:
         self._run(layer, expert, dst, ticket, wait_for, None)
 
     def load_async(self, layer, expert, dst, ticket, wait_for=None, on_done=None) -> None:
-        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done)
+        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done, "prefetch")
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
@@ -225,7 +236,7 @@ class ExpertCache:
             self.stats.record_access(self.layer, hit)  # once per use, whatever happened
         stalled = time.perf_counter() - start
         if not hit or stalled > 1e-4:
-            self.stats.record_stall(self.layer, stalled)
+            self.stats.record_stall(self.layer, stalled, expert)
         return self.slots[slot]
 
     def release(self, expert: int) -> None:

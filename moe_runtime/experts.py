@@ -16,6 +16,7 @@ and the speculator (`Speculation` below) are declared seams.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 import torch
@@ -126,6 +127,7 @@ class OffloadedExperts(nn.Module):
 
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        start = time.perf_counter()
         if self.speculator is not None:
             self.speculator(hidden_states)
         self._record(top_k_index)
@@ -150,6 +152,7 @@ class OffloadedExperts(nn.Module):
         finally:
             for expert in pinned:
                 self.cache.release(expert)
+            self.stats.record_span("compute", self.layer, -1, start, time.perf_counter())
         return out
 
     def _record(self, top_k_index: torch.Tensor) -> None:
@@ -170,7 +173,7 @@ def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_ex
     if decoded and codec.bits is not None:
         compute_codec = codec.plain()
         tier = DecodingTier(tier, codec, compute_codec)
-    transfer = Transfer(tier, device)
+    transfer = Transfer(tier, device, stats)
     stride = round_up(compute_codec.nbytes)
     modules = []
     for layer in range(num_layers):

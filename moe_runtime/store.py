@@ -381,12 +381,15 @@ class SlowTier(Protocol):
     `copy_to(layer, expert, dst)` fills `dst` (uint8 [nbytes] or larger, on the compute device or the
     host) with the record of one expert; it may be called from the demand path and the prefetch worker
     at once. `nbytes` is one record's size as moved (what a load costs in bytes); `close()` lets go of
-    files and buffers.
+    files and buffers. `level_of(layer, expert)` names where the record is now ("ram", "disk"; a
+    tier with levels answers per expert), for the app's timeline and cache map.
     """
 
     nbytes: int
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None: ...
+
+    def level_of(self, layer: int, expert: int) -> str: ...
 
     def close(self) -> None: ...
 
@@ -432,6 +435,9 @@ class RamTier:
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         dst.copy_(self.records[layer][expert, : dst.numel()], non_blocking=True)
+
+    def level_of(self, layer: int, expert: int) -> str:
+        return "ram"
 
     def close(self) -> None:
         self.records = []
@@ -489,6 +495,9 @@ class DiskTier:
         self.read(layer, expert, staging)
         dst.copy_(staging[: dst.numel()], non_blocking=False)
 
+    def level_of(self, layer: int, expert: int) -> str:
+        return "disk"
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -528,6 +537,9 @@ class DecodingTier:
         self.inner.copy_to(layer, expert, staging)
         for name, weight in zip(MATRICES, self.quantized.decode(staging)):
             self.plain.layout.slots[name].view(dst).copy_(weight)
+
+    def level_of(self, layer: int, expert: int) -> str:
+        return self.inner.level_of(layer, expert)
 
     def close(self) -> None:
         self.inner.close()

@@ -11,20 +11,29 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-from moe_runtime.stats import Stats
+from moe_runtime.stats import Span, Stats
 
 HEIGHT = 320
+TIMELINE_TOKENS = 8  # the timeline shows this many newest tokens unless asked otherwise
+MAX_DRAWN_SPANS = 6000  # the timeline draws the newest this many spans (a browser stays responsive)
+TIMELINE_KINDS = {  # span kind -> (legend name, colour, row offset within its layer: compute above, loads below)
+    "compute": ("layer compute", "#9e9e9e", -0.2),
+    "stall": ("stall (waiting for an expert)", "#d62728", -0.2),
+    "demand": ("demand load", "#ff7f0e", 0.2),
+    "prefetch": ("prefetch", "#1f77b4", 0.2),
+}
 EMPTY_HINT = "no tokens yet: send a message in the Chat tab"
 
 
-def dashboard(stats: Stats) -> dict[str, go.Figure]:
-    """All figures of the Stats tab, in display order."""
+def dashboard(stats: Stats, timeline_tokens: int | None = TIMELINE_TOKENS) -> dict[str, go.Figure]:
+    """All figures of the Stats tab."""
     return {
         "experts": expert_heatmap(stats),
         "hit_rate": hit_rate_per_layer(stats),
         "prefetch_recall": prefetch_recall_per_layer(stats),
         "tokens_per_second": tokens_per_second(stats),
         "bytes_moved": bytes_moved_per_layer(stats),
+        "timeline": timeline(stats, timeline_tokens),
     }
 
 
@@ -38,6 +47,9 @@ CAPTIONS = {
                        "guessed (and loaded ahead). Layer 0 has nothing to guess from.",
     "tokens_per_second": "Decode speed over the latest reply, over a sliding window of 4 tokens: dips are "
                          "tokens that waited for expert loads.",
+    "timeline": "Per layer, the upper bar is its MoE compute (red: waiting for an expert) and the lower one "
+                "its loads (orange: on demand, blue: prefetched); prefetch pays when blue bars overlap grey "
+                "ones of earlier layers. Ticks on top mark tokens.",
     "bytes_moved": "Bytes copied from the slow tier (RAM or disk) into each layer's cache, demand loads "
                    "and prefetches together. Lower is better.",
 }
@@ -161,6 +173,66 @@ def bytes_moved_per_layer(stats: Stats) -> go.Figure:
     return _hint_if_empty(fig, stats.total("bytes_moved") == 0)
 
 
+def timeline(stats: Stats, last_tokens: int | None = TIMELINE_TOKENS) -> go.Figure:
+    """Gantt-style chart of the latest reply: per layer, when it computed, stalled and loaded experts
+    (x: ms since the reply started; y: layer). `last_tokens` keeps the spans of the newest tokens
+    only (None: the whole reply, up to MAX_DRAWN_SPANS spans)."""
+    spans, marks = stats.timeline, _token_marks(stats)
+    if last_tokens is not None and len(marks) > last_tokens:
+        since = marks[-last_tokens - 1]
+        spans, marks = [s for s in spans if s.end >= since], marks[-last_tokens - 1:]
+    spans = spans[-MAX_DRAWN_SPANS:]
+    fig = go.Figure()
+    for kind, (name, color, offset) in TIMELINE_KINDS.items():
+        rows = [s for s in spans if s.kind == kind]
+        if not rows:
+            continue
+        fig.add_trace(go.Bar(
+            orientation="h", name=name, marker_color=color, width=0.36, y=[s.layer + offset for s in rows],
+            base=[1e3 * s.start for s in rows], x=[1e3 * (s.end - s.start) for s in rows],
+            customdata=[[s.layer, _span_label(s)] for s in rows],
+            hovertemplate="layer %{customdata[0]}: %{customdata[1]}<br>%{base:.1f} ms, %{x:.2f} ms long"
+                          f"<extra>{name}</extra>",
+        ))
+    if marks:
+        fig.add_trace(go.Scatter(
+            x=[1e3 * t for t in marks], y=[-0.75] * len(marks), mode="markers", name="token",
+            marker={"symbol": "line-ns", "size": 10, "line": {"width": 1, "color": "#555"}},
+            customdata=list(range(len(stats.token_times) - len(marks) + 1, len(stats.token_times) + 1)),
+            hovertemplate="token %{customdata} at %{x:.1f} ms<extra></extra>",
+        ))
+    layers = stats.num_layers
+    shown = len(marks) - 1 if last_tokens is not None and len(stats.token_times) > last_tokens else None
+    fig.update_layout(barmode="overlay")
+    fig.update_xaxes(title_text="ms since the reply started")
+    ticks = list(range(0, layers, 1 if layers <= 16 else 4))
+    fig.update_yaxes(title_text="layer", range=[layers - 0.5, -1],  # layer 0 on top, token ticks above it
+                     tickmode="array", tickvals=ticks, ticktext=[str(t) for t in ticks])
+    compute = sum(s.end - s.start for s in spans if s.kind == "compute")
+    stall = sum(s.end - s.start for s in spans if s.kind == "stall")
+    share = f", {stall / compute:.0%} of compute" if compute > 0 else ""
+    which = f"last {shown} tokens of the latest reply" if shown else "the latest reply"
+    _layout(fig, f"Load/compute timeline, {which} (stalls {1e3 * stall:.0f} ms{share})",
+            height=max(HEIGHT, 110 + 26 * layers))
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.25, "yanchor": "top", "x": 0},
+                      margin={"l": 50, "r": 20, "t": 45, "b": 90})
+    return _hint_if_empty(fig, not spans)
+
+
+def _token_marks(stats: Stats) -> list[float]:
+    """When each token of the reply left the model, seconds since the reply started."""
+    if stats.first_token_at is None:
+        return []
+    return [stats.first_token_at + t for t in stats.token_times]
+
+
+def _span_label(span: Span) -> str:
+    if span.kind == "compute":
+        return "MoE compute"
+    where = f" from {span.level}" if span.level else ""
+    return f"expert {span.expert}{where}" if span.kind != "stall" else f"waited for expert {span.expert}"
+
+
 def _per_layer_bars(values: list[float], y_title: str, y_hover: str, color: str = "#1f77b4") -> go.Figure:
     fig = go.Figure(go.Bar(x=list(range(len(values))), y=values, marker_color=color,
                            hovertemplate=f"layer %{{x}}: {y_hover}<extra></extra>"))
@@ -181,8 +253,8 @@ def byte_unit(largest: float) -> tuple[int, str]:
     return 1, "B"
 
 
-def _layout(fig: go.Figure, title: str) -> None:
-    fig.update_layout(title={"text": title, "font": {"size": 14}}, height=HEIGHT, template="plotly_white",
+def _layout(fig: go.Figure, title: str, height: int = HEIGHT) -> None:
+    fig.update_layout(title={"text": title, "font": {"size": 14}}, height=height, template="plotly_white",
                       margin={"l": 50, "r": 20, "t": 45, "b": 40}, showlegend=False)
 
 
