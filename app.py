@@ -35,7 +35,7 @@ import gradio as gr  # noqa: E402
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import POLICIES  # noqa: E402
-from webapp import plots  # noqa: E402
+from webapp import plots, whatif  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import (  # noqa: E402
     EMBEDDED_MODEL,
@@ -59,6 +59,7 @@ LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading th
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
 MAX_UPLOAD = "1mb"  # the app takes no files; gradio's upload route stays small
 CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
+WHATIF_SESSION, WHATIF_UPLOAD = "this session's trace", "an uploaded trace file"
 TOKEN_ENV = "MOE_OPERATOR_TOKEN"  # the operator token on a public host (a Space: a secret of that name)
 
 
@@ -247,6 +248,36 @@ class Handlers:
             gr.Warning(str(err))
         return self.stats_view()
 
+    # what-if ---------------------------------------------------------------------------------------
+    def what_if(self, source: str, upload, policy: str, cache_size: float, prefetch: float, hardware: str,
+                shape: str, include_prefill: bool):
+        """Replay a routing trace with other cache settings: (table, notes). The session's trace, or
+        an uploaded trace file (size-capped); bad input leaves the table and says why."""
+        try:
+            stats = self.service.stats()
+            if source == WHATIF_UPLOAD:
+                if not upload:
+                    raise ValueError("no trace file uploaded: choose one, or replay this session's trace")
+                trace = whatif.load_trace(upload)
+            elif stats.trace is None:
+                raise ValueError("this engine records no routing trace (started with --no-trace): upload one")
+            else:
+                trace = stats.trace
+            c = self.service.config
+            model_shape = whatif.served_shape(self.service.engine.model.config, c.expert_bits, c.attn_bits,
+                                              expert_group_size=c.expert_group_size,
+                                              attn_group_size=c.attn_group_size) \
+                if shape == whatif.SERVED_SHAPE else whatif.MODELS.get(shape)
+            if model_shape is None:
+                raise ValueError(f"model shape {shape!r} is not allowed: use one of {', '.join(whatif.model_choices())}")
+            result = whatif.replay(trace, policy, whole_number("cache size", cache_size),
+                                   whole_number("prefetch", prefetch), hardware, model_shape, stats,
+                                   self.service.describe()["expert_bytes"], bool(include_prefill))
+        except ValueError as err:
+            gr.Warning(f"Not replayed: {err}")
+            return gr.skip(), f"**Not replayed:** {err}"
+        return whatif.rows(result), whatif.notes(result)
+
     # settings --------------------------------------------------------------------------------------
     def apply(self, model: str, expert_bits: str, attn_bits: str, cache_size: float, prefetch: float,
               offload: str, device: str, policy: str, operator_token: str = "", progress=LOADING_PROGRESS):
@@ -401,6 +432,32 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                         figure("bytes_moved", "Bytes moved")
                 figures = [plotted[name] for name in STATS_FIGURES]
 
+            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab"):
+                gr.Markdown("Replay the routing trace through the simulator (`moe_runtime.sim`) with other cache "
+                            "settings and predict tokens/s on other hardware, beside what this session measured.",
+                            elem_classes="caption")
+                with gr.Row():
+                    wi_source = gr.Radio([WHATIF_SESSION, WHATIF_UPLOAD], value=WHATIF_SESSION, label="Routing trace")
+                    wi_upload = gr.File(label="Trace file (JSON from Prepare downloads or moe_runtime; at most 1 MiB)",
+                                        file_types=[".json"], type="filepath", elem_id="whatif-upload")
+                with gr.Row():
+                    wi_policy = gr.Dropdown(whatif.policy_choices(), value=service.config.policy, label="Policy",
+                                            info="belady: the optimum that knows the future")
+                    wi_cache = gr.Number(service.config.cache_size, precision=0, label="Cache size per layer")
+                    wi_prefetch = gr.Number(service.config.prefetch, precision=0, label="Prefetch width")
+                    wi_hardware = gr.Dropdown(list(whatif.HARDWARE), value="cpu-space", label="Hardware profile")
+                    wi_shape = gr.Dropdown(whatif.model_choices(), value=whatif.SERVED_SHAPE, label="Model shape",
+                                           info="whose bytes and compute the prediction uses")
+                    wi_prefill = gr.Checkbox(True, label="include prompt tokens",
+                                             info="the counters include them")
+                wi_run = gr.Button("Replay", variant="primary", elem_id="whatif-run")
+                wi_table = gr.Dataframe(headers=whatif.COLUMNS, label="Measured beside replayed", interactive=False,
+                                        wrap=True, elem_id="whatif-table")
+                gr.Markdown("Each row: what this session measured, what the simulator counts when it replays the "
+                            "same routing with the chosen settings, and what the throughput model predicts on "
+                            "the chosen hardware.", elem_classes="caption")
+                wi_notes = gr.Markdown(elem_id="whatif-notes")
+
         stats_outputs = [counters, table, *figures]
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
         replies = []
@@ -424,6 +481,10 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
         reset.click(h.reset_stats, token, stats_outputs, api_name="reset_stats",
                     concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
+
+        wi_run.click(h.what_if, [wi_source, wi_upload, wi_policy, wi_cache, wi_prefetch, wi_hardware, wi_shape,
+                                 wi_prefill], [wi_table, wi_notes], api_name="what_if", concurrency_id="what-if",
+                     concurrency_limit=1)
 
         settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy]
         unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)

@@ -264,6 +264,25 @@ def test_stats_figures_and_trace_file(handlers):
     assert handlers.reset_stats()[0]["tokens_generated"] == 0
 
 
+def test_what_if_replays_the_session_or_an_uploaded_trace(handlers, service):
+    list(handlers.respond("To be", [], "", 0, 1, 6))
+    c = service.config
+    rows, notes = handlers.what_if(app.WHATIF_SESSION, None, c.policy, c.cache_size, c.prefetch, "t4-pcie3",
+                                   "mixtral-8x7b", True)
+    table = {row[0]: row[1:] for row in rows}
+    assert table["cache hit rate"][1].endswith("%") and table["decode speed"][2].endswith("tokens/s")
+    assert "Predicted on t4-pcie3" in notes and "mixtral-8x7b" in notes
+    trace_file = service.trace_file(every=0)
+    rows, _ = handlers.what_if(app.WHATIF_UPLOAD, str(trace_file), "belady", 1, 0, "a100", "served model", True)
+    assert {row[0]: row[2] for row in rows}["cache per layer"].startswith("1 of")
+    for args, message in [((app.WHATIF_UPLOAD, None, "lru", 2, 2, "a100", "served model", True), "no trace file"),
+                          ((app.WHATIF_SESSION, None, "lru", 2.5, 2, "a100", "served model", True), "whole number"),
+                          ((app.WHATIF_SESSION, None, "lru", 2, 2, "a100", "gpt-9", True), "model shape")]:
+        with pytest.warns(UserWarning, match="Not replayed"):
+            _, notes = handlers.what_if(*args)
+        assert message in notes
+
+
 def test_only_the_newest_trace_files_are_kept(service):
     paths = [service.save_trace(service.stats()) for _ in range(12)]
     assert all(p.parent == paths[0].parent for p in paths)
