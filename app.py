@@ -49,8 +49,10 @@ from webapp.service import (  # noqa: E402
 TITLE = "Mixture-of-Experts with expert offloading"
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])  # system fonts: no font download
-CSS = ".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9em; margin-top: -0.5em; }"
-STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline")
+CSS = (".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9em; margin-top: -0.5em; } "
+       "#cache-map { max-height: 640px; overflow-y: auto; }")  # a map of many layers scrolls
+STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline",
+                 "cache_map")
 SETTINGS_WIDGETS = 10  # the 8 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
@@ -218,7 +220,7 @@ class Handlers:
             tokens = whole_number("timeline tokens", timeline_tokens)
         except ValueError:
             tokens = plots.TIMELINE_TOKENS
-        figures = plots.dashboard(stats, timeline_tokens=max(tokens, 1))
+        figures = plots.dashboard(stats, timeline_tokens=max(tokens, 1), levels=self.service.cache_map())
         return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
 
     def trace_download(self):
@@ -416,6 +418,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                     plotted[name] = gr.Plot(label=label, elem_id=elem_id)
                     gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
 
+                figure("cache_map", "Live cache map", "cache-map")
                 timeline_tokens = gr.Slider(1, 256, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
                                             label="Timeline: newest tokens shown")
                 figure("timeline", "Load/compute timeline", "timeline")

@@ -138,6 +138,14 @@ class ExpertCache:
         with self._cond:
             return set(self.slot_of)
 
+    def states(self) -> dict[int, str]:
+        """expert -> "device" (in a slot, ready) or "loading (demand)" / "loading (prefetch)", for the
+        experts of this layer that have a slot (the others are only in the slow tier)."""
+        with self._cond:
+            return {e: "device" if (t := self.tickets[s]) is None or t.done.is_set()
+                    else "loading (prefetch)" if e in self.prefetched else "loading (demand)"
+                    for e, s in self.slot_of.items()}
+
     # --- slot bookkeeping (caller holds the lock) ---------------------------------------------
     def _free_or_victim(self, protect: set[int] = frozenset()) -> int | None:
         for slot, owner in enumerate(self.owner):
@@ -233,7 +241,7 @@ class ExpertCache:
                     self.prefetched.discard(expert)
                     self.stats.record_prefetch_used(self.layer)
         finally:
-            self.stats.record_access(self.layer, hit)  # once per use, whatever happened
+            self.stats.record_access(self.layer, hit, expert)  # once per use, whatever happened
         stalled = time.perf_counter() - start
         if not hit or stalled > 1e-4:
             self.stats.record_stall(self.layer, stalled, expert)

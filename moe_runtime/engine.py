@@ -17,6 +17,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .arch.base import MoEShape
+from .cache import level_of
 from .config import OffloadConfig
 from .stats import Counters, Stats, StatsCollector
 
@@ -123,6 +124,15 @@ class Engine:
     def counters(self) -> Counters:
         """The cache counters now, without the rest of a snapshot (cheap); `end - start` is a window."""
         return self._stats.counters()
+
+    def cache_map(self) -> list[list[str]]:
+        """Where each expert is now, [L][E]: "device", "loading (demand)", "loading (prefetch)", or
+        the slow tier's level of it ("ram", "disk"; a tier with more levels names them per expert)."""
+        out = []
+        for module in self.experts:
+            states = module.cache.states()
+            out.append([states.get(e) or level_of(self.tier, module.layer, e) for e in range(self.shape.num_experts)])
+        return out
 
     def reset_stats(self) -> None:
         """Zero the counters and the trace. Waits for a reply in progress: a reset between two layers

@@ -209,6 +209,9 @@ class Stats(Counters):
     token_times: list[float]
     trace: RoutingTrace | None = None
     trace_tokens: int = 0  # tokens in the engine's trace, also when the snapshot left the trace out
+    expert_hits: list[list[int]] = field(default_factory=list)  # [L][E] uses of the expert that were hits
+    expert_last_use: list[list[int | None]] = field(default_factory=list)  # [L][E] token number of its last selection
+    tokens_seen: int = 0  # tokens routed since the reset (prompt and reply; the token numbers above count these)
     timeline: list[Span] = field(default_factory=list)  # the latest reply's spans, seconds since it started
     first_token_at: float | None = None  # when its first token left the model, seconds since it started
 
@@ -258,6 +261,9 @@ class StatsCollector:
         n_layers, n_experts, top_k, _, _ = self.shape
         with self._lock:
             self.expert_counts = [[0] * n_experts for _ in range(n_layers)]
+            self.expert_hits = [[0] * n_experts for _ in range(n_layers)]
+            self.expert_last_use: list[list[int | None]] = [[None] * n_experts for _ in range(n_layers)]
+            self.tokens_seen = 0
             self.counts = Counters.zeros(n_layers)
             self.spans.clear()
             self.tokens_generated = 0
@@ -273,10 +279,14 @@ class StatsCollector:
         """selected: per token, its K experts; guess: per token, the ranking predicted for this
         layer from the previous one (None at layer 0). Recall counts the top-`width` guesses."""
         with self._lock:
-            counts = self.expert_counts[layer]
-            for experts in selected:
+            counts, last = self.expert_counts[layer], self.expert_last_use[layer]
+            if layer == 0:
+                self.tokens_seen += len(selected)
+            first = self.tokens_seen - len(selected)  # token number of selected[0] (from 0 since the reset)
+            for i, experts in enumerate(selected):
                 for e in experts:
                     counts[e] += 1
+                    last[e] = first + i
             if guess is not None:
                 for experts, ranking in zip(selected, guess):
                     self.counts.guess_hits[layer] += len(set(experts) & set(ranking[:width]))
@@ -298,11 +308,13 @@ class StatsCollector:
         for rows in (*self.trace.selected, *self.trace.guess):
             del rows[:excess]
 
-    def record_access(self, layer: int, hit: bool) -> None:
+    def record_access(self, layer: int, hit: bool, expert: int | None = None) -> None:
         with self._lock:
             self.counts.selections[layer] += 1
             if hit:
                 self.counts.hits[layer] += 1
+                if expert is not None:
+                    self.expert_hits[layer][expert] += 1
             else:
                 self.counts.misses[layer] += 1
 
@@ -395,4 +407,6 @@ class StatsCollector:
                 tokens_generated=self.tokens_generated, decode_seconds=self.decode_seconds,
                 token_times=list(self.token_times), trace=copy, trace_tokens=trace_tokens,
                 timeline=timeline, first_token_at=first_token,
+                expert_hits=[list(h) for h in self.expert_hits], tokens_seen=self.tokens_seen,
+                expert_last_use=[list(u) for u in self.expert_last_use],
             )

@@ -39,7 +39,7 @@ def annotations(fig: go.Figure) -> list[str]:
 def test_dashboard_has_every_figure_in_order():
     figures = plots.dashboard(make_stats())
     assert list(figures) == ["experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved",
-                             "timeline"]
+                             "timeline", "cache_map"]
     for fig in figures.values():
         assert isinstance(fig, go.Figure) and fig.layout.title.text
         json.loads(fig.to_json())  # serializable, as Gradio sends it
@@ -78,8 +78,8 @@ def test_tokens_per_second_and_bytes_moved():
 
 def test_empty_and_prefetch_off_figures_say_so():
     empty = make_stats(empty=True)
-    for fig in plots.dashboard(empty).values():
-        assert plots.EMPTY_HINT in annotations(fig)
+    for name, fig in plots.dashboard(empty).items():
+        assert (plots.EMPTY_HINT if name != "cache_map" else "no engine") in annotations(fig)
     off = plots.prefetch_recall_per_layer(make_stats(prefetch=0))
     assert any("prefetch is off" in text for text in annotations(off))
 

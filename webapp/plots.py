@@ -25,8 +25,9 @@ TIMELINE_KINDS = {  # span kind -> (legend name, colour, row offset within its l
 EMPTY_HINT = "no tokens yet: send a message in the Chat tab"
 
 
-def dashboard(stats: Stats, timeline_tokens: int | None = TIMELINE_TOKENS) -> dict[str, go.Figure]:
-    """All figures of the Stats tab."""
+def dashboard(stats: Stats, timeline_tokens: int | None = TIMELINE_TOKENS,
+              levels: list[list[str]] | None = None) -> dict[str, go.Figure]:
+    """All figures of the Stats tab; `levels` is `Engine.cache_map()` (None: no cache map)."""
     return {
         "experts": expert_heatmap(stats),
         "hit_rate": hit_rate_per_layer(stats),
@@ -34,8 +35,21 @@ def dashboard(stats: Stats, timeline_tokens: int | None = TIMELINE_TOKENS) -> di
         "tokens_per_second": tokens_per_second(stats),
         "bytes_moved": bytes_moved_per_layer(stats),
         "timeline": timeline(stats, timeline_tokens),
+        "cache_map": cache_map(levels, stats),
     }
 
+
+# where an expert can be, in the cache map's order and colours; a level the slow tier names and this
+# list does not know is drawn as "slow tier"
+PLACES = {
+    "device": ("on the device", "#2ca02c"),
+    "loading (demand)": ("loading on demand", "#d62728"),
+    "loading (prefetch)": ("prefetching", "#1f77b4"),
+    "host": ("in the host cache", "#bcbd22"),
+    "ram": ("in RAM (slow tier)", "#c7c7c7"),
+    "disk": ("on disk only", "#f0f0f0"),
+    "slow tier": ("in the slow tier", "#e0e0e0"),
+}
 
 # one line under each figure of the Stats tab: how to read it
 CAPTIONS = {
@@ -47,6 +61,9 @@ CAPTIONS = {
                        "guessed (and loaded ahead). Layer 0 has nothing to guess from.",
     "tokens_per_second": "Decode speed over the latest reply, over a sliding window of 4 tokens: dips are "
                          "tokens that waited for expert loads.",
+    "cache_map": "Where each expert is right now: green on the device (a use is a hit), blue/red being "
+                 "prefetched/loaded on demand, grey only in RAM or on disk. Hover a cell for its selections, hits "
+                 "and last use.",
     "timeline": "Per layer, the upper bar is its MoE compute (red: waiting for an expert) and the lower one "
                 "its loads (orange: on demand, blue: prefetched); prefetch pays when blue bars overlap grey "
                 "ones of earlier layers. Ticks on top mark tokens.",
@@ -71,6 +88,52 @@ def counters(stats: Stats) -> dict:
         "prefetch_loads": sum(stats.prefetch_issued),
         "trace_tokens": stats.trace_tokens,
     }
+
+
+def cache_map(levels: list[list[str]] | None, stats: Stats) -> go.Figure:
+    """Layers × experts: where each expert is now (`Engine.cache_map()`), coloured by place; hover shows
+    its selections, hits and last use. Cells shrink with the expert count; tall maps scroll in the app."""
+    if not levels:
+        return _annotate(_sized(go.Figure(), stats.num_layers, "Live cache map"), "no engine")
+    names = list(PLACES)
+    z = [[names.index(p) if p in PLACES else names.index("slow tier") for p in row] for row in levels]
+    hits = stats.expert_hits or [[0] * stats.num_experts for _ in levels]
+    last = stats.expert_last_use or [[None] * stats.num_experts for _ in levels]
+    text = [[f"{PLACES[names[z[layer][e]]][0]}<br>{stats.expert_counts[layer][e]} selections, "
+             f"{hits[layer][e]} hits<br>{_last_use(last[layer][e], stats.tokens_seen)}"
+             for e in range(len(row))] for layer, row in enumerate(levels)]
+    n = len(names)  # a discrete colour scale: one band per place
+    scale = [[b / n, PLACES[name][1]] for i, name in enumerate(names) for b in (i, i + 1)]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=list(range(len(levels[0]))), y=list(range(len(levels))), zmin=-0.5, zmax=n - 0.5,
+        colorscale=scale, xgap=1 if len(levels[0]) <= 64 else 0, ygap=1, text=text, showscale=False,
+        hovertemplate="layer %{y}, expert %{x}: %{text}<extra></extra>",
+    ))
+    for name in names:  # the key, as legend entries (a colour bar of 7 bands is unreadable on a short map)
+        label, color = PLACES[name]
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=label, hoverinfo="skip",
+                                 marker={"symbol": "square", "size": 11, "color": color,
+                                         "line": {"width": 1, "color": "#999"}}))
+    fig.update_xaxes(side="top", **_integer_ticks(len(levels[0])))  # expert numbers on top, the key below
+    fig.update_yaxes(title_text="layer", autorange="reversed", **_integer_ticks(len(levels)))
+    on_device = sum(row.count("device") for row in levels)
+    fig = _sized(fig, len(levels), f"Live cache map: layers × experts ({on_device} on the device)")
+    fig.update_layout(showlegend=True, legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0,
+                                               "font": {"size": 11}},
+                      margin={"l": 50, "r": 20, "t": 65, "b": 50})
+    return fig
+
+
+def _sized(fig: go.Figure, layers: int, title: str) -> go.Figure:
+    _layout(fig, title, height=max(HEIGHT - 60, 130 + 16 * layers))
+    return fig
+
+
+def _last_use(token: int | None, seen: int) -> str:
+    if token is None:
+        return "not used since the reset"
+    ago = seen - 1 - token
+    return f"last used at token {token}" + (" (the newest)" if ago == 0 else f" ({ago} tokens ago)")
 
 
 def counter_rows(stats: Stats) -> list[list[str]]:
@@ -242,8 +305,9 @@ def _per_layer_bars(values: list[float], y_title: str, y_hover: str, color: str 
 
 
 def _integer_ticks(count: int) -> dict:
-    """Ticks on whole layer/expert numbers: every one when few, else every 4th (Mixtral has 32 layers)."""
-    return {"tickmode": "linear", "tick0": 0, "dtick": 1 if count <= 16 else 4}
+    """Ticks on whole layer/expert numbers: every one when few, every 4th up to 64 (Mixtral's 32 layers),
+    every 16th beyond (OLMoE's and Qwen3-MoE's 64-128 experts)."""
+    return {"tickmode": "linear", "tick0": 0, "dtick": 1 if count <= 16 else 4 if count <= 64 else 16}
 
 
 def byte_unit(largest: float) -> tuple[int, str]:

@@ -302,6 +302,10 @@ class EngineService:
     def stats(self, trace: bool = True) -> Stats:
         return self.engine.stats(trace)
 
+    def cache_map(self) -> list[list[str]]:
+        """`Engine.cache_map()`: where each expert is now, [L][E]."""
+        return self.engine.cache_map()
+
     def reset_stats(self) -> None:
         self.engine.reset_stats()
 
