@@ -366,7 +366,8 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2,
                                                placeholder="Optional; used only if the chat template supports it")
                     with gr.Row():
-                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                                elem_id="temperature")
                         top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
                         max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
                                                    label="Max new tokens", elem_id="max-new-tokens")

@@ -154,7 +154,9 @@ def notes(w: WhatIf) -> str:
                      "4-bit attention, LRU with prefetch, on t4-pcie3), so no error can be stated here.")
     if w.measured is not None:
         lines.append("Measured figures are this app's own counters since the last reset, on this machine "
-                     "(not on the chosen hardware).")
+                     "(not on the chosen hardware). The engine runs a prompt's tokens together and the simulator "
+                     "one at a time, so where a chat's prompts count the two columns differ even with the same "
+                     "settings; token by token (decode) the replay counts what the engine counts.")
     return "\n\n".join(lines)
 
 
