@@ -76,8 +76,9 @@ def test_the_figure_colours_each_place_and_says_so_on_hover():
     assert [list(row) for row in heat.z] == [[names.index(p) for p in ("device", "loading (prefetch)", "ram", "disk")],
                                              [names.index(p) for p in ("loading (demand)", "host", "slow tier",
                                                                        "device")]]
-    assert heat.text[0][0] == "on the device<br>1 selections, 1 hits<br>last used at token 9 (the newest)"
-    assert heat.text[0][1].endswith("not used since the reset") and "6 tokens ago" in heat.text[0][2]
+    assert heat.text[0][0] == "on the device" and heat.text[1][2] == "in the slow tier"
+    assert [list(cell) for cell in heat.customdata[0]] == [[1, 1, 0], [2, 0, None], [3, 0, 6], [4, 0, 9]]
+    assert "selections" in heat.hovertemplate and "hits" in heat.hovertemplate
     assert plots.EMPTY_HINT not in [a.text for a in plots.cache_map(levels, stats).layout.annotations]
 
 

@@ -99,15 +99,19 @@ def cache_map(levels: list[list[str]] | None, stats: Stats) -> go.Figure:
     z = [[names.index(p) if p in PLACES else names.index("slow tier") for p in row] for row in levels]
     hits = stats.expert_hits or [[0] * stats.num_experts for _ in levels]
     last = stats.expert_last_use or [[None] * stats.num_experts for _ in levels]
-    text = [[f"{PLACES[names[z[layer][e]]][0]}<br>{stats.expert_counts[layer][e]} selections, "
-             f"{hits[layer][e]} hits<br>{_last_use(last[layer][e], stats.tokens_seen)}"
-             for e in range(len(row))] for layer, row in enumerate(levels)]
+    labels = [PLACES[name][0] for name in names]
+    text = [[labels[i] for i in row] for row in z]  # short strings and numbers: a 48 x 128 map stays small
+    ago = [[None if t is None else stats.tokens_seen - 1 - t for t in row] for row in last]
+    data = [[[stats.expert_counts[layer][e], hits[layer][e], ago[layer][e]] for e in range(len(row))]
+            for layer, row in enumerate(levels)]
     n = len(names)  # a discrete colour scale: one band per place
     scale = [[b / n, PLACES[name][1]] for i, name in enumerate(names) for b in (i, i + 1)]
     fig = go.Figure(go.Heatmap(
         z=z, x=list(range(len(levels[0]))), y=list(range(len(levels))), zmin=-0.5, zmax=n - 0.5,
-        colorscale=scale, xgap=1 if len(levels[0]) <= 64 else 0, ygap=1, text=text, showscale=False,
-        hovertemplate="layer %{y}, expert %{x}: %{text}<extra></extra>",
+        colorscale=scale, xgap=1 if len(levels[0]) <= 64 else 0, ygap=1, text=text, customdata=data,
+        showscale=False, hovertemplate="layer %{y}, expert %{x}: %{text}<br>%{customdata[0]} selections, "
+                                       "%{customdata[1]} hits<br>last used %{customdata[2]} tokens ago "
+                                       "(blank: not since the reset)<extra></extra>",
     ))
     for name in names:  # the key, as legend entries (a colour bar of 7 bands is unreadable on a short map)
         label, color = PLACES[name]
@@ -127,13 +131,6 @@ def cache_map(levels: list[list[str]] | None, stats: Stats) -> go.Figure:
 def _sized(fig: go.Figure, layers: int, title: str) -> go.Figure:
     _layout(fig, title, height=max(HEIGHT - 60, 130 + 16 * layers))
     return fig
-
-
-def _last_use(token: int | None, seen: int) -> str:
-    if token is None:
-        return "not used since the reset"
-    ago = seen - 1 - token
-    return f"last used at token {token}" + (" (the newest)" if ago == 0 else f" ({ago} tokens ago)")
 
 
 def counter_rows(stats: Stats) -> list[list[str]]:
@@ -252,7 +249,7 @@ def timeline(stats: Stats, last_tokens: int | None = TIMELINE_TOKENS) -> go.Figu
             continue
         fig.add_trace(go.Bar(
             orientation="h", name=name, marker_color=color, width=0.36, y=[s.layer + offset for s in rows],
-            base=[1e3 * s.start for s in rows], x=[1e3 * (s.end - s.start) for s in rows],
+            base=[round(1e3 * s.start, 3) for s in rows], x=[round(1e3 * (s.end - s.start), 3) for s in rows],
             customdata=[[s.layer, _span_label(s)] for s in rows],
             hovertemplate="layer %{customdata[0]}: %{customdata[1]}<br>%{base:.1f} ms, %{x:.2f} ms long"
                           f"<extra>{name}</extra>",
