@@ -40,8 +40,9 @@ class OffloadConfig:
     cache_size:   experts per MoE layer kept resident on the device (1..num_experts).
     prefetch:     experts of layer L+1 guessed from layer L and loaded ahead (0 disables).
     expert_bits:  None (unquantized) or 2, 3, 4, 8 (HQQ).
-    expert_group_size: HQQ group size of experts; None picks the paper's choice for the bits
-                  (16 for 2- and 3-bit, 64 for 4- and 8-bit, where 16 would cost more than it saves).
+    expert_group_size: HQQ group size of experts; None picks 32 for 2- and 3-bit (the paper used 16;
+                  the fused int4 CPU kernel needs groups of 32 or more: docs/results.md has the quality
+                  cost) and 64 for 4- and 8-bit.
     attn_bits:    None (unquantized) or 4, 8 (HQQ) for the attention projections.
     attn_group_size: HQQ group size of the attention projections (a power of two dividing them).
     quantize_meta: meta-quantize HQQ scales and zeros to 8 bits (the paper's setting).
@@ -119,7 +120,7 @@ class OffloadConfig:
     def expert_group(self) -> int:
         if self.expert_group_size is not None:
             return self.expert_group_size
-        return 16 if self.expert_bits is not None and self.expert_bits <= 3 else 64
+        return 32 if self.expert_bits is not None and self.expert_bits <= 3 else 64
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,13 +1,17 @@
 """The offloaded experts module that replaces transformers' fused experts in every MoE layer.
 
-Pipeline of one MoE layer, as named stages (T tokens, H hidden, K experts per token, E experts):
+Pipeline of one MoE layer, as named stages (T tokens, H hidden, K experts per token, E experts,
+S = T*K assignments):
 
     Router (transformers)  -> top_k_index [T, K], top_k_weights [T, K]
     Speculate              -> guess layer L+1's experts from this layer's input; prefetch them
-    Dispatch               -> per expert: the tokens routed to it and their routing weights
-    Fetch                  -> cache.acquire(expert): resident slot, or a load from the slow tier
-    Compute                -> expert_ffn on the expert's tokens
-    Combine                -> weighted scatter-add into the output [T, H]
+    Dispatch               -> one sort of the S assignments by expert: each expert's tokens and
+                              routing weights are a span of it (the layer's one host sync: the counts)
+    Fetch                  -> cache.acquire(expert): resident slot (already in the device's compute
+                              form, kernels.forms), or a load from the slow tier
+    Compute                -> expert_ffn on the expert's tokens through kernels.linear (fused
+                              low-bit kernels for quantized slots)
+    Combine                -> one weighted scatter-add of all experts' outputs into out [T, H]
 
 `expert_ffn`, `dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path
 the tests compare against. The slow tier (store.SlowTier), the eviction policy (policies.EvictionPolicy)
@@ -17,6 +21,7 @@ and the speculator (`Speculation` below) are declared seams.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -24,29 +29,65 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import ExpertCache, Transfer
+from .kernels import ComputeForm, compute_form, linear
 from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
-from .store import DecodingTier, aligned_empty, round_up
+from .store import TranscodingTier, aligned_empty, round_up
 
 MAX_GUESS_RECORDED = 8
 
 
-def expert_ffn(x: torch.Tensor, gate, up, down, act, linear=F.linear) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, gate, up, down, act, linear=linear) -> torch.Tensor:
     """SwiGLU expert: down(act(gate x) * up x). x [t, H]; gate, up [I, H]; down [H, I].
-    `linear(x, w)` = x @ w.T, for whatever form the weights are in."""
+    `linear(x, w)` = x @ w.T, for whatever form the weights are in (kernels.linear: dense or packed)."""
     return linear(act(linear(x, gate)) * linear(x, up), down)
 
 
-def dispatch(top_k_index: torch.Tensor, num_experts: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """expert -> (token_idx [t], k_pos [t]): the tokens routed to it and the position of the expert in
-    each token's top-k, for the experts used at all. top_k_index [T, K]."""
-    plan = {}
-    for expert in torch.unique(top_k_index).tolist():
-        if 0 <= expert < num_experts:
-            token_idx, k_pos = torch.where(top_k_index == expert)
-            plan[expert] = (token_idx, k_pos)
-    return plan
+@dataclass
+class DispatchPlan:
+    """The S = T*K assignments sorted by expert: rows `spans[e]` of token_idx / k_pos are expert e's."""
+
+    token_idx: torch.Tensor  # [S] the token of each assignment, grouped by expert
+    k_pos: torch.Tensor  # [S] its position in the token's top-k
+    spans: dict[int, slice]  # expert -> its rows, for the experts used at all (ascending)
+
+    def __getitem__(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.spans[expert]
+        return self.token_idx[rows], self.k_pos[rows]
+
+    def __iter__(self):
+        return iter(self.spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def items(self):
+        """(expert, (token_idx, k_pos)) for the experts used, ascending."""
+        return ((expert, self[expert]) for expert in self.spans)
+
+    def rows(self, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_idx, k_pos of `experts`' assignments, concatenated in that order."""
+        if list(experts) == list(self.spans):  # already in this order: no gather
+            used = slice(0, max((s.stop for s in self.spans.values()), default=0))
+            return self.token_idx[used], self.k_pos[used]
+        return (torch.cat([self.token_idx[self.spans[e]] for e in experts]),
+                torch.cat([self.k_pos[self.spans[e]] for e in experts]))
+
+
+def dispatch(top_k_index: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """One stable sort of the assignments by expert; experts outside 0..E-1 are dropped."""
+    _, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)  # [S]
+    keyed = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # dropped ones sort last
+    order = torch.argsort(keyed, stable=True)  # [S]
+    counts = torch.bincount(keyed, minlength=num_experts + 1).tolist()  # the one host sync
+    spans, start = {}, 0
+    for expert, count in enumerate(counts[:num_experts]):
+        if count:
+            spans[expert] = slice(start, start + count)
+        start += count
+    return DispatchPlan(order // k, order % k, spans)
 
 
 def combine(out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, k_pos: torch.Tensor,
@@ -109,11 +150,12 @@ class OffloadedExperts(nn.Module):
     """forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]."""
 
     def __init__(self, layer: int, cache: ExpertCache, codec: ExpertCodec, act, stats: StatsCollector,
-                 num_experts: int, top_k: int, prefetch: int) -> None:
+                 num_experts: int, top_k: int, prefetch: int, form: ComputeForm | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.cache = cache
-        self.codec = codec
+        self.codec = codec  # the stored record's codec
+        self.form = form if form is not None else compute_form(codec, cache.slots.device)  # what a slot holds
         self.act_fn = act
         self.stats = stats
         self.num_experts = num_experts
@@ -130,29 +172,36 @@ class OffloadedExperts(nn.Module):
         start = time.perf_counter()
         if self.speculator is not None:
             self.speculator(hidden_states)
-        self._record(top_k_index)
-        plan = dispatch(top_k_index, self.num_experts)
+        routing = top_k_index.cpu()  # [T, K]: the layer's one host sync (stats and dispatch read it)
+        self._record(routing)
+        plan = dispatch(routing, self.num_experts)
+        if plan.token_idx.device != hidden_states.device:
+            plan.token_idx = plan.token_idx.to(hidden_states.device, non_blocking=True)
+            plan.k_pos = plan.k_pos.to(hidden_states.device, non_blocking=True)
         resident = self.cache.resident()
         # resident experts first, so that loads for the others cannot evict them before their turn;
         # when the layer's experts fit in the cache they stay pinned until the layer is done, so no
         # load of this step evicts an expert this step already used
         order = sorted(plan, key=lambda e: e not in resident)
         keep_pinned = len(plan) <= self.cache.cache_size
-        out = torch.zeros_like(hidden_states)  # [T, H]
+        ys = []  # per expert in `order`: y [t_e, H]
         pinned = []  # experts acquired and not yet released
         try:
             for expert in order:
-                token_idx, k_pos = plan[expert]
-                record = self.cache.acquire(expert)
+                token_idx, _ = plan[expert]
+                slot = self.cache.acquire(expert)
                 pinned.append(expert)
-                y = expert_ffn(hidden_states[token_idx], *self.codec.decode(record), self.act_fn)  # [t, H]
-                combine(out, y, token_idx, k_pos, top_k_weights)
+                ys.append(expert_ffn(hidden_states[token_idx], *self.form.weights(slot), self.act_fn))
                 if not keep_pinned:
                     self.cache.release(pinned.pop())
         finally:
             for expert in pinned:
                 self.cache.release(expert)
-            self.stats.record_span("compute", self.layer, -1, start, time.perf_counter())
+        out = torch.zeros_like(hidden_states)
+        if ys:
+            token_idx, k_pos = plan.rows(order)
+            combine(out, torch.cat(ys), token_idx, k_pos, top_k_weights)
+        self.stats.record_span("compute", self.layer, -1, start, time.perf_counter())
         return out
 
     def _record(self, top_k_index: torch.Tensor) -> None:
@@ -167,20 +216,20 @@ def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_ex
                             cache_size: int, prefetch: int, policy: str, decoded: bool, stats: StatsCollector,
                             act_fn, device: torch.device):
     """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
-    its own preallocated slot pool and cache, one `Transfer` for all. With `decoded` and a quantized
-    codec the slots hold dequantized experts (`DecodingTier` wraps the tier)."""
-    compute_codec = codec
-    if decoded and codec.bits is not None:
-        compute_codec = codec.plain()
-        tier = DecodingTier(tier, codec, compute_codec)
+    its own preallocated slot pool and cache, one `Transfer` for all. Slots hold the device's compute
+    form of an expert (`kernels.compute_form`; dequantized matrices with `decoded`); where that form
+    is not the record itself, `TranscodingTier` wraps the tier and converts on load."""
+    form = compute_form(codec, device, decoded)
+    if form.transcodes:
+        tier = TranscodingTier(tier, codec, form)
     transfer = Transfer(tier, device, stats)
-    stride = round_up(compute_codec.nbytes)
+    stride = round_up(form.nbytes)
     modules = []
     for layer in range(num_layers):
         slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
         # bytes moved per load: the record as stored, whatever the slot holds
         cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats)
-        modules.append(OffloadedExperts(layer, cache, compute_codec, act_fn, stats, num_experts, top_k, prefetch))
+        modules.append(OffloadedExperts(layer, cache, codec, act_fn, stats, num_experts, top_k, prefetch, form))
     return tier, transfer, modules
 
 

@@ -99,8 +99,8 @@ def _hqq_meta(info: dict, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.
     }
 
 
-def dequantize_matrix(tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
-    """The plain reference dequantization (hqq's), used by the engine and by the tests alike."""
+def _scale_zero(tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A matrix's HQQ scale and zero [N*K/G, 1] in `dtype` (meta-dequantized when stored as 8-bit codes)."""
     parts = {}
     for part in ("scale", "zero"):
         if f"{part}_q" in tensors:
@@ -109,7 +109,31 @@ def dequantize_matrix(tensors: dict[str, torch.Tensor], info: dict, dtype: torch
             parts[part] = Quantizer.dequantize(tensors[f"{part}_q"], sub)
         else:
             parts[part] = tensors[part].to(dtype)
-    return Quantizer.dequantize(tensors["W_q"], _hqq_meta(info, parts["scale"], parts["zero"], dtype))
+    return parts["scale"], parts["zero"]
+
+
+def dequantize_matrix(tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The plain reference dequantization (hqq's), used by the engine and by the tests alike."""
+    scale, zero = _scale_zero(tensors, info, dtype)
+    return Quantizer.dequantize(tensors["W_q"], _hqq_meta(info, scale, zero, dtype))
+
+
+def hqq_codes(tensors: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One matrix's HQQ pieces unpacked: codes uint8 [N, K], scale and zero fp32 [N, K/G], such that
+    hqq's dequantization is w = (codes - zero) * scale, group g covering columns g*G..(g+1)*G-1.
+
+    That reading holds for axis=1 with G dividing K (a group never spans two rows), which
+    `compute_groups_ok` checks; the fused kernels (moe_runtime.kernels) are built from these.
+    """
+    (n, k), group = info["shape"], info["group_size"]
+    if info["axis"] != 1 or k % group:
+        raise ValueError(f"hqq_codes needs axis=1 and a group size dividing {k}, got axis {info['axis']}, "
+                         f"group {group}")
+    scale, zero = _scale_zero(tensors, info, torch.float32)
+    codes = tensors["W_q"]
+    if info["packing"]:
+        codes = Quantizer.unpack[info["packing"]](codes, dtype=torch.uint8)[: n * k // group]
+    return codes.reshape(n, k), scale.reshape(n, k // group), zero.reshape(n, k // group)
 
 
 class ExpertCodec:
@@ -184,11 +208,12 @@ class ExpertCodec:
         slots = self.layout.slots
         if self.bits is None:
             return tuple(slots[name].view(buffer) for name in MATRICES)
-        out = []
-        for name in MATRICES:
-            parts = {k.split(".", 1)[1]: s.view(buffer) for k, s in slots.items() if k.startswith(name + ".")}
-            out.append(dequantize_matrix(parts, self.layout.hqq_meta[name], self.dtype).reshape(self.shapes[name]))
-        return tuple(out)
+        return tuple(dequantize_matrix(self.parts(buffer, name), self.layout.hqq_meta[name], self.dtype)
+                     .reshape(self.shapes[name]) for name in MATRICES)
+
+    def parts(self, buffer: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        """One quantized matrix's HQQ pieces (W_q, scale/zero or their codes), as views of `buffer`."""
+        return {k.split(".", 1)[1]: s.view(buffer) for k, s in self.layout.slots.items() if k.startswith(name + ".")}
 
 
 class HQQLinear(nn.Module):

@@ -129,7 +129,7 @@ class Counters:
     a benchmark window), and has the same rates. Every list is indexed by layer.
     """
 
-    selections: list[int]  # experts the routers selected (hits + misses)
+    selections: list[int]  # expert uses: one per distinct expert in a layer call (hits + misses)
     hits: list[int]  # selected experts already resident on the device (or being prefetched)
     misses: list[int]  # selected experts loaded on demand
     prefetch_issued: list[int]  # loads started by the speculator

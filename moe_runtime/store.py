@@ -38,7 +38,7 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from .quant import MATRICES, ExpertCodec
+from .quant import ExpertCodec
 
 PAGE = 4096
 STORE_VERSION = 2  # 2: checksums of records and dense tensors
@@ -504,20 +504,17 @@ class DiskTier:
             self.fd = None
 
 
-class DecodingTier:
-    """Any tier, dequantizing on load: cache slots hold the decoded (gate, up, down) of `plain`'s layout.
-
-    A hit then costs no dequantization, and a miss or a prefetch (on its worker thread) pays it once,
-    at the price of slots in the compute dtype (5-10x a 2-bit record). Worth it where dequantizing
-    on every use is slow: hqq's takes ~0.4 s per 14336x4096 matrix on a 2-vCPU machine, and this
-    made 2-bit Mixtral-shaped experts 3-36x faster there (docs/results.md). What moves from the slow
-    tier is still the quantized record.
+class TranscodingTier:
+    """Any tier, converting on load: cache slots hold an expert's compute form (kernels.forms), e.g.
+    packed for a fused low-bit kernel or dequantized (`decoded_cache`). A miss or a prefetch (on its
+    worker thread) pays the conversion once; a hit costs only the compute. What moves from the slow
+    tier is still the record as stored.
     """
 
-    def __init__(self, inner, quantized: ExpertCodec, plain: ExpertCodec) -> None:
-        self.inner, self.quantized, self.plain = inner, quantized, plain
+    def __init__(self, inner, codec: ExpertCodec, form) -> None:
+        self.inner, self.codec, self.form = inner, codec, form
         self.nbytes = inner.nbytes
-        self.stride = round_up(quantized.nbytes)
+        self.stride = round_up(codec.nbytes)
         self._local = threading.local()
 
     @property
@@ -525,7 +522,7 @@ class DecodingTier:
         return getattr(self.inner, "direct_io", None)
 
     def _staging(self, device: torch.device) -> torch.Tensor:
-        """One buffer per thread for the quantized record, on the compute device (decoded there)."""
+        """One buffer per thread for the record, on the compute device (converted there)."""
         buf = getattr(self._local, "buf", None)
         if buf is None or buf.device != device:
             buf = aligned_empty(self.stride, device)
@@ -535,8 +532,7 @@ class DecodingTier:
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         staging = self._staging(dst.device)
         self.inner.copy_to(layer, expert, staging)
-        for name, weight in zip(MATRICES, self.quantized.decode(staging)):
-            self.plain.layout.slots[name].view(dst).copy_(weight)
+        self.form.load(staging, dst)
 
     def level_of(self, layer: int, expert: int) -> str:
         return self.inner.level_of(layer, expert)

@@ -206,9 +206,10 @@ def test_quantized_workload_computes_the_plain_reference(tmp_path, decoded):
     stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), 2, 2, torch.device("cpu"),
                               decoded=decoded)
     try:
-        for n in range(6):
-            torch.testing.assert_close(stack.step(n), workload_reference_step(spec, replay, n), rtol=1e-4,
-                                       atol=1e-5)
+        for n in range(6):  # packed slots compute through the bf16 int4 kernel (issue 10), decoded ones in fp32
+            expected = workload_reference_step(spec, replay, n)
+            tol = dict(rtol=1e-4, atol=1e-5) if decoded else dict(rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+            torch.testing.assert_close(stack.step(n), expected, **tol)
         stack.drain()
         stats = stack.stats.snapshot()  # what moves is the 2-bit record, decoded cache or not
         assert stats.total("bytes_moved") == (stats.total("misses") + stats.total("prefetch_issued")) * \

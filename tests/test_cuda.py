@@ -59,3 +59,29 @@ def test_quantized_experts_on_cuda_in_half_precision(tiny_dir, tmp_path):
         assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_hqq_kernel_matches_hqq_dequantize_on_cuda(bits, tokens, dtype):
+    from moe_runtime.kernels import PackedForm, compute_form, linear, reference_linear
+    from moe_runtime.quant import ExpertCodec
+
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    hidden, inter = 512, 1792  # Mixtral's I = 3.5 H
+    weights = [torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02]
+    codec = ExpertCodec(hidden, inter, bits, 32 if bits <= 3 else 64, True, dtype, optimize=False)
+    record = codec.encode(*weights).cuda()
+    form = compute_form(codec, torch.device("cuda"))
+    assert isinstance(form, PackedForm) and form.kind == "triton"
+    slot = torch.zeros(form.nbytes, dtype=torch.uint8, device="cuda")
+    form.load(record, slot)
+    x = {"gate": torch.randn(tokens, hidden, device="cuda", dtype=dtype),
+         "down": torch.randn(tokens, inter, device="cuda", dtype=dtype)}
+    packed = dict(zip(("gate", "up", "down"), form.weights(slot)))
+    for name in ("gate", "down"):
+        reference = reference_linear(x[name].float(), codec.parts(record, name), codec.layout.hqq_meta[name])
+        torch.testing.assert_close(linear(x[name], packed[name]).float(), reference, rtol=2e-2,
+                                   atol=2e-2 * reference.abs().max().item())

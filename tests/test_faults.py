@@ -46,6 +46,9 @@ class FaultyTier:
     def record(self, layer, expert):
         return self.inner.record(layer, expert)
 
+    def close(self):
+        self.inner.close()
+
 
 def within_limit(fn):
     """fn() in a thread: (result, error); fails the test if it has not ended within TIME_LIMIT_S."""
@@ -71,8 +74,10 @@ def reference(tiny_dir):
 
 @pytest.mark.parametrize("mode", ["once", "always", "prefetch", "demand"])
 @pytest.mark.parametrize("cache_size", [1, 2, 3, 4])
-def test_failed_reads_end_in_the_right_logits_or_a_clear_error(tiny_dir, reference, mode, cache_size, tmp_path):
-    engine = load(tiny_dir, OffloadConfig(device="cpu", offload="ram", cache_size=cache_size, prefetch=2,
+@pytest.mark.parametrize("offload", ["ram", "disk"])
+def test_failed_reads_end_in_the_right_logits_or_a_clear_error(tiny_dir, reference, mode, cache_size, offload,
+                                                               tmp_path):
+    engine = load(tiny_dir, OffloadConfig(device="cpu", offload=offload, cache_size=cache_size, prefetch=2,
                                           store_dir=str(tmp_path)))
     tier = FaultyTier(engine.transfer.tier, mode)
     engine.transfer.tier = tier

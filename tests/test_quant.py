@@ -58,7 +58,9 @@ def test_quantized_engine_matches_hqq_dequantized_reference(mid_dir, tmp_path, b
         ids = torch.randint(0, engine.model.config.vocab_size, (1, 9))
         with torch.no_grad():
             ours, theirs = engine.model(ids).logits, reference(ids).logits
-        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3 * theirs.abs().max().item())
+        # packed experts compute through the fused int4 CPU kernel in bf16 (a bf16 tolerance); decoded ones in fp32
+        tol = 1e-3 if decoded else 1e-2
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item())
     finally:
         engine.close()
 

@@ -76,3 +76,21 @@ def test_a_snapshot_without_the_trace_still_counts_its_tokens():
     stats.record_routing(0, [[1], [2]], None, 1)
     light, full = stats.snapshot(trace=False), stats.snapshot()
     assert light.trace is None and light.trace_tokens == full.trace_tokens == full.trace.num_tokens == 2
+
+
+def test_a_counters_window_counts_only_what_happened_in_it(tiny_dir, tmp_path):
+    engine = load(tiny_dir, OffloadConfig(device="cpu", cache_size=1, prefetch=0, store_dir=str(tmp_path / "s")))
+    try:
+        ids = engine.tokenizer("To be, or not", return_tensors="pt")["input_ids"]
+        engine.model.generate(ids, max_new_tokens=3, do_sample=False)
+        start = engine.counters()
+        engine.model(ids)  # one forward over the prompt: each layer uses each of its selected experts once
+        window = engine.counters() - start
+        trace = engine.stats().trace
+    finally:
+        engine.close()
+    distinct = [len({e for token in layer[-ids.shape[1]:] for e in token}) for layer in trace.selected]
+    assert window.selections == distinct
+    assert [h + m for h, m in zip(window.hits, window.misses)] == window.selections
+    assert window.prefetch_precision is None  # prefetch off: nothing loaded ahead, no precision to speak of
+    assert 0 <= window.hit_rate <= 1

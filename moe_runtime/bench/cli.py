@@ -2,14 +2,19 @@
 with cache + speculative prefetch, and with every expert resident.
 
     python -m moe_runtime.bench [--quick] [--out bench-results] [--parts model,workload-2bit,workload-16bit]
+    python -m moe_runtime.bench --parts kernels          # one Mixtral-shaped expert FFN per compute format
     python -m moe_runtime.bench --record-trace assets/traces/tiny-mixtral.json [--model assets/tiny-mixtral]
 
 Parts (each a table in bench.md, a group of rows in bench.json, a panel in bench.html):
   model            a real checkpoint (default assets/tiny-mixtral). Every variant decodes the same
                    tokens: teacher-forced, each step feeds the next token of a fixed text, so the
                    routing is the same for all of them.
-  workload-2bit    the Mixtral-8x7B-shaped stack of workload.py (2-bit experts, group 16, 8-bit meta),
-  workload-16bit   and the same with 16-bit experts, replaying a recorded routing trace.
+  workload-2bit    the Mixtral-8x7B-shaped stack of workload.py (2-bit experts, group 32, 8-bit meta),
+  workload-4bit    the same with 4-bit experts (group 64),
+  workload-16bit   and with 16-bit experts, replaying a recorded routing trace.
+  kernels          not a decode run: one expert FFN (H 4096, I 14336; small with --quick) at batch 1
+                   per compute format (hqq's dequantize path, the fused kernels, dense fp32/bf16), as
+                   ratios (kernels/bench.py); written to kernels.md and kernels.json.
 
 A "token" is one decode step; tokens/s counts the timed steps that follow a few untimed warm-up
 steps. Each variant runs in a subprocess of its own in full mode, so its peak RSS is its own; --quick
@@ -35,6 +40,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..kernels.bench import DEFAULT_GROUP
 from ..paths import EMBEDDED_MODEL_DIR, REPO_ROOT, SHIPPED_TRACE
 from .measure import Job, failed
 from .runners import run_job
@@ -55,6 +61,8 @@ VARIANTS = {
     "transformers": "plain transformers model, every weight in memory",
 }
 ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "resident")
+WORKLOAD_PARTS = {"workload-16bit": None, "workload-2bit": 2, "workload-4bit": 4}  # part -> expert bits
+PARTS = ("model", *WORKLOAD_PARTS, "kernels")
 DECODED_VARIANTS = ("lru+prefetch-decoded", "resident-decoded")
 
 
@@ -71,6 +79,8 @@ class Plan:
     store_dir: str
     device: str
     threads: int
+    variants: tuple[str, ...] = ()  # only these (all when empty)
+    expert_bits: int | None = None  # the model part's experts (None: as in the checkpoint)
 
     def jobs(self) -> list[Job]:
         jobs = []
@@ -82,33 +92,34 @@ class Plan:
             if positions:  # the fixed text must fit the model's context
                 tokens = max(1, min(tokens, positions - prompt - warm - 1))
             for v in ("accelerate", *ENGINE_VARIANTS, "transformers"):
-                jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, **common))
+                bits = None if v in ("accelerate", "transformers") else self.expert_bits
+                jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, expert_bits=bits,
+                                **common))
         dims = QUICK_DIMS if self.quick else MIXTRAL_DIMS
-        for part, bits in (("workload-16bit", None), ("workload-2bit", 2)):
+        for part, bits in WORKLOAD_PARTS.items():
             if part not in self.parts:
                 continue
             spec = {**dims, "layers": self.layers, "bits": bits, **self._trace_shape()}
-            variants = list(ENGINE_VARIANTS) + (list(DECODED_VARIANTS) if bits else [])
+            if bits:
+                spec["group_size"] = DEFAULT_GROUP[bits]
+            variants = list(ENGINE_VARIANTS) + (list(DECODED_VARIANTS) if bits == 2 else [])
             if bits is None or "workload-16bit" not in self.parts:  # accelerate moves 16-bit weights either way
                 variants = ["accelerate", "accelerate-per-expert", *variants]
             for v in variants:
                 w, t = (2, 6) if self.quick else self._full_tokens(v, bits)
                 job_spec = {**spec, "bits": None} if v.startswith("accelerate") else spec
                 jobs.append(Job(part, v, w, t, trace=self.trace, spec=job_spec, **common))
-        return jobs
+        return [j for j in jobs if not self.variants or j.variant in self.variants]
 
     @staticmethod
     def _full_tokens(variant: str, bits: int | None) -> tuple[int, int]:
         """(warm-up, timed) decode steps, sized so the full run fits ~15 minutes on 2 CPU cores:
-        accelerate reads 2-8 experts per layer for every token (3-10 s/token here) and the 2-bit
-        variants that dequantize per use are compute-bound (5-8 s/token), so they get few tokens
-        (their per-token time barely varies); cache hit rates come from the longer runs."""
+        accelerate reads 2-8 experts per layer for every token (3-10 s/token here), so it gets few
+        tokens (its per-token time barely varies); cache hit rates come from the longer runs."""
         if variant == "accelerate":
             return 1, 4
         if variant == "accelerate-per-expert":
             return 1, 6
-        if bits and not variant.endswith("-decoded"):
-            return 1, 4
         if variant in ("no-cache", "lru+prefetch-decoded"):
             return 2, 12
         return 8, 48
@@ -148,6 +159,24 @@ def run_plan(plan: Plan, isolate: bool) -> list[dict]:
     return results
 
 
+def run_kernels(quick: bool, device: str, threads: int, out: Path) -> str:
+    """The kernels part: kernels/bench.py's table, also written to out/kernels.md and kernels.json."""
+    import torch
+
+    from ..kernels.bench import expert_formats, to_markdown
+
+    torch.set_num_threads(threads)
+    dims = QUICK_DIMS if quick else MIXTRAL_DIMS
+    rows = expert_formats(dims["hidden"], dims["intermediate"], batch=1, repeats=3 if quick else 10,
+                          hqq_repeats=1 if quick else 3, device=device)
+    table = to_markdown(rows, f"One expert FFN (H {dims['hidden']}, I {dims['intermediate']}), batch 1, {device}, "
+                              f"{threads} threads")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernels.md").write_text(table + "\n")
+    (out / "kernels.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1) + "\n")
+    return table
+
+
 def machine() -> dict:
     import psutil
     import torch
@@ -176,8 +205,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true", help="small dimensions and few tokens (CI)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.html")
     ap.add_argument("--parts", default="model,workload-16bit,workload-2bit",
-                    help="comma-separated: model, workload-16bit, workload-2bit")
+                    help="comma-separated: " + ", ".join(PARTS))
+    ap.add_argument("--variants", default="", help="comma-separated: run only these variants (default: all); "
+                    "one of " + ", ".join(VARIANTS))
     ap.add_argument("--model", default=_shown(EMBEDDED_MODEL_DIR), help="checkpoint folder of the model part")
+    ap.add_argument("--expert-bits", type=int, choices=(2, 3, 4, 8),
+                    help="HQQ experts for the engine's variants of the model part (default: unquantized)")
     ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
@@ -220,18 +253,27 @@ def main(argv: list[str] | None = None) -> int:
         print(write_reports(report["results"], report["meta"], args.out))
         return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in ("model", "workload-16bit", "workload-2bit")]
+    unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        print(f"error: --parts {unknown[0]!r} is not allowed: use model, workload-16bit, workload-2bit", file=sys.stderr)
+        print(f"error: --parts {unknown[0]!r} is not allowed: use {', '.join(PARTS)}", file=sys.stderr)
         return 2
+    if "kernels" in parts:
+        parts.remove("kernels")
+        print(run_kernels(args.quick, args.device, args.threads, args.out))
+        if not parts:
+            return 0
     if "model" in parts and not (Path(args.model) / "config.json").exists():
         print(f"note: no checkpoint at {args.model}; skipping the model part", file=sys.stderr)
         parts.remove("model")
     if any(p.startswith("workload") for p in parts) and not Path(args.trace).exists():
         print(f"error: no routing trace at {args.trace}: record one with --record-trace", file=sys.stderr)
         return 2
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+    if any(v not in VARIANTS for v in variants):
+        print(f"error: --variants {args.variants!r} is not allowed: use some of {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
-                args.store_dir, args.device, args.threads)
+                args.store_dir, args.device, args.threads, variants, args.expert_bits)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)

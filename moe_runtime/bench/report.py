@@ -13,6 +13,7 @@ PARTS = {
     "model": "Real checkpoint, teacher-forced decode",
     "workload-16bit": "Mixtral-8x7B-shaped experts, 16-bit, routing replayed from a trace",
     "workload-2bit": "Mixtral-8x7B-shaped experts, 2-bit HQQ, routing replayed from a trace",
+    "workload-4bit": "Mixtral-8x7B-shaped experts, 4-bit HQQ, routing replayed from a trace",
 }
 ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch", "resident", "lru+prefetch-decoded",
          "resident-decoded", "transformers")
@@ -25,7 +26,7 @@ def rows_of(results: list[dict], part: str) -> dict[str, dict]:
     """variant -> result for one part. The 2-bit part borrows the 16-bit accelerate rows: accelerate
     cannot hold 2-bit weights, so it moves 16-bit ones in both (as in the paper)."""
     rows = {r["variant"]: r for r in results if r["part"] == part}
-    if part == "workload-2bit" and rows:
+    if part in ("workload-2bit", "workload-4bit") and rows:
         for r in results:
             if r["part"] == "workload-16bit" and r["variant"].startswith("accelerate"):
                 rows.setdefault(r["variant"], {**r, "borrowed": "workload-16bit"})
@@ -59,7 +60,7 @@ def simulator_checks(results: list[dict]) -> dict:
     from ..sim.replay import simulate
 
     checks = {}
-    for part in ("workload-16bit", "workload-2bit"):
+    for part in ("workload-16bit", "workload-2bit", "workload-4bit"):
         rows = rows_of(results, part)
         lru = rows.get("lru")
         if not lru or "error" in lru:

@@ -41,7 +41,7 @@ class WorkloadSpec:
     experts: int = 8
     top_k: int = 2
     bits: int | None = 2
-    group_size: int = 16
+    group_size: int = 32  # the engine's default for 2/3-bit (the fused CPU kernel needs 32+)
     dtype: str = "bfloat16"
     seed: int = 0
 
@@ -169,7 +169,7 @@ def build_store(spec: WorkloadSpec, store_dir: str | Path) -> Path:
 class OffloadedStack:
     """L `OffloadedExperts` modules over one `DiskTier`, each layer with its own `ExpertCache`.
 
-    decoded=True (quantized specs): the cache holds dequantized experts (`DecodingTier`).
+    decoded=True (quantized specs): the cache holds dequantized experts (`decoded_cache`).
     """
 
     def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, cache_size: int, prefetch: int,

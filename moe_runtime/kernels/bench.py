@@ -1,0 +1,140 @@
+"""The kernel part of the benchmark: one expert FFN (Mixtral's: H 4096, I 14336) per compute format.
+
+For each format: the time of one expert FFN at a batch of B tokens, as a ratio to hqq's
+dequantize-then-matmul path of the same bits and to dense bf16; the time to bring a stored record
+into the format (what a cache miss adds); the bytes a slot holds; and the relative output error
+against the unquantized fp32 expert (quantization + kernel) and against hqq's dequantization (the
+kernel alone). Weights are random (std 0.02, like the workload's), inputs standard normal.
+
+    python -m moe_runtime.kernels.bench                      # CPU, batch 1, bits 2,3,4,8
+    python -m moe_runtime.kernels.bench --batch 8 --device cuda
+
+Dimensions: B tokens, H hidden, I expert FFN size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ..experts import expert_ffn
+from ..quant import ExpertCodec
+from .forms import PackedForm, compute_form
+
+DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 8: 64}  # OffloadConfig.expert_group's defaults
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `repeats` runs, after one warm-up."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _hqq_path(x: torch.Tensor, codec: ExpertCodec, record: torch.Tensor) -> torch.Tensor:
+    return expert_ffn(x, *codec.decode(record), F.silu)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1, bits=(2, 3, 4, 8),
+                   extra_groups: dict[int, tuple[int, ...]] | None = None, repeats: int = 5,
+                   hqq_repeats: int = 2, device: str = "cpu", seed: int = 0) -> list[dict]:
+    """One row per format: name, bits, group, ms, load_ms, slot_bytes, err_vs_fp32, err_vs_hqq."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(intermediate, hidden, generator=gen) * 0.02,
+               torch.randn(intermediate, hidden, generator=gen) * 0.02,
+               torch.randn(hidden, intermediate, generator=gen) * 0.02]  # fp32 gate, up, down
+    x = torch.randn(batch, hidden, generator=gen).to(dev)
+    exact = expert_ffn(x.float().cpu(), *weights, F.silu).to(dev)  # fp32, unquantized
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if dev.type == "cuda" else ()):
+        dense = [w.to(dev, dtype) for w in weights]
+        xd = x.to(dtype)
+        seconds = _timed(partial(expert_ffn, xd, *dense, F.silu), repeats, dev)
+        rows.append({"format": f"dense {str(dtype).removeprefix('torch.')}", "bits": None, "group": None,
+                     "ms": seconds * 1e3, "load_ms": None, "slot_bytes": 3 * hidden * intermediate * dtype.itemsize,
+                     "err_vs_fp32": _rel(expert_ffn(xd, *dense, F.silu), exact), "err_vs_hqq": None})
+    compute_dtype = torch.float32 if dev.type == "cpu" else torch.float16
+    extra_groups = extra_groups or {}
+    for b in bits:
+        for group in (DEFAULT_GROUP[b],) + tuple(extra_groups.get(b, ())):
+            codec = ExpertCodec(hidden, intermediate, b, group, True, compute_dtype, optimize=False)
+            record = codec.encode(*weights).to(dev)
+            dequantized = [w.to(dev) for w in codec.decode(record)]
+            reference = expert_ffn(x.to(compute_dtype), *dequantized, F.silu)  # hqq's dequantize + F.linear
+            del dequantized
+            hqq_s = _timed(partial(_hqq_path, x.to(compute_dtype), codec, record), hqq_repeats, dev)
+            rows.append({"format": "hqq dequantize + matmul", "bits": b, "group": group, "ms": hqq_s * 1e3,
+                         "load_ms": 0.0, "slot_bytes": codec.nbytes, "err_vs_fp32": _rel(reference, exact),
+                         "err_vs_hqq": 0.0})
+            form = compute_form(codec, dev)
+            if not isinstance(form, PackedForm):
+                continue  # no fused kernel for this group size (the hqq row is the engine's path)
+            slot = torch.zeros(form.nbytes, dtype=torch.uint8, device=dev)
+            load_s = _timed(partial(form.load, record, slot), 2, dev)
+            packed = form.weights(slot)
+            fast_s = _timed(partial(expert_ffn, x.to(compute_dtype), *packed, F.silu), repeats, dev)
+            fast = expert_ffn(x.to(compute_dtype), *packed, F.silu)
+            rows.append({"format": f"fused ({form.kind})", "bits": b, "group": group, "ms": fast_s * 1e3,
+                         "load_ms": load_s * 1e3, "slot_bytes": form.nbytes, "err_vs_fp32": _rel(fast, exact),
+                         "err_vs_hqq": _rel(fast, reference)})
+    return rows
+
+
+def to_markdown(rows: list[dict], title: str) -> str:
+    bf16 = next(r["ms"] for r in rows if r["format"] == "dense bfloat16")
+    hqq = {(r["bits"], r["group"]): r["ms"] for r in rows if r["format"].startswith("hqq")}
+    lines = [f"**{title}**", "",
+             "| format | bits | group | ms per expert FFN | × hqq path | × dense bf16 | load into slot, ms "
+             "| slot bytes | GB/s (slot bytes / time) | rel. error vs fp32 | rel. error vs hqq |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        base = hqq.get((r["bits"], r["group"]))
+        cells = [r["format"], r["bits"] or "–", r["group"] or "–", f"{r['ms']:.2f}",
+                 f"{base / r['ms']:.1f}×" if base else "–", f"{bf16 / r['ms']:.2f}×",
+                 "–" if r["load_ms"] is None else f"{r['load_ms']:.0f}", f"{r['slot_bytes']:,}",
+                 f"{r['slot_bytes'] / r['ms'] / 1e6:.1f}",
+                 f"{r['err_vs_fp32']:.4f}", "–" if r["err_vs_hqq"] is None else f"{r['err_vs_hqq']:.4f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=14336)
+    parser.add_argument("--batch", type=int, default=1, help="tokens per expert call (default: %(default)s)")
+    parser.add_argument("--bits", default="2,3,4,8", help="comma-separated from 2, 3, 4, 8")
+    parser.add_argument("--group16", action="store_true",
+                        help="also 2/3-bit with groups of 16 (the paper's; hqq path only on CPU)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    ns = parser.parse_args(argv)
+    bits = tuple(int(b) for b in ns.bits.split(",") if b.strip())
+    if any(b not in DEFAULT_GROUP for b in bits):
+        parser.error(f"--bits={ns.bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
+    extra = {2: (16,), 3: (16,)} if ns.group16 else None
+    rows = expert_formats(ns.hidden, ns.intermediate, ns.batch, bits, extra, ns.repeats, device=ns.device)
+    print(to_markdown(rows, f"One expert FFN (H {ns.hidden}, I {ns.intermediate}), batch {ns.batch}, "
+                            f"{ns.device}, {torch.get_num_threads()} threads"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""CPU: HQQ experts through torch's packed int4 kernel (`aten._weight_int4pack_mm_for_cpu`).
+
+The kernel computes y = x @ W.T with W[n, k] = (q[n, k] - 8) * scale[g, n] + bias[g, n], g = k // G,
+q a 4-bit code, G in 32/64/128/256. HQQ's w = (c - zero) * scale is the same with q = c + 8 - mid
+and bias = (mid - zero) * scale (mid = 2**(bits-1)), so 2-, 3- and 4-bit codes go in exactly (a
+2-bit code is a 4-bit code). An 8-bit code c = 16 hi + lo is two 4-bit codes: W = (hi - 8) 16s + (lo - 8) s + (136 - zero) s,
+i.e. one int4 matrix twice as wide ([hi | lo] along K) multiplied with [x | x]. Only the scales and
+biases are rounded (to bf16, the dtype the kernel is fast in here); the codes are exact.
+
+Dimensions: N output features, K input features, G group size, S splits of a code (1, or 2 for 8-bit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUPS = (32, 64, 128, 256)
+COMPUTE_DTYPE = torch.bfloat16  # measured: fp32/fp16 activations take the kernel's slow path (docs/results.md)
+
+
+def int4_supports(bits: int, shape: tuple[int, int], group_size: int) -> bool:
+    """Whether a [N, K] matrix quantized to `bits` with groups of `group_size` (axis 1) fits the kernel."""
+    _, k = shape
+    return bits in (2, 3, 4, 8) and group_size in INT4_GROUPS and k % group_size == 0
+
+
+def int4_shapes(bits: int, shape: tuple[int, int], group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the packed pieces of one matrix (for a slot's byte layout)."""
+    n, k = shape
+    splits = 2 if bits == 8 else 1
+    return {"packed": ((n, splits * k // 2), torch.uint8),
+            "scale_bias": ((splits * k // group_size, n, 2), COMPUTE_DTYPE)}
+
+
+def _pack_tiled(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] (0..15), N % 64 == 0 -> the kernel's layout: per block of 64 rows, for each k,
+    32 bytes holding rows j (low nibble) and j + 32 (high nibble). Two passes over uint8, instead of
+    the op's int32 input (4x the bytes) and its generic path."""
+    n, k = codes.shape
+    blocks = codes.reshape(n // 64, 2, 32, k)  # [N/64, half, 32, K]
+    packed = blocks[:, 0] | (blocks[:, 1] << 4)  # [N/64, 32, K]
+    return packed.transpose(1, 2).contiguous().reshape(n, k // 2)  # [N/64, K, 32] -> [N, K/2]
+
+
+_TILED_MATCHES_OP: bool | None = None
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] -> what `_convert_weight_to_int4pack_for_cpu` returns for them. The tiled
+    packer is used where it reproduces the op byte for byte (checked once per process against the op,
+    whose layout is torch's to change); otherwise the op itself."""
+    global _TILED_MATCHES_OP
+    if _TILED_MATCHES_OP is None:
+        probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        op = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
+        _TILED_MATCHES_OP = op.dtype == torch.uint8 and torch.equal(op, _pack_tiled(probe))
+    if _TILED_MATCHES_OP and codes.shape[0] % 64 == 0:
+        return _pack_tiled(codes)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+              group_size: int) -> dict[str, torch.Tensor]:
+    """HQQ pieces (codes uint8 [N, K], scale, zero fp32 [N, K/G]) -> the kernel's pieces."""
+    if bits == 8:
+        hi, lo = codes >> 4, codes & 15
+        codes = torch.cat([hi, lo], dim=1)  # [N, 2K]
+        scale_hi, bias_hi = 16 * scale, (136 - zero) * scale
+        scale = torch.cat([scale_hi, scale], dim=1)  # [N, 2K/G]
+        bias = torch.cat([bias_hi, torch.zeros_like(zero)], dim=1)
+    else:
+        # centre the codes on the kernel's 8 (c + 6 for 2-bit, c + 4 for 3-bit): the bias, rounded to
+        # bf16, then stays small (~|mid - zero| * scale instead of ~(8 - zero) * scale)
+        mid = 1 << (bits - 1)
+        bias = (mid - zero) * scale
+    packed = pack_int4(codes)
+    if bits < 4:
+        packed += (8 - mid) * 0x11  # both nibbles of every byte: c + 8 - mid stays within 0..15
+    scale_bias = torch.stack([scale.t(), bias.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()  # [S*K/G, N, 2]
+    return {"packed": packed, "scale_bias": scale_bias}
+
+
+@dataclass(frozen=True)
+class Int4CpuWeight:
+    """A packed [N, K] weight for `kernels.linear`: views into a cache slot, never a dense matrix."""
+
+    packed: torch.Tensor  # uint8 [N, S*K/2]
+    scale_bias: torch.Tensor  # bf16 [S*K/G, N, 2]
+    group_size: int
+    splits: int  # 2 for 8-bit codes (hi and lo nibbles), else 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0], self.packed.shape[1] * 2 // self.splits
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.shape
+        x2 = x.reshape(-1, k).to(COMPUTE_DTYPE)  # [t, K]
+        if self.splits == 2:
+            x2 = torch.cat([x2, x2], dim=1)  # [t, 2K]: the hi and the lo codes see the same input
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
+                                                       self.scale_bias)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)

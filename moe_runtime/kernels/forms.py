@@ -1,0 +1,130 @@
+"""What a cache slot holds for one expert, per device: the expert's compute form.
+
+The store keeps the compact HQQ record (quant.ExpertCodec); when an expert enters a slot,
+`ComputeForm.load` writes the record into the slot in the form the device computes with fastest,
+and `weights` hands the slot's (gate, up, down) to `kernels.linear` as views (a hit costs only the
+matmuls). Forms:
+
+- `StoredForm`: the slot holds the record itself. Unquantized experts (their record *is* the dense
+  matrices) and, as the fallback where no fused kernel fits, quantized ones dequantized per use by hqq.
+- `PackedForm`: fused low-bit kernels — torch's int4 CPU kernel (kernels/cpu.py) or the Triton
+  kernel on CUDA (kernels/triton_hqq.py). Codes are transcoded exactly; no dense matrix is ever made.
+- `DequantizedForm`: the slot holds dense dequantized matrices (`decoded_cache=True`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from typing import Protocol
+
+import torch
+
+from ..quant import MATRICES, ExpertCodec, ExpertLayout, hqq_codes
+from .cpu import Int4CpuWeight, int4_pack, int4_shapes, int4_supports
+from .triton_hqq import HqqTritonWeight, triton_pack, triton_shapes, triton_supports
+
+
+class ComputeForm(Protocol):
+    """nbytes: a slot's size; load(record uint8 [>= codec.nbytes], slot uint8 [>= nbytes]) on the slot's
+    device; weights(slot) -> (gate [I, H], up [I, H], down [H, I]), each a tensor or a packed weight."""
+
+    nbytes: int
+    transcodes: bool  # False: a slot is a plain copy of the record
+
+    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None: ...
+
+    def weights(self, slot: torch.Tensor) -> tuple: ...
+
+
+class StoredForm:
+    transcodes = False
+
+    def __init__(self, codec: ExpertCodec) -> None:
+        self.codec, self.nbytes = codec, codec.nbytes
+
+    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
+        slot[: self.nbytes].copy_(record[: self.nbytes])
+
+    def weights(self, slot: torch.Tensor) -> tuple:
+        return self.codec.decode(slot)
+
+
+class DequantizedForm:
+    transcodes = True
+
+    def __init__(self, codec: ExpertCodec) -> None:
+        self.codec, self.plain = codec, codec.plain()
+        self.nbytes = self.plain.nbytes
+
+    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
+        for name, weight in zip(MATRICES, self.codec.decode(record)):
+            self.plain.layout.slots[name].view(slot).copy_(weight)
+
+    def weights(self, slot: torch.Tensor) -> tuple:
+        return self.plain.decode(slot)
+
+
+class PackedForm:
+    """`kind` "int4-cpu" (torch's int4 CPU kernel) or "triton" (the HQQ Triton kernel, CUDA)."""
+
+    transcodes = True
+
+    def __init__(self, codec: ExpertCodec, kind: str, dtype: torch.dtype = torch.float16) -> None:
+        if kind not in ("int4-cpu", "triton"):
+            raise ValueError(f"packed form kind={kind!r} is not allowed: use 'int4-cpu' or 'triton'")
+        self.codec, self.kind, self.dtype = codec, kind, dtype
+        self.layout = ExpertLayout()
+        for name in MATRICES:
+            for piece, (shape, piece_dtype) in self._shapes(codec.shapes[name]).items():
+                self.layout.add(f"{name}.{piece}", torch.empty(shape, dtype=piece_dtype, device="meta"))
+        self.nbytes = self.layout.nbytes
+
+    def _shapes(self, shape: tuple[int, int]) -> dict:
+        bits, group = self.codec.bits, self.codec.group_size
+        if self.kind == "int4-cpu":
+            return int4_shapes(bits, shape, group)
+        return triton_shapes(bits, shape, group, self.dtype)
+
+    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
+        bits, group = self.codec.bits, self.codec.group_size
+        for name in MATRICES:
+            codes, scale, zero = hqq_codes(self.codec.parts(record, name), self.codec.layout.hqq_meta[name])
+            if self.kind == "int4-cpu":
+                pieces = int4_pack(codes, scale, zero, bits, group)
+            else:
+                pieces = triton_pack(codes, scale, zero, bits, self.dtype)
+            for piece, tensor in pieces.items():
+                self.layout.slots[f"{name}.{piece}"].view(slot).copy_(tensor)
+
+    def weights(self, slot: torch.Tensor) -> tuple:
+        out = []
+        for name in MATRICES:
+            view = {piece: s.view(slot) for piece, s in self.layout.slots.items() if piece.startswith(name + ".")}
+            view = {k.split(".", 1)[1]: v for k, v in view.items()}
+            if self.kind == "int4-cpu":
+                out.append(Int4CpuWeight(view["packed"], view["scale_bias"], self.codec.group_size,
+                                         2 if self.codec.bits == 8 else 1))
+            else:
+                out.append(HqqTritonWeight(view["codes"], view["scale"], view["zero"], self.codec.bits,
+                                           self.codec.group_size))
+        return tuple(out)
+
+
+def compute_form(codec: ExpertCodec, device: torch.device, decoded: bool = False) -> ComputeForm:
+    """The fastest form `device` computes `codec`'s experts with (docs/results.md, "Fused quantized compute")."""
+    if codec.bits is None:
+        return StoredForm(codec)
+    if decoded:
+        return DequantizedForm(codec)
+    fits = {kind: all(check(codec.bits, shape, codec.group_size) for shape in codec.shapes.values())
+            for kind, check in (("int4-cpu", int4_supports), ("triton", triton_supports))}
+    if device.type == "cpu" and fits["int4-cpu"]:
+        return PackedForm(codec, "int4-cpu")
+    if device.type == "cuda" and fits["triton"] and importlib.util.find_spec("triton") is not None:
+        dtype = codec.dtype if codec.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return PackedForm(codec, "triton", dtype)
+    warnings.warn(f"no fused kernel for {codec.bits}-bit experts with group size {codec.group_size} on "
+                  f"{device.type} (CPU: groups of 32/64/128/256; CUDA: the triton package, K % 64 == 0): "
+                  "experts are dequantized by hqq on every use, which is slow", stacklevel=2)
+    return StoredForm(codec)

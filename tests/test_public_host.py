@@ -1,0 +1,248 @@
+"""Public-host mode: only the operator changes the shared engine, visitors see the settings read-only,
+trace files are made on request with bounded size and disk; and a load test on the embedded model
+(8 chatting clients, one hammering /stats, one trying /apply_settings without the operator token)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import app
+from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace
+from webapp import service as service_module
+from webapp.service import EMBEDDED_MODEL, EngineService, Operator
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "operator-secret-42"
+BASE = dict(expert_bits="none", attn_bits="none", cache_size=2, prefetch=2, offload="ram", device="cpu",
+            policy="lru")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv,env,public", [
+    ([], {}, False),
+    (["--host", "localhost"], {}, False),
+    (["--host", "::1"], {}, False),
+    (["--host", "0.0.0.0"], {}, True),
+    (["--host", "192.168.1.5"], {}, True),
+    (["--share"], {}, True),
+    (["--public"], {}, True),
+    ([], {"SPACE_ID": "someone/moe-offload"}, True),
+])
+def test_which_launches_are_public_hosts(monkeypatch, argv, env, public):
+    for name in ("GRADIO_SERVER_NAME", "SPACE_ID", app.TOKEN_ENV):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert app.is_public(app.parse_args(argv)) is public
+
+
+def test_the_operator_token_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv(app.TOKEN_ENV, TOKEN)
+    assert app.parse_args([]).operator_token == TOKEN
+    assert Operator(public=True, token=TOKEN).allows(TOKEN)
+    assert not Operator(public=True, token=TOKEN).allows("guess") and not Operator(public=True).allows("")
+    assert Operator(public=False).allows("")  # the person at the keyboard of a local launch
+
+
+@pytest.fixture(scope="module")
+def service(tiny_dir, tmp_path_factory):
+    service = EngineService(str(tiny_dir), OffloadConfig(device="cpu", store_dir=str(tmp_path_factory.mktemp("s"))))
+    service.start()
+    yield service
+    service.close()
+
+
+def test_visitors_cannot_change_settings_or_reset_stats(service):
+    visitor = app.Handlers(service, Operator(public=True, token=TOKEN))
+    engine = service.engine
+    list(service.chat([{"role": "user", "content": "To be"}], GenerationSettings(max_new_tokens=3)))
+    selections = service.stats(trace=False).selections
+    for token in ("", "wrong", None):
+        with pytest.warns(UserWarning, match="for the operator of this public host"):
+            status, _, _ = visitor.apply(service.model, **{**BASE, "cache_size": 3}, operator_token=token)
+        assert "Not applied" in status and service.engine is engine and service.config.cache_size == 2
+        with pytest.warns(UserWarning, match="resetting the stats is for the operator"):
+            visitor.reset_stats(token)
+        assert service.stats(trace=False).selections == selections
+    with pytest.warns(UserWarning, match="not the operator token"):
+        updates = visitor.unlock("wrong")
+    assert all(u["interactive"] is False for u in updates[:-1])
+    assert all(u["interactive"] is True for u in visitor.unlock(TOKEN)[:-1])
+    status, _, _ = visitor.apply(service.model, **{**BASE, "cache_size": 3}, operator_token=TOKEN)
+    try:
+        assert status.startswith("**Applied.**") and service.config.cache_size == 3
+    finally:
+        visitor.apply(service.model, **BASE, operator_token=TOKEN)
+
+
+def test_without_a_token_nobody_changes_a_public_host(service):
+    closed = app.Handlers(service, Operator(public=True, token=None))
+    with pytest.warns(UserWarning, match="without an operator token"):
+        status, _, _ = closed.apply(service.model, **BASE, operator_token="")
+    assert "Not applied" in status
+
+
+def test_a_public_page_shows_the_settings_read_only(service):
+    def interactive(demo):
+        return {c["props"].get("elem_id") or c["props"].get("label"): c["props"].get("interactive")
+                for c in demo.config["components"] if c["type"] in ("dropdown", "number", "radio", "button")}
+
+    public = interactive(app.build_app(service, operator=Operator(public=True, token=TOKEN)))
+    for name in ("Model", "Device", "Cache size per layer", "Prefetch", "Offload tier", "Eviction policy", "apply",
+                 "reset"):
+        assert public[name] is False, name
+    local = interactive(app.build_app(service))
+    assert local["apply"] is not False and local["Model"] is not False
+
+
+def test_trace_files_are_made_on_request_capped_and_rate_limited(service, monkeypatch):
+    list(service.chat([{"role": "user", "content": "To be, or not to be"}], GenerationSettings(max_new_tokens=12)))
+    monkeypatch.setattr(service_module, "MAX_TRACE_TOKENS", 5)
+    first = service.trace_file(every=60)
+    assert service.trace_file(every=60) == first  # within the interval: the same file again
+    trace = RoutingTrace.load(first)
+    assert trace.num_tokens == 5 and all(len(rows) == 5 for rows in trace.selected)
+    assert service.trace_file(every=0) != first
+    assert len(list(first.parent.glob("routing-trace-*.json"))) <= service_module.KEEP_TRACES
+
+
+# --- the load test: `python app.py --public` on the embedded model, through gradio_client ---------------
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def public_app(tmp_path_factory):
+    if not (REPO / EMBEDDED_MODEL / "config.json").exists():
+        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing")
+    gradio_tmp = tmp_path_factory.mktemp("gradio-tmp")
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(gradio_tmp)
+    service = EngineService(EMBEDDED_MODEL, OffloadConfig(device="cpu", cache_size=2, prefetch=2,
+                                                          store_dir=str(tmp_path_factory.mktemp("store"))))
+    service.start()
+    port = free_port()
+    demo = app.build_app(service, operator=Operator(public=True, token=TOKEN))
+    app.launch(demo, "127.0.0.1", port, block=False)
+    yield f"http://127.0.0.1:{port}/", service, gradio_tmp
+    demo.close()
+    service.close()
+    if old is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = old
+
+
+def test_load_8_chatting_clients_a_stats_hammer_and_a_visitor_trying_settings(public_app, tmp_path):
+    from gradio_client import Client
+
+    url, service, gradio_tmp = public_app
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "dl"))
+    client.predict(TOKEN, api_name="/reset_stats")
+    engine = service.engine
+    done = threading.Event()
+    replies, errors, stats_seen, refusals = [], [], [], []
+
+    def chatter(i):
+        try:
+            c = Client(url, verbose=False, analytics_enabled=False)
+            history = []
+            for turn in range(2):
+                text = c.predict(f"Client {i} asks, turn {turn}: to be?", history, "", 0.7, 0.95, 12,
+                                 api_name="/chat")
+                replies.append(text)
+                history += [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(f"client {i}: {err!r}")
+
+    def hammer():
+        c = Client(url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "dl2"))
+        while not done.is_set():
+            counters, *_ = c.predict(api_name="/stats")
+            stats_seen.append(counters)
+            if len(stats_seen) % 10 == 0:
+                c.predict(api_name="/trace")
+
+    def visitor():
+        c = Client(url, verbose=False, analytics_enabled=False)
+        for token in ("", "guess"):
+            status, _, _ = c.predict(EMBEDDED_MODEL, "none", "none", 3, 1, "ram", "cpu", "lfu", token,
+                                     api_name="/apply_settings")
+            refusals.append(status)
+
+    threads = [threading.Thread(target=chatter, args=(i,), daemon=True) for i in range(8)]
+    threads += [threading.Thread(target=visitor, daemon=True)]
+    hammer_thread = threading.Thread(target=hammer, daemon=True)
+    start = time.monotonic()
+    hammer_thread.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(1.0, 240 - (time.monotonic() - start)))
+    done.set()
+    hammer_thread.join(30)
+    assert not any(t.is_alive() for t in [*threads, hammer_thread]), "a client hung"
+    assert not errors, errors
+    assert len(replies) == 16 and all(isinstance(r, str) for r in replies)
+    assert len(refusals) == 2 and all("Not applied" in s and "operator" in s for s in refusals)
+    assert service.engine is engine and service.config.cache_size == 2  # the visitor changed nothing
+    assert stats_seen and all(c["cache_hits"] + c["cache_misses"] == c["expert_selections"] for c in stats_seen)
+    final = service.stats()
+    assert all(h + m == s for h, m, s in zip(final.hits, final.misses, final.selections))
+    lengths = {len(rows) for rows in final.trace.selected} | {len(final.trace.phase)}
+    assert lengths == {final.trace_tokens}  # every layer saw every token
+    assert {sum(row) for row in final.expert_counts} == {final.trace_tokens * final.top_k}
+    temp = _folder_bytes(gradio_tmp) + _folder_bytes(service.trace_file().parent)
+    assert temp < 20 * 2**20, f"{temp} bytes of temp files"
+
+
+def test_uploads_are_capped(public_app):
+    url, _, _ = public_app
+    response = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.bin", b"\0" * (2 * 2**20))}, timeout=30)
+    assert response.status_code == 413, response.status_code
+
+
+def test_sigterm_removes_the_temp_trace_folder(tmp_path):
+    if not (REPO / EMBEDDED_MODEL / "config.json").exists():
+        pytest.skip(f"the embedded model {EMBEDDED_MODEL} is missing")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(tmp), "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--store-dir", str(tmp_path / "s")],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, "the app exited before serving"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the app did not start serving")
+        assert list(tmp.glob("moe-trace-*")), "the app has no temp trace folder to remove"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) is not None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    assert not list(tmp.glob("moe-trace-*"))
