@@ -59,7 +59,7 @@ FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cance
                   "context": "context window full", "time": "time limit reached"}
 LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
-MAX_UPLOAD = "1mb"  # the app takes no files; gradio's upload route stays small
+MAX_UPLOAD = "1mb"  # the only upload is a What-if trace file (webapp.whatif caps it too)
 CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
 WHATIF_SESSION, WHATIF_UPLOAD = "this session's trace", "an uploaded trace file"
 TOKEN_ENV = "MOE_OPERATOR_TOKEN"  # the operator token on a public host (a Space: a secret of that name)
@@ -529,41 +529,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a local folder with config.json and *.safetensors, or a hub id such as "
                         f"mistralai/Mixtral-8x7B-Instruct-v0.1; {EMBEDDED_MODEL} is the embedded tiny Mixtral "
                         "trained on Tiny Shakespeare (works offline)")
-    o = p.add_argument_group("offloading (moe_runtime.OffloadConfig)")
-    o.add_argument("--device", default=d.device, help="where attention and the expert cache run: auto (CUDA when "
-                   "present), cpu, cuda or cuda:N")
-    o.add_argument("--offload", default=d.offload, choices=OFFLOAD_TIERS,
-                   help="slow tier holding every expert: ram (host memory) or disk (the expert store, read on demand)")
-    o.add_argument("--cache-size", type=int, default=d.cache_size,
-                   help="experts per MoE layer kept on the device (1..experts per layer)")
-    o.add_argument("--prefetch", type=int, default=d.prefetch,
-                   help="experts of the next layer guessed from this layer's hidden state and loaded ahead (0 = off)")
+    o = p.add_argument_group("offloading (moe_runtime.OffloadConfig; each help is the setting's own doc)")
+    doc = OffloadConfig.field_docs()
+    o.add_argument("--device", default=d.device, help=doc["device"])
+    o.add_argument("--offload", default=d.offload, choices=OFFLOAD_TIERS, help=doc["offload"])
+    o.add_argument("--cache-size", type=int, default=d.cache_size, help=doc["cache_size"])
+    o.add_argument("--prefetch", type=int, default=d.prefetch, help=doc["prefetch"])
     o.add_argument("--expert-bits", type=_bits_arg, default=d.expert_bits, metavar="{none,2,3,4,8}",
-                   help="HQQ bits of the experts (none = unquantized)")
-    o.add_argument("--expert-group-size", type=int, default=d.expert_group_size,
-                   help="HQQ group size of the experts (default: 16 for 2-/3-bit, 64 for 4-/8-bit)")
-    o.add_argument("--attn-bits", type=_bits_arg, default=d.attn_bits, metavar="{none,4,8}",
-                   help="HQQ bits of the attention projections (none = unquantized)")
-    o.add_argument("--attn-group-size", type=int, default=d.attn_group_size, help="HQQ group size of attention")
+                   help=doc["expert_bits"])
+    o.add_argument("--expert-group-size", type=int, default=d.expert_group_size, help=doc["expert_group_size"])
+    o.add_argument("--attn-bits", type=_bits_arg, default=d.attn_bits, metavar="{none,4,8}", help=doc["attn_bits"])
+    o.add_argument("--attn-group-size", type=int, default=d.attn_group_size, help=doc["attn_group_size"])
     o.add_argument("--no-quantize-meta", dest="quantize_meta", action="store_false",
-                   help="keep HQQ scales and zeros in 16-bit instead of quantizing them to 8-bit")
+                   help="turn off quantize_meta: " + doc["quantize_meta"])
     o.add_argument("--no-hqq-optimize", dest="hqq_optimize", action="store_false",
-                   help="quantize by round-to-nearest instead of HQQ's optimizer (much faster to build the "
-                        "store on a CPU, a little less accurate)")
-    o.add_argument("--store-dir", default=d.store_dir,
-                   help="folder of the on-disk expert store (built once per model and quantization, then reused)")
-    o.add_argument("--delete-shards", action="store_true",
-                   help="hub models: delete each downloaded safetensors shard once it is in the expert store, so "
-                        "the disk holds the store plus one or two shards (later starts need only the store); "
-                        "local folders are never touched")
-    o.add_argument("--decoded-cache", action="store_true",
-                   help="with quantized experts, keep them dequantized in the cache: much faster on CPUs, "
-                        "more memory per cached expert")
-    o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help="eviction policy of the expert cache")
-    o.add_argument("--dtype", default=d.dtype, choices=DTYPES,
-                   help="compute dtype (auto: float16 on CUDA, float32 on CPU)")
+                   help="turn off hqq_optimize: " + doc["hqq_optimize"])
+    o.add_argument("--store-dir", default=d.store_dir, help=doc["store_dir"])
+    o.add_argument("--delete-shards", action="store_true", help=doc["delete_shards"])
+    o.add_argument("--decoded-cache", action="store_true", help=doc["decoded_cache"])
+    o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help=doc["policy"])
+    o.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=doc["dtype"])
     o.add_argument("--no-trace", dest="record_trace", action="store_false",
-                   help="do not record the per-token routing trace (saves memory on long chats)")
+                   help="turn off record_trace: " + doc["record_trace"])
     s = p.add_argument_group("server")
     s.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on; 0.0.0.0 accepts connections from other machines (default: "
