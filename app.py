@@ -445,13 +445,16 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                     wi_upload = gr.File(label="Trace file (JSON from Prepare downloads or moe_runtime; at most 1 MiB)",
                                         file_types=[".json"], type="filepath", elem_id="whatif-upload")
                 with gr.Row():
-                    wi_policy = gr.Dropdown(whatif.policy_choices(), value=service.config.policy, label="Policy",
-                                            info="belady: the optimum that knows the future")
-                    wi_cache = gr.Number(service.config.cache_size, precision=0, label="Cache size per layer")
-                    wi_prefetch = gr.Number(service.config.prefetch, precision=0, label="Prefetch width")
-                    wi_hardware = gr.Dropdown(list(whatif.HARDWARE), value="cpu-space", label="Hardware profile")
+                    wi_policy = gr.Dropdown(whatif.policy_choices(), value=service.config.policy, label="Replay policy",
+                                            info="belady: the optimum that knows the future", elem_id="whatif-policy")
+                    wi_cache = gr.Number(service.config.cache_size, precision=0, label="Replay cache size per layer",
+                                         elem_id="whatif-cache")
+                    wi_prefetch = gr.Number(service.config.prefetch, precision=0, label="Replay prefetch width",
+                                            elem_id="whatif-prefetch")
+                    wi_hardware = gr.Dropdown(list(whatif.HARDWARE), value="cpu-space", label="Hardware profile",
+                                              elem_id="whatif-hardware")
                     wi_shape = gr.Dropdown(whatif.model_choices(), value=whatif.SERVED_SHAPE, label="Model shape",
-                                           info="whose bytes and compute the prediction uses")
+                                           info="whose bytes and compute the prediction uses", elem_id="whatif-shape")
                     wi_prefill = gr.Checkbox(True, label="include prompt tokens",
                                              info="the counters include them")
                 wi_run = gr.Button("Replay", variant="primary", elem_id="whatif-run")
@@ -546,7 +549,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="turn off hqq_optimize: " + doc["hqq_optimize"])
     o.add_argument("--store-dir", default=d.store_dir, help=doc["store_dir"])
     o.add_argument("--delete-shards", action="store_true", help=doc["delete_shards"])
-    o.add_argument("--decoded-cache", action="store_true", help=doc["decoded_cache"])
     o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help=doc["policy"])
     o.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=doc["dtype"])
     o.add_argument("--no-trace", dest="record_trace", action="store_false",

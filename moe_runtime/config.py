@@ -57,10 +57,6 @@ class OffloadConfig:
                   store plus one or two shards (Mixtral-8x7B on a free Colab). Later starts need only the
                   store. Files of a local folder are never deleted (the setting is ignored, with a
                   warning). With offload="ram" and expert_bits=None it makes load() build a store.
-    decoded_cache: with quantized experts, keep them dequantized in the cache: a hit costs no
-                  dequantization, a load pays it once (on the prefetch thread for prefetches), each slot
-                  takes the compute dtype's size. Much faster on CPUs (hqq dequantizes slowly there);
-                  on a GPU it trades cache slots for speed. No effect with expert_bits=None.
     """
 
     device: str = "auto"
@@ -78,7 +74,6 @@ class OffloadConfig:
     dtype: str = "auto"
     record_trace: bool = True
     delete_shards: bool = False
-    decoded_cache: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,7 +96,7 @@ class OffloadConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: use a power of two (8, 16, 32, 64, 128...)")
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ValueError(f"store_dir={self.store_dir!r} is not allowed: give a folder path")
-        for name in ("delete_shards", "decoded_cache", "quantize_meta", "hqq_optimize", "record_trace"):
+        for name in ("delete_shards", "quantize_meta", "hqq_optimize", "record_trace"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use True or False")
 

@@ -9,13 +9,14 @@ S = T*K assignments):
                               routing weights are a span of it (the layer's one host sync: the counts)
     Fetch                  -> cache.acquire(expert): resident slot (already in the device's compute
                               form, kernels.forms), or a load from the slow tier
-    Compute                -> expert_ffn on the expert's tokens through kernels.linear (fused
+    Compute                -> the family's expert function (the adapter's `fn(x, ExpertWeights, linear)`,
+                              SwiGLU for most) on the expert's tokens through kernels.linear (fused
                               low-bit kernels for quantized slots)
     Combine                -> one weighted scatter-add of all experts' outputs into out [T, H]
 
-`expert_ffn`, `dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path
-the tests compare against. The slow tier (store.SlowTier), the eviction policy (policies.EvictionPolicy)
-and the speculator (`Speculation` below) are declared seams.
+`dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path the tests compare
+against. The slow tier (store.SlowTier), the eviction policy (policies.EvictionPolicy) and the
+speculator (`Speculation` below) are declared seams.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch.base import dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
 from .kernels import ComputeForm, compute_form, linear
 from .policies import make_policy
@@ -36,12 +38,6 @@ from .stats import StatsCollector
 from .store import TranscodingTier, aligned_empty, round_up
 
 MAX_GUESS_RECORDED = 8
-
-
-def expert_ffn(x: torch.Tensor, gate, up, down, act, linear=linear) -> torch.Tensor:
-    """SwiGLU expert: down(act(gate x) * up x). x [t, H]; gate, up [I, H]; down [H, I].
-    `linear(x, w)` = x @ w.T, for whatever form the weights are in (kernels.linear: dense or packed)."""
-    return linear(act(linear(x, gate)) * linear(x, up), down)
 
 
 @dataclass
@@ -96,12 +92,13 @@ def combine(out: torch.Tensor, y: torch.Tensor, token_idx: torch.Tensor, k_pos: 
     out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
 
 
-def reference_moe(hidden_states, top_k_index, top_k_weights, weights, act, linear=F.linear) -> torch.Tensor:
-    """The plain path (tests, the accelerate baseline): every expert's (gate, up, down) at hand as
-    `weights[e]`. hidden_states [T, H], top_k_index / top_k_weights [T, K] -> [T, H]."""
+def reference_moe(hidden_states, top_k_index, top_k_weights, weights, expert_fn, linear=dense_linear) -> torch.Tensor:
+    """The plain path (tests, the accelerate baseline): every expert's `ExpertWeights` at hand as
+    `weights[e]`, run by `expert_fn(x, weights[e], linear)`. hidden_states [T, H], top_k_index /
+    top_k_weights [T, K] -> [T, H]."""
     out = torch.zeros_like(hidden_states)
     for expert, (token_idx, k_pos) in dispatch(top_k_index, len(weights)).items():
-        y = expert_ffn(hidden_states[token_idx], *weights[expert], act, linear)
+        y = expert_fn(hidden_states[token_idx], weights[expert], linear)
         combine(out, y, token_idx, k_pos, top_k_weights)
     return out
 
@@ -122,26 +119,43 @@ class Speculation(Protocol):
 class Speculator:
     """Guesses layer L+1's experts from layer L's MoE input and starts loading them.
 
-    Layer L's MoE input is x = r / rms(r) * w_L (r: residual stream, w_L: L's norm weight). Layer
-    L+1's router would see r' / rms(r') * w_{L+1}; taking r' ~ r, that is x * (w_{L+1} / w_L), so
-    the ratio is folded into the next router's weight once, and a guess is one small matmul.
+    Layer L's MoE input is x = n(r) * w_L + b_L (r: residual stream, n: RMS or layer
+    normalization, w_L, b_L: L's norm weight and bias, b = 0 for RMSNorm). Layer L+1's router
+    would see n(r') * w_{L+1} + b_{L+1}; taking r' ~ r, that is (x - b_L) * ratio + b_{L+1} with
+    ratio = w_{L+1} / w_L, so the ratio and the biases are folded into the next router's weight
+    and bias once, and a guess is one small matmul. `scores` (the adapter's) turns the router's
+    logits into scores that rank experts as the family's router does.
     """
 
     def __init__(self, next_router: torch.Tensor, norm_here: torch.Tensor, norm_next: torch.Tensor,
-                 next_cache: ExpertCache, prefetch: int) -> None:
+                 next_cache: ExpertCache, prefetch: int, *, router_bias: torch.Tensor | None = None,
+                 norm_here_bias: torch.Tensor | None = None, norm_next_bias: torch.Tensor | None = None,
+                 scores=softmax_scores) -> None:
         ratio = norm_next.float() / torch.where(norm_here.float().abs() < 1e-6, 1e-6, norm_here.float())
         self.weight = (next_router.float() * ratio[None, :]).to(next_router.dtype)  # [E, H]
+        shift = torch.zeros_like(ratio)  # [H]: what the norms' biases add to the next router's input
+        if norm_next_bias is not None:
+            shift += norm_next_bias.float()
+        if norm_here_bias is not None:
+            shift -= norm_here_bias.float() * ratio
+        bias = next_router.float() @ shift  # [E]
+        if router_bias is not None:
+            bias += router_bias.float()
+        has_bias = router_bias is not None or norm_here_bias is not None or norm_next_bias is not None
+        self.bias = bias.to(next_router.dtype) if has_bias else None
+        self.scores = scores
         self.next_cache = next_cache
         self.prefetch = prefetch
         self.last_guess: list[list[int]] | None = None  # per token, ranking of L+1's experts
 
     def __call__(self, hidden_states: torch.Tensor) -> None:
-        logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)  # [T, E]
-        ranking = torch.argsort(logits, dim=-1, descending=True)
+        logits = F.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)  # [T, E]
+        scores = self.scores(logits).float()  # [T, E]
+        ranking = torch.argsort(scores, dim=-1, descending=True)
         self.last_guess = ranking[:, :MAX_GUESS_RECORDED].tolist()
         if self.prefetch:
-            # one token: its ranking; a prompt: experts ranked by mean routing probability
-            mean_prob = torch.softmax(logits.float(), dim=-1).mean(dim=0)
+            # one token: its ranking; a prompt: experts ranked by mean routing score
+            mean_prob = scores.mean(dim=0)
             wanted = torch.argsort(mean_prob, descending=True)[: self.prefetch].tolist()
             self.next_cache.prefetch(wanted)
 
@@ -149,14 +163,14 @@ class Speculator:
 class OffloadedExperts(nn.Module):
     """forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]."""
 
-    def __init__(self, layer: int, cache: ExpertCache, codec: ExpertCodec, act, stats: StatsCollector,
+    def __init__(self, layer: int, cache: ExpertCache, codec: ExpertCodec, expert_fn, stats: StatsCollector,
                  num_experts: int, top_k: int, prefetch: int, form: ComputeForm | None = None) -> None:
         super().__init__()
         self.layer = layer
         self.cache = cache
         self.codec = codec  # the stored record's codec
         self.form = form if form is not None else compute_form(codec, cache.slots.device)  # what a slot holds
-        self.act_fn = act
+        self.expert_fn = expert_fn  # the family's: fn(x [t, H], ExpertWeights, linear) -> [t, H]
         self.stats = stats
         self.num_experts = num_experts
         self.top_k = top_k
@@ -191,7 +205,7 @@ class OffloadedExperts(nn.Module):
                 token_idx, _ = plan[expert]
                 slot = self.cache.acquire(expert)
                 pinned.append(expert)
-                ys.append(expert_ffn(hidden_states[token_idx], *self.form.weights(slot), self.act_fn))
+                ys.append(self.expert_fn(hidden_states[token_idx], self.form.weights(slot), linear))  # [t, H]
                 if not keep_pinned:
                     self.cache.release(pinned.pop())
         finally:
@@ -213,13 +227,13 @@ class OffloadedExperts(nn.Module):
 
 
 def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
-                            cache_size: int, prefetch: int, policy: str, decoded: bool, stats: StatsCollector,
-                            act_fn, device: torch.device):
+                            cache_size: int, prefetch: int, policy: str, stats: StatsCollector,
+                            expert_fn, device: torch.device):
     """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
     its own preallocated slot pool and cache, one `Transfer` for all. Slots hold the device's compute
-    form of an expert (`kernels.compute_form`; dequantized matrices with `decoded`); where that form
-    is not the record itself, `TranscodingTier` wraps the tier and converts on load."""
-    form = compute_form(codec, device, decoded)
+    form of an expert (`kernels.compute_form`); where that form is not the record itself,
+    `TranscodingTier` wraps the tier and converts on load."""
+    form = compute_form(codec, device)
     if form.transcodes:
         tier = TranscodingTier(tier, codec, form)
     transfer = Transfer(tier, device, stats)
@@ -229,7 +243,7 @@ def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_ex
         slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
         # bytes moved per load: the record as stored, whatever the slot holds
         cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats)
-        modules.append(OffloadedExperts(layer, cache, codec, act_fn, stats, num_experts, top_k, prefetch, form))
+        modules.append(OffloadedExperts(layer, cache, codec, expert_fn, stats, num_experts, top_k, prefetch, form))
     return tier, transfer, modules
 
 

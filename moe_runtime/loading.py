@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .arch import adapter_for
+from .arch import ExpertWeights, adapter_for
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
 from .config import OffloadConfig, torch_dtype
 from .engine import Engine
@@ -73,36 +73,36 @@ def _read_config(model_dir: Path):
 
 
 class ExpertReader:
-    """(gate, up, down) of one expert from either Mixtral checkpoint layout."""
+    """One expert's `ExpertWeights`, read in whichever of its family's key layouts the checkpoint has.
 
-    def __init__(self, checkpoint: Checkpoint, adapter, num_layers: int, num_experts: int) -> None:
-        self.checkpoint, self.adapter = checkpoint, adapter
+    Indexed by MoE layer (0..num_layers-1, the store's order); `shape.moe_layers` maps that to the
+    decoder layer the checkpoint's keys name. Each layer's layout is picked once: the first of the
+    adapter's layouts whose keys are all in the checkpoint.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, adapter, shape, hf_config) -> None:
+        self.checkpoint = checkpoint
+        self.decoder_layer = shape.moe_layers
+        layouts = adapter.layouts(hf_config)
+        self.layout = []
         missing = []
-        self.fused = [False] * num_layers
-        for layer in range(num_layers):
-            fused_keys = adapter.fused_expert_keys(layer)
-            if all(k in checkpoint for k in fused_keys):
-                self.fused[layer] = True
-                continue
-            for expert in range(num_experts):
-                missing += [k for k in adapter.original_expert_keys(layer, expert) if k not in checkpoint]
+        for layer in self.decoder_layer:
+            found = next((layout for layout in layouts if all(
+                k in checkpoint for e in range(shape.num_experts) for k in layout.keys(layer, e))), None)
+            if found is None:  # report what the first (preferred) layout lacks
+                missing += [k for e in range(shape.num_experts) for k in layouts[0].keys(layer, e)
+                            if k not in checkpoint]
+            self.layout.append(found)
         if missing:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ValueError(f"checkpoint {checkpoint.model_dir} lacks expert tensors: {shown}")
 
     def keys(self, layer: int, expert: int) -> tuple[str, ...]:
         """The checkpoint tensors one expert is read from."""
-        if self.fused[layer]:
-            return self.adapter.fused_expert_keys(layer)
-        return self.adapter.original_expert_keys(layer, expert)
+        return self.layout[layer].keys(self.decoder_layer[layer], expert)
 
-    def __call__(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fused[layer]:
-            gate_up_key, down_key = self.adapter.fused_expert_keys(layer)
-            gate_up = self.checkpoint.get_slice(gate_up_key, expert)  # [2I, H]
-            gate, up = gate_up.chunk(2, dim=0)
-            return gate, up, self.checkpoint.get_slice(down_key, expert)
-        return tuple(self.checkpoint.get(k) for k in self.adapter.original_expert_keys(layer, expert))
+    def __call__(self, layer: int, expert: int) -> ExpertWeights:
+        return self.layout[layer].read(self.checkpoint, self.decoder_layer[layer], expert)
 
 
 def _listed(names: list[str], limit: int = 4) -> str:
@@ -111,21 +111,26 @@ def _listed(names: list[str], limit: int = 4) -> str:
     return f"{shown} and {len(names) - limit} more ({len(names)} in all)" if len(names) > limit else shown
 
 
-def _check_weight_names(weights: WeightMap, model, adapter, shape) -> None:
+def _expert_module_names(model, adapter, shape) -> list[str]:
+    """Names of the experts modules of the MoE layers in a built model (their parameters come from the store)."""
+    name_of = {id(module): name for name, module in model.named_modules()}
+    layers = adapter.layers(model)
+    return [name_of[id(adapter.moe_block(layers[i]).experts)] for i in shape.moe_layers]
+
+
+def _check_weight_names(weights: WeightMap, model, adapter, shape, hf_config) -> None:
     """Refuse a checkpoint that does not fit the model config.json describes, from the names alone
     (the index, before any shard is read): tensors the model has no place for (an extra layer, an
     expert past num_experts) and dense tensors the model needs that the checkpoint lacks. Missing
     experts are ExpertReader's to report; shapes are checked as tensors are read."""
-    expert_keys = set()
-    for layer in range(shape.num_layers):
-        expert_keys.update(adapter.fused_expert_keys(layer))
-        for expert in range(shape.num_experts):
-            expert_keys.update(adapter.original_expert_keys(layer, expert))
-    params = {name for name, _ in model.named_parameters() if not adapter.is_expert_key(name)}
+    expert_keys = {key for layout in adapter.layouts(hf_config) for layer in shape.moe_layers
+                   for expert in range(shape.num_experts) for key in layout.keys(layer, expert)}
+    offloaded = tuple(name + "." for name in _expert_module_names(model, adapter, shape))
+    params = {name for name, _ in model.named_parameters() if not name.startswith(offloaded)}
     buffers = {name for name, _ in model.named_buffers()}
     unexpected, present = [], set()
     for key in weights.key_to_file:
-        if adapter.is_expert_key(key):
+        if adapter.is_expert_key(key, hf_config):
             if key not in expert_keys:
                 unexpected.append(key)
             continue
@@ -146,14 +151,14 @@ def _check_weight_names(weights: WeightMap, model, adapter, shape) -> None:
 
 
 def _shape_checked(reader: ExpertReader, shape):
-    """reader(layer, expert), refusing tensors of another shape than config.json says."""
+    """reader(layer, expert), refusing matrices of another shape than config.json says."""
     hidden, inter = shape.hidden_size, shape.intermediate_size
     wanted = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
 
-    def read(layer: int, expert: int):
+    def read(layer: int, expert: int) -> ExpertWeights:
         weights = reader(layer, expert)
         wrong = [f"{name} {tuple(t.shape)} (expected {want})"
-                 for (name, want), t in zip(wanted.items(), weights) if tuple(t.shape) != want]
+                 for (name, want), t in zip(wanted.items(), weights[:3]) if tuple(t.shape) != want]
         if wrong:
             raise ValueError(f"checkpoint expert {expert} of layer {layer} has the wrong shape: {', '.join(wrong)}; "
                              "config.json and weights do not match")
@@ -173,8 +178,8 @@ def _deletes_shards(config: OffloadConfig, source: ModelSource, weights: WeightM
     return False
 
 
-def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, source: ModelSource, weights: WeightMap,
-                 identity: dict, delete: bool) -> None:
+def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, hf_config, source: ModelSource,
+                 weights: WeightMap, identity: dict, delete: bool) -> None:
     """Write the store shard by shard: each shard's experts into records, its other tensors into the dense file.
 
     An expert whose tensors span shards is written when its last shard is processed; its parts in
@@ -185,7 +190,7 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, source: Model
     if not source.is_hub:
         weights.require_files()
     checkpoint = Checkpoint(weights)
-    reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)  # before any download
+    reader = ExpertReader(checkpoint, adapter, shape, hf_config)  # before any download
     read = _shape_checked(reader, shape)
     files = weights.files
     order = {name: i for i, name in enumerate(files)}
@@ -196,7 +201,7 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, source: Model
             keys = reader.keys(layer, expert)
             uses.update(keys)
             completes[max((weights.key_to_file[k] for k in keys), key=order.__getitem__)].append((layer, expert))
-    dense = {key: adapter.dense_key(key) for key in weights.key_to_file if not adapter.is_expert_key(key)}
+    dense = {key: adapter.dense_key(key) for key in weights.key_to_file if not adapter.is_expert_key(key, hf_config)}
     in_file: dict[str, list[str]] = {name: [] for name in files}
     for key, name in weights.key_to_file.items():
         in_file[name].append(key)
@@ -251,8 +256,8 @@ def _full_checkpoint(source: ModelSource, weights: WeightMap) -> Checkpoint:
     return Checkpoint.opened(weights, {name: source.shard(name) for name in weights.files})
 
 
-def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source: ModelSource, weights: WeightMap,
-               model_name: str, device: torch.device):
+def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, hf_config, source: ModelSource,
+               weights: WeightMap, model_name: str, device: torch.device):
     """(tier, store folder or None, dense tensors by parameter name -> reader).
 
     A complete store (experts + dense tensors) is used whenever there is one: the checkpoint's
@@ -274,13 +279,13 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
         if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
             if config.offload == "ram" and config.expert_bits is None and not delete:
                 checkpoint = _full_checkpoint(source, weights)
-                reader = ExpertReader(checkpoint, adapter, shape.num_layers, shape.num_experts)
+                reader = ExpertReader(checkpoint, adapter, shape, hf_config)
                 tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts,
                                             _shape_checked(reader, shape), pin)
                 dense = {adapter.dense_key(key): partial(checkpoint.get, key)
-                         for key in checkpoint.keys() if not adapter.is_expert_key(key)}
+                         for key in checkpoint.keys() if not adapter.is_expert_key(key, hf_config)}
                 return tier, None, dense
-            _build_store(folder, codec, shape, adapter, source, weights, identity, delete)
+            _build_store(folder, codec, shape, adapter, hf_config, source, weights, identity, delete)
         try:
             if config.offload == "ram":
                 tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
@@ -295,9 +300,25 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, source
     return tier, folder, {name: partial(handle.get_tensor, name) for name in handle.keys()}
 
 
-def _build_model(hf_config, dtype: torch.dtype):
+def _build_model(hf_config, dtype: torch.dtype, attn_implementation: str):
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _moe_blocks(adapter, layers, shape) -> list:
+    """The MoE blocks of `shape.moe_layers`, checked against the built model: exactly those layers have experts."""
+    has_experts = [i for i, layer in enumerate(layers) if hasattr(_block_or_none(adapter, layer), "experts")]
+    if has_experts != list(shape.moe_layers):
+        raise ValueError(f"{adapter.model_type}: the config's MoE layers are {list(shape.moe_layers)} but the "
+                         f"model built from it has experts in layers {has_experts}")
+    return [adapter.moe_block(layers[i]) for i in shape.moe_layers]
+
+
+def _block_or_none(adapter, layer):
+    try:
+        return adapter.moe_block(layer)
+    except AttributeError:
+        return None
 
 
 def _load_dense(model, tensors: dict, where: Path, device) -> None:
@@ -331,6 +352,21 @@ def _load_dense(model, tensors: dict, where: Path, device) -> None:
             model._init_weights(module)
 
 
+def _speculators(adapter, hf_config, moe_layers: list, modules: list, prefetch: int) -> list[Speculator]:
+    """speculators[i]: MoE layer i + 1's router and norm, applied to MoE layer i's input."""
+    views = [adapter.router_view(layer) for layer in moe_layers]
+
+    def detached(t):
+        return None if t is None else t.detach()
+
+    return [
+        Speculator(detached(nxt.weight), detached(here.norm_weight), detached(nxt.norm_weight), modules[i + 1].cache,
+                   prefetch, router_bias=detached(nxt.bias), norm_here_bias=detached(here.norm_bias),
+                   norm_next_bias=detached(nxt.norm_bias), scores=adapter.guess_scores(hf_config, moe_layers[i + 1]))
+        for i, (here, nxt) in enumerate(zip(views, views[1:]))
+    ]
+
+
 def _quantize_attention(model, adapter, config: OffloadConfig) -> None:
     layers = adapter.layers(model)
     for layer in tqdm(layers, desc=f"quantizing attention to {config.attn_bits} bits", unit="layer"):
@@ -354,7 +390,8 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     dtype = resolve_dtype(config.dtype, device)
     weights = read_weight_map(model_dir)
     codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
-                        config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device))
+                        config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device),
+                        biases=shape.expert_bias)
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
         raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
                          f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
@@ -363,26 +400,24 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     except Exception as err:
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {err}") from None
 
-    hf_model = _build_model(hf_config, dtype)  # on the meta device: no memory, names and shapes only
-    _check_weight_names(weights, hf_model, adapter, shape)
-    tier, store_path, dense = _slow_tier(config, codec, shape, adapter, source, weights, model_name, device)
+    hf_model = _build_model(hf_config, dtype, adapter.attn_implementation)  # meta device: names and shapes only
+    _check_weight_names(weights, hf_model, adapter, shape, hf_config)
+    tier, store_path, dense = _slow_tier(config, codec, shape, adapter, hf_config, source, weights, model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
     layers = adapter.layers(hf_model)
+    blocks = _moe_blocks(adapter, layers, shape)
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        decoded=config.decoded_cache, stats=stats, act_fn=adapter.moe_block(layers[0]).experts.act_fn, device=device)
-    for layer, experts in zip(layers, modules):
-        adapter.moe_block(layer).experts = experts
+        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device)
+    for block, experts in zip(blocks, modules):
+        block.experts = experts
     hf_model.to_empty(device=device)
     _load_dense(hf_model, dense, store_path or model_dir, device)
     del dense  # lets go of the dense file (or the checkpoint's shards)
-    link_speculators(modules, [
-        Speculator(adapter.router_weight(layers[i + 1]).detach(), adapter.moe_norm_weight(layers[i]).detach(),
-                   adapter.moe_norm_weight(layers[i + 1]).detach(), modules[i + 1].cache, config.prefetch)
-        for i in range(len(modules) - 1)
-    ])
+    link_speculators(modules, _speculators(adapter, hf_config, [layers[i] for i in shape.moe_layers], modules,
+                                           config.prefetch))
     if config.attn_bits is not None:
         _quantize_attention(hf_model, adapter, config)
     if (model_dir / "generation_config.json").exists():

@@ -1,8 +1,9 @@
 """HQQ quantization of experts and attention, and the packed byte layout of one expert.
 
-One expert = gate [I, H], up [I, H], down [H, I]. `ExpertCodec.encode` turns them into ONE
-contiguous uint8 buffer (so a single copy moves a whole expert between tiers); `decode` turns a
-buffer (on any device) back into the three matrices in the compute dtype. Quantization and
+One expert = gate [I, H], up [I, H], down [H, I] (+ biases gate_bias, up_bias [I], down_bias [H]
+for families that have them, e.g. gpt-oss). `ExpertCodec.encode` turns them into ONE contiguous
+uint8 buffer (so a single copy moves a whole expert between tiers); `decode` turns a buffer (on any
+device) back into an `ExpertWeights` in the compute dtype. Biases are never quantized. Quantization and
 dequantization are hqq's (`Quantizer.quantize` / `Quantizer.dequantize`, data-free); this module
 only lays the pieces out. Scales and zeros are optionally meta-quantized to 8 bits, as in the paper.
 
@@ -18,7 +19,10 @@ import torch
 from hqq.core.quantize import Quantizer
 from torch import nn
 
+from .arch.base import ExpertWeights
+
 MATRICES = ("gate", "up", "down")
+BIASES = ("gate_bias", "up_bias", "down_bias")
 ALIGN = 64
 META_GROUP = 128
 META_BITS = 8
@@ -140,37 +144,46 @@ class ExpertCodec:
     """Packs (gate, up, down) into one byte buffer and back, quantized with HQQ or not."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bits: int | None, group_size: int,
-                 quantize_meta: bool, dtype: torch.dtype, optimize: bool = True, quant_device: str = "cpu") -> None:
-        self.bits, self.group_size, self.quantize_meta = bits, group_size, quantize_meta
+                 quantize_meta: bool, dtype: torch.dtype, optimize: bool = True, quant_device: str = "cpu",
+                 biases: bool = False) -> None:
+        self.bits, self.group_size, self.quantize_meta, self.biases = bits, group_size, quantize_meta, biases
         self.dtype, self.optimize, self.quant_device = dtype, optimize, quant_device
         self.shapes = {"gate": (intermediate_size, hidden_size), "up": (intermediate_size, hidden_size),
                        "down": (hidden_size, intermediate_size)}
+        if biases:
+            self.shapes.update(gate_bias=(intermediate_size,), up_bias=(intermediate_size,), down_bias=(hidden_size,))
         if bits is not None:
-            for name, shape in self.shapes.items():
+            for name in MATRICES:
+                shape = self.shapes[name]
                 if math.prod(shape) % group_size:
                     raise ValueError(
                         f"expert_group_size={group_size} does not divide the {name} matrix {shape}: "
                         "use a power of two that divides hidden_size * intermediate_size"
                     )
         # The layout depends only on shapes and settings: derive it from meta tensors (no memory, no math).
-        shapes_only = [torch.empty(s, device="meta") for s in self.shapes.values()]
-        self.layout = self._layout(self._pieces(*shapes_only, optimize=False))
+        shapes_only = [torch.empty(self.shapes[n], device="meta") for n in self._names]
+        self.layout = self._layout(self._pieces(shapes_only, optimize=False))
 
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
-    def plain(self) -> ExpertCodec:
-        """The unquantized codec of the same expert shapes and compute dtype (decoded cache slots)."""
-        inter, hidden = self.shapes["gate"]
-        return ExpertCodec(hidden, inter, None, self.group_size, self.quantize_meta, self.dtype)
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return MATRICES + BIASES if self.biases else MATRICES
 
-    def _pieces(self, gate, up, down, optimize: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    def _pieces(self, weights, optimize: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+        weights = tuple(weights) + (None,) * (len(MATRICES + BIASES) - len(weights))
         tensors, meta = {}, {}
-        for name, weight in zip(MATRICES, (gate, up, down)):
+        for name, weight in zip(MATRICES + BIASES, weights):
+            if (weight is None) != (name not in self._names):
+                raise ValueError(f"expert {name} is {'missing' if weight is None else 'given'}: this codec's "
+                                 f"experts {'have' if self.biases else 'have no'} biases")
+            if weight is None:
+                continue
             if tuple(weight.shape) != self.shapes[name]:
                 raise ValueError(f"expert {name} has shape {tuple(weight.shape)}, expected {self.shapes[name]}")
-            if self.bits is None:
+            if self.bits is None or name in BIASES:
                 tensors[name] = weight.to(self.dtype)
                 continue
             device = "meta" if weight.is_meta else self.quant_device if optimize else "cpu"
@@ -186,15 +199,15 @@ class ExpertCodec:
             layout.add(name, tensor)
         return layout
 
-    def encode(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-        """(gate, up, down) -> the expert's bytes, in `out` (uint8, at least `nbytes`) when given.
+    def encode(self, *weights: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(gate, up, down[, gate_bias, up_bias, down_bias]) -> the expert's bytes, in `out` (uint8, at
+        least `nbytes`) when given. An `ExpertWeights` unpacks into these.
 
         Writing into a caller's reused buffer matters when building a store: a fresh buffer per
         expert of a few MB fragments glibc's heap, and the resident memory it leaves behind stays
         (docs/results.md, "Notes on the measurement").
         """
-        tensors, _ = self._pieces(gate, up, down, optimize=self.optimize)
+        tensors, _ = self._pieces(weights, optimize=self.optimize)
         buffer = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
         for name, tensor in tensors.items():
             slot = self.layout.slots[name]
@@ -203,13 +216,14 @@ class ExpertCodec:
             slot.view(buffer).copy_(tensor)
         return buffer
 
-    def decode(self, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Buffer -> (gate [I, H], up [I, H], down [H, I]) in the compute dtype, on its device."""
+    def decode(self, buffer: torch.Tensor) -> ExpertWeights:
+        """Buffer -> gate [I, H], up [I, H], down [H, I] (+ biases) in the compute dtype, on its device."""
         slots = self.layout.slots
+        biases = [slots[name].view(buffer) for name in BIASES if name in slots]
         if self.bits is None:
-            return tuple(slots[name].view(buffer) for name in MATRICES)
-        return tuple(dequantize_matrix(self.parts(buffer, name), self.layout.hqq_meta[name], self.dtype)
-                     .reshape(self.shapes[name]) for name in MATRICES)
+            return ExpertWeights(*(slots[name].view(buffer) for name in MATRICES), *biases)
+        return ExpertWeights(*(dequantize_matrix(self.parts(buffer, name), self.layout.hqq_meta[name], self.dtype)
+                               .reshape(self.shapes[name]) for name in MATRICES), *biases)
 
     def parts(self, buffer: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
         """One quantized matrix's HQQ pieces (W_q, scale/zero or their codes), as views of `buffer`."""
@@ -217,24 +231,31 @@ class ExpertCodec:
 
 
 class HQQLinear(nn.Module):
-    """A bias-free linear layer whose weight is kept HQQ-quantized and dequantized per call."""
+    """A linear layer whose weight is kept HQQ-quantized (its bias stays as is): computed by a fused kernel
+    from its codes where one fits the device and shape (`kernels.pack_matrix`), else dequantized by hqq per call."""
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool,
                  optimize: bool = True) -> None:
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("HQQLinear here supports bias-free projections only")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
         device = str(linear.weight.device)
         tensors, self.info = quantize_matrix(linear.weight.detach(), bits, group_size, quantize_meta, optimize, device)
-        for name, tensor in tensors.items():
-            self.register_buffer(name, tensor.to(linear.weight.device))
-        self.names = list(tensors)
+        from .kernels import pack_matrix  # here: the kernels package imports this module
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
-    def dequantize(self) -> torch.Tensor:
-        tensors = {name: getattr(self, name) for name in self.names}
-        return dequantize_matrix(tensors, self.info, self.dtype).reshape(self.out_features, self.in_features)
+        tensors = {name: tensor.to(linear.weight.device) for name, tensor in tensors.items()}
+        packed = pack_matrix(tensors, self.info, linear.weight.device, self.dtype)
+        self.kind, pieces = packed if packed is not None else (None, tensors)
+        for name, tensor in pieces.items():
+            self.register_buffer(name, tensor)
+        self.names = list(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantize())
+        pieces = {name: getattr(self, name) for name in self.names}
+        if self.kind is None:
+            weight = dequantize_matrix(pieces, self.info, self.dtype).reshape(self.out_features, self.in_features)
+            return nn.functional.linear(x, weight, self.bias)
+        from .kernels import linear, packed_weight
+
+        return linear(x, packed_weight(self.kind, pieces, self.info), self.bias)

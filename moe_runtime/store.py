@@ -137,8 +137,9 @@ class StoreWriter:
         self.record = torch.zeros(stride, dtype=torch.uint8)
         self.dense = None if dense_names is None else DenseWriter(folder / (DENSE_FILE + ".partial"), dense_names)
 
-    def put(self, layer: int, expert: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        self.codec.encode(gate, up, down, out=self.record)
+    def put(self, layer: int, expert: int, *weights: torch.Tensor | None) -> None:
+        """Write one expert: (gate, up, down[, biases]), e.g. an unpacked `ExpertWeights`."""
+        self.codec.encode(*weights, out=self.record)
         offset = self.start + (layer * self.num_experts + expert) * self.stride
         view = memoryview(self.record.numpy()).cast("B")
         done = 0
@@ -506,7 +507,7 @@ class DiskTier:
 
 class TranscodingTier:
     """Any tier, converting on load: cache slots hold an expert's compute form (kernels.forms), e.g.
-    packed for a fused low-bit kernel or dequantized (`decoded_cache`). A miss or a prefetch (on its
+    packed for a fused low-bit kernel. A miss or a prefetch (on its
     worker thread) pays the conversion once; a hit costs only the compute. What moves from the slow
     tier is still the record as stored.
     """

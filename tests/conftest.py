@@ -21,3 +21,15 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def service(tiny_dir, tmp_path_factory):
+    """An EngineService over the baby Mixtral, started once per test module."""
+    from moe_runtime import OffloadConfig
+    from webapp.service import EngineService
+
+    service = EngineService(str(tiny_dir), OffloadConfig(device="cpu", store_dir=str(tmp_path_factory.mktemp("s"))))
+    service.start()
+    yield service
+    service.close()

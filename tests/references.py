@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 
+from moe_runtime.arch.base import ExpertWeights, swiglu
 from moe_runtime.bench import workload as wl
 from moe_runtime.experts import reference_moe
 
@@ -51,8 +52,8 @@ def workload_reference_step(spec: wl.WorkloadSpec, replay: wl.Replay, token: int
             matrices = wl.expert_weights(spec, layer, expert)
             if spec.bits is not None:
                 matrices = [hqq_dequantized(w, spec.bits, spec.group_size, True, optimize=False) for w in matrices]
-            weights.append(tuple(w.to(spec.torch_dtype) for w in matrices))
+            weights.append(ExpertWeights(*(w.to(spec.torch_dtype) for w in matrices)))
         index, routing_weights = wl.routing(replay, layer, n, torch.device("cpu"))
-        out = reference_moe(hidden, index, routing_weights.to(hidden.dtype), weights, F.silu)
+        out = reference_moe(hidden, index, routing_weights.to(hidden.dtype), weights, swiglu(F.silu))
         hidden = wl.residual_step(hidden, out)
     return hidden

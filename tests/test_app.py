@@ -50,8 +50,8 @@ def test_flags_map_to_the_config():
     assert (config.expert_bits, config.attn_bits, config.cache_size) == (2, 4, 4)
     assert (config.offload, config.policy, config.record_trace) == ("disk", "lfu", False)
     assert app.config_from_args(app.parse_args(["--expert-bits", "none"])).expert_bits is None
-    flags = app.config_from_args(app.parse_args(["--delete-shards", "--decoded-cache"]))
-    assert flags.delete_shards and flags.decoded_cache
+    flags = app.config_from_args(app.parse_args(["--delete-shards"]))
+    assert flags.delete_shards
 
 
 def test_bad_flags_stop_with_a_message(capsys):

@@ -119,7 +119,8 @@ def quick_run(tmp_path_factory):
                                              store_dir=str(root / "store"))
     out = root / "out"
     code = cli.main(["--quick", "--model", str(model), "--trace", str(trace_path), "--out", str(out),
-                       "--store-dir", str(root / "store"), "--cache-size", "3"])
+                       "--store-dir", str(root / "store"), "--cache-size", "3",
+                       "--parts", "model,workload-16bit,workload-2bit,workload-4bit,kernels"])
     return code, json.loads((out / "bench.json").read_text()), out
 
 
@@ -130,8 +131,11 @@ def test_quick_bench_runs_every_variant(quick_run):
     engine = set(cli.ENGINE_VARIANTS)
     assert got >= {("model", v) for v in {"accelerate", "transformers", *engine}}
     assert got >= {("workload-16bit", v) for v in {"accelerate", "accelerate-per-expert", *engine}}
-    assert got >= {("workload-2bit", v) for v in {*engine, *cli.DECODED_VARIANTS}}
-    assert (out / "bench.md").read_text().count("| lru+prefetch |") == 3
+    assert got >= {("workload-2bit", v) for v in engine} | {("workload-4bit", v) for v in engine}
+    assert (out / "bench.md").read_text().count("| lru+prefetch |") == 4
+    kernels = json.loads((out / "kernels.json").read_text())["rows"]
+    assert {r["bits"] for r in kernels if r["format"] == "fused (int4-cpu)"} == {2, 3, 4, 8}
+    assert "| fused (int4-cpu) | 4 | 64 |" in (out / "kernels.md").read_text()
     assert (out / "bench.html").stat().st_size > 1000
 
 
@@ -142,7 +146,7 @@ def test_quick_bench_numbers_are_consistent(quick_run):
         assert r["tokens"] == r["job"]["tokens"] and r["tokens_per_second"] > 0 and r["peak_rss_bytes"] > 0
         assert r["tokens_per_second"] == pytest.approx(r["tokens"] / r["seconds"])
         assert r["seconds"] <= r["wall_seconds"] and r["warmup_seconds"] <= r["wall_seconds"]
-        if r["variant"] in cli.ENGINE_VARIANTS + cli.DECODED_VARIANTS:
+        if r["variant"] in cli.ENGINE_VARIANTS:
             layers = r["workload"]["layers"] if "workload" in r else r["engine"]["layers"]
             assert w["hits"] + w["misses"] == w["selections"] == r["tokens"] * layers * 2
         if r["variant"] in ("accelerate", "accelerate-per-expert", "no-cache", "lru"):
@@ -199,19 +203,21 @@ def test_shipped_trace_is_replayable():
     assert all(len(g) >= 2 for g in replay.guess[1])  # the prefetcher's guesses were recorded
 
 
-@pytest.mark.parametrize("decoded", [False, True])
-def test_quantized_workload_computes_the_plain_reference(tmp_path, decoded):
-    spec = replace(SPEC16, bits=2, group_size=16)
+@pytest.mark.parametrize("group_size", [16, 32])
+def test_quantized_workload_computes_the_plain_reference(tmp_path, group_size):
+    """2-bit experts: groups of 16 fit no fused kernel (hqq's dequantization per use, fp32), groups of 32
+    run the bf16 int4 kernel over the transcoded codes."""
+    spec = replace(SPEC16, bits=2, group_size=group_size)
     replay = wl.map_trace(local_trace(), 2)
-    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), 2, 2, torch.device("cpu"),
-                              decoded=decoded)
+    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), 2, 2, torch.device("cpu"))
     try:
-        for n in range(6):  # packed slots compute through the bf16 int4 kernel (issue 10), decoded ones in fp32
+        for n in range(6):
             expected = workload_reference_step(spec, replay, n)
-            tol = dict(rtol=1e-4, atol=1e-5) if decoded else dict(rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+            tol = dict(rtol=1e-4, atol=1e-5) if group_size == 16 else \
+                dict(rtol=1e-2, atol=1e-2 * expected.abs().max().item())
             torch.testing.assert_close(stack.step(n), expected, **tol)
         stack.drain()
-        stats = stack.stats.snapshot()  # what moves is the 2-bit record, decoded cache or not
+        stats = stack.stats.snapshot()  # what moves is the 2-bit record, whatever the slot holds
         assert stats.total("bytes_moved") == (stats.total("misses") + stats.total("prefetch_issued")) * \
             spec.codec().nbytes
     finally:

@@ -145,6 +145,7 @@ def test_offloaded_experts_layer_equals_plain_reference_moe(tiny_dir, tmp_path, 
     own weights of that layer, for random hidden states and random routing."""
     import torch.nn.functional as F
 
+    from moe_runtime.arch.base import ExpertWeights, swiglu
     from moe_runtime.experts import reference_moe
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
@@ -154,13 +155,14 @@ def test_offloaded_experts_layer_equals_plain_reference_moe(tiny_dir, tmp_path, 
         hidden_size, num_experts, top_k = engine.shape.hidden_size, engine.shape.num_experts, engine.shape.top_k
         for layer, module in enumerate(engine.experts):
             theirs = reference.model.layers[layer].mlp.experts  # gate_up_proj [E, 2I, H], down_proj [E, H, I]
-            weights = [(*theirs.gate_up_proj[e].chunk(2, dim=0), theirs.down_proj[e]) for e in range(num_experts)]
+            weights = [ExpertWeights(*theirs.gate_up_proj[e].chunk(2, dim=0), theirs.down_proj[e])
+                       for e in range(num_experts)]
             hidden = torch.randn(7, hidden_size)  # [T, H]
             top_k_index = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(7)])  # [T, K]
             top_k_weights = torch.softmax(torch.randn(7, top_k), dim=-1)  # [T, K]
             with torch.no_grad():
                 ours = module(hidden, top_k_index, top_k_weights)
-                expected = reference_moe(hidden, top_k_index, top_k_weights, weights, F.silu)
+                expected = reference_moe(hidden, top_k_index, top_k_weights, weights, swiglu(F.silu))
             torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     finally:
         engine.close()

@@ -59,14 +59,6 @@ def test_the_operator_token_comes_from_the_environment(monkeypatch):
     assert Operator(public=False).allows("")  # the person at the keyboard of a local launch
 
 
-@pytest.fixture(scope="module")
-def service(tiny_dir, tmp_path_factory):
-    service = EngineService(str(tiny_dir), OffloadConfig(device="cpu", store_dir=str(tmp_path_factory.mktemp("s"))))
-    service.start()
-    yield service
-    service.close()
-
-
 def test_visitors_cannot_change_settings_or_reset_stats(service):
     visitor = app.Handlers(service, Operator(public=True, token=TOKEN))
     engine = service.engine

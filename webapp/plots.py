@@ -302,8 +302,8 @@ def _per_layer_bars(values: list[float], y_title: str, y_hover: str, color: str 
 
 
 def _integer_ticks(count: int) -> dict:
-    """Ticks on whole layer/expert numbers: every one when few, every 4th up to 64 (Mixtral's 32 layers),
-    every 16th beyond (OLMoE's and Qwen3-MoE's 64-128 experts)."""
+    """Ticks on whole layer/expert numbers: every one when few, every 4th up to 64 (Mixtral's 32 layers,
+    OLMoE's 64 experts), else every 16th (Qwen3's 128 experts; hovering names each one)."""
     return {"tickmode": "linear", "tick0": 0, "dtick": 1 if count <= 16 else 4 if count <= 64 else 16}
 
 

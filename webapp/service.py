@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from moe_runtime.arch import ADAPTERS
 from moe_runtime.config import OffloadConfig
 from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
 from moe_runtime.loading import load
@@ -29,11 +30,8 @@ from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
 from moe_runtime.stats import RoutingTrace, Stats
 
 EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
-KNOWN_MODELS = (
-    "mistralai/Mixtral-8x7B-Instruct-v0.1",
-    "mistralai/Mixtral-8x7B-v0.1",
-    "mistralai/Mixtral-8x22B-Instruct-v0.1",
-)
+# hub checkpoints of every supported family (each adapter lists its own), Mixtral first
+KNOWN_MODELS = tuple(hub_id for adapter in ADAPTERS.values() for hub_id in adapter.hub_ids)
 ROLES = ("user", "assistant")
 KEEP_TRACES = 8
 TRACE_EVERY_SECONDS = 30.0  # at most one new trace file per this many seconds (the disk stays bounded)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
+from ..arch.base import ExpertWeights, swiglu
 from ..experts import reference_moe
 from ..store import store_folder
 from .workload import Replay, WorkloadSpec, check_replay, expert_weights, first_hidden, residual_step, routing
@@ -47,12 +48,12 @@ class PerExpertLayer(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         # the accelerate hooks of each Linear load its weight on entry, so they run as modules
-        weights = [(e["gate"], e["up"], e["down"]) for e in self.experts]
-        return reference_moe(hidden_states, top_k_index, top_k_weights, weights, F.silu, linear=_call_module)
+        weights = [ExpertWeights(e["gate"], e["up"], e["down"]) for e in self.experts]
+        return reference_moe(hidden_states, top_k_index, top_k_weights, weights, swiglu(F.silu), linear=_call_module)
 
 
-def _call_module(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
-    return module(x)
+def _call_module(x: torch.Tensor, module: nn.Linear, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return module(x)  # the module's own bias, if any
 
 
 def _mixtral_config(spec: WorkloadSpec) -> MixtralConfig:

@@ -56,14 +56,11 @@ VARIANTS = {
     "lru": "ours, LRU cache of C experts per layer",
     "lru+prefetch": "ours, LRU cache + speculative prefetch of P experts one layer ahead",
     "resident": "ours, cache of all E experts, loaded before timing (the limit)",
-    "lru+prefetch-decoded": "2-bit only: lru+prefetch with a cache of dequantized experts (dequantized once per load)",
-    "resident-decoded": "2-bit only: resident with a cache of dequantized experts",
     "transformers": "plain transformers model, every weight in memory",
 }
 ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "resident")
 WORKLOAD_PARTS = {"workload-16bit": None, "workload-2bit": 2, "workload-4bit": 4}  # part -> expert bits
 PARTS = ("model", *WORKLOAD_PARTS, "kernels")
-DECODED_VARIANTS = ("lru+prefetch-decoded", "resident-decoded")
 
 
 # --- planning and running -----------------------------------------------------------------------
@@ -102,7 +99,7 @@ class Plan:
             spec = {**dims, "layers": self.layers, "bits": bits, **self._trace_shape()}
             if bits:
                 spec["group_size"] = DEFAULT_GROUP[bits]
-            variants = list(ENGINE_VARIANTS) + (list(DECODED_VARIANTS) if bits == 2 else [])
+            variants = list(ENGINE_VARIANTS)
             if bits is None or "workload-16bit" not in self.parts:  # accelerate moves 16-bit weights either way
                 variants = ["accelerate", "accelerate-per-expert", *variants]
             for v in variants:
@@ -120,7 +117,7 @@ class Plan:
             return 1, 4
         if variant == "accelerate-per-expert":
             return 1, 6
-        if variant in ("no-cache", "lru+prefetch-decoded"):
+        if variant == "no-cache":
             return 2, 12
         return 8, 48
 

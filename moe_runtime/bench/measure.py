@@ -104,7 +104,7 @@ def _reset_peak_memory(job: Job) -> bool:
 def engine_knobs(job: Job, experts: int) -> tuple[int, int]:
     """(cache_size, prefetch) of an engine variant."""
     return {"no-cache": (1, 0), "lru": (job.cache_size, 0), "lru+prefetch": (job.cache_size, job.prefetch),
-            "resident": (experts, 0)}[job.variant.removesuffix("-decoded")]
+            "resident": (experts, 0)}[job.variant]
 
 
 

@@ -15,8 +15,7 @@ PARTS = {
     "workload-2bit": "Mixtral-8x7B-shaped experts, 2-bit HQQ, routing replayed from a trace",
     "workload-4bit": "Mixtral-8x7B-shaped experts, 4-bit HQQ, routing replayed from a trace",
 }
-ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch", "resident", "lru+prefetch-decoded",
-         "resident-decoded", "transformers")
+ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch", "resident", "transformers")
 TARGETS = {"vs_accelerate": 10.0, "vs_resident": 0.7, "lru_vs_belady": 0.95, "prefetch_recall": 0.85}
 MB = 1e6
 MIN_TARGET_TOKENS = 20  # hit-rate and recall targets are not judged on shorter windows
@@ -107,13 +106,10 @@ def targets(results: list[dict], checks: dict, trace: dict | None) -> list[dict]
         if not rows:
             continue
         for name, a, b in (("vs_accelerate", "lru+prefetch", "accelerate"),
-                           ("vs_resident", "lru+prefetch", "resident"),
-                           ("vs_accelerate", "lru+prefetch-decoded", "accelerate"),
-                           ("vs_resident", "lru+prefetch-decoded", "resident-decoded")):
+                           ("vs_resident", "lru+prefetch", "resident")):
             value = _ratio(rows, a, b)
             if value is not None:
-                label = name if a == "lru+prefetch" else f"{name} (decoded cache)"
-                out.append({"part": part, "target": label, "value": value, "goal": TARGETS[name],
+                out.append({"part": part, "target": name, "value": value, "goal": TARGETS[name],
                             "met": value >= TARGETS[name]})
         prefetching = rows.get("lru+prefetch", {})
         recall = prefetching.get("prefetch_recall")
@@ -177,14 +173,13 @@ def part_table(results: list[dict], part: str) -> str:
             lines.append(f"| {variant} | error: {_error_line(r['error'])} |" + " |" * (10 if gpu else 9))
             continue
         name = variant + (" (16-bit run)" if r.get("borrowed") else "")
-        resident = "resident-decoded" if variant.endswith("-decoded") else "resident"  # like for like
         recall = r.get("prefetch_recall") if variant.startswith("lru+prefetch") else None
         gpu_cell = f"{_f((r.get('cuda_peak_bytes') or 0) / MB, 0)} | " if gpu else ""
         lines.append(
             f"| {name} | {_f(r['tokens_per_second'], 3)} | {_f(r['ms_per_token'], 1)} / "
             f"{_f(r['ms_per_token_median'], 1)} | {_f(r.get('cpu_ms_per_token'), 1)} | {_f(r['stall_ms_per_token'], 1)} | {_f(r.get('hit_rate'), 3)} | {_f(recall, 3)} | "
             f"{_f(r['bytes_per_token'] / MB, 1)} | {_f(r['peak_rss_bytes'] / MB, 0)} | {gpu_cell}"
-            f"{_f(_ratio(rows, variant, 'accelerate'), 2, '×')} | {_f(_ratio(rows, variant, resident), 2, '×')} |")
+            f"{_f(_ratio(rows, variant, 'accelerate'), 2, '×')} | {_f(_ratio(rows, variant, 'resident'), 2, '×')} |")
     return "\n".join(lines) + "\n"
 
 

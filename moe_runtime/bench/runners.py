@@ -51,10 +51,8 @@ def run_workload(job: Job):
         return timed(job, stack.step, lambda: loader_counters(stack.loader),
                      lambda: accelerate.drop_page_cache(folder)), facts
     cache_size, prefetch = engine_knobs(job, spec.experts)
-    decoded = job.variant.endswith("-decoded")
-    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device,
-                              decoded=decoded)
-    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io, decoded_cache=decoded)
+    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device)
+    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io)
     if job.variant.startswith("resident"):
         stack.warm_all()
     before = stack.drop_resident if job.variant == "no-cache" else None

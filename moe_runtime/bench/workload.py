@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..arch import swiglu
 from ..cache import ExpertCache
 from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
@@ -167,13 +168,10 @@ def build_store(spec: WorkloadSpec, store_dir: str | Path) -> Path:
 
 
 class OffloadedStack:
-    """L `OffloadedExperts` modules over one `DiskTier`, each layer with its own `ExpertCache`.
-
-    decoded=True (quantized specs): the cache holds dequantized experts (`decoded_cache`).
-    """
+    """L `OffloadedExperts` modules over one `DiskTier`, each layer with its own `ExpertCache`."""
 
     def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, cache_size: int, prefetch: int,
-                 device: torch.device, policy: str = "lru", decoded: bool = False) -> None:
+                 device: torch.device, policy: str = "lru") -> None:
         check_replay(spec, replay)
         self.spec, self.replay, self.device = spec, replay, device
         codec = spec.codec()
@@ -181,7 +179,7 @@ class OffloadedStack:
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
-            prefetch=prefetch, policy=policy, decoded=decoded, stats=self.stats, act_fn=F.silu, device=device)
+            prefetch=prefetch, policy=policy, stats=self.stats, expert_fn=swiglu(F.silu), device=device)
         self.speculators = [ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)
                             for layer in range(spec.layers - 1)]
         link_speculators(self.modules, self.speculators)

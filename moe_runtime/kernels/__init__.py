@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from ..quant import dequantize_matrix
 from .cpu import Int4CpuWeight
-from .forms import ComputeForm, DequantizedForm, PackedForm, StoredForm, compute_form
+from .forms import ComputeForm, PackedForm, StoredForm, compute_form, pack_matrix, packed_weight
 from .triton_hqq import HqqTritonWeight
 
-__all__ = ["ComputeForm", "DequantizedForm", "HqqTritonWeight", "Int4CpuWeight", "PackedForm", "StoredForm",
-           "compute_form", "linear", "reference_linear"]
+__all__ = ["ComputeForm", "HqqTritonWeight", "Int4CpuWeight", "PackedForm", "StoredForm",
+           "compute_form", "linear", "pack_matrix", "packed_weight", "reference_linear"]
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,11 +22,17 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..experts import expert_ffn
+from ..arch.base import ExpertWeights, swiglu
 from ..quant import ExpertCodec
+from . import linear
 from .forms import PackedForm, compute_form
 
 DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 8: 64}  # OffloadConfig.expert_group's defaults
+
+
+def expert_ffn(x, gate, up, down, act):
+    """The SwiGLU expert (arch.swiglu) through kernels.linear, for whatever form the weights are in."""
+    return swiglu(act)(x, ExpertWeights(gate, up, down), linear)
 
 
 def _timed(fn, repeats: int, device: torch.device) -> float:
@@ -44,7 +50,7 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
 
 
 def _hqq_path(x: torch.Tensor, codec: ExpertCodec, record: torch.Tensor) -> torch.Tensor:
-    return expert_ffn(x, *codec.decode(record), F.silu)
+    return expert_ffn(x, *codec.decode(record)[:3], F.silu)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,7 +83,7 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
         for group in (DEFAULT_GROUP[b],) + tuple(extra_groups.get(b, ())):
             codec = ExpertCodec(hidden, intermediate, b, group, True, compute_dtype, optimize=False)
             record = codec.encode(*weights).to(dev)
-            dequantized = [w.to(dev) for w in codec.decode(record)]
+            dequantized = [w.to(dev) for w in codec.decode(record)[:3]]
             reference = expert_ffn(x.to(compute_dtype), *dequantized, F.silu)  # hqq's dequantize + F.linear
             del dequantized
             hqq_s = _timed(partial(_hqq_path, x.to(compute_dtype), codec, record), hqq_repeats, dev)
@@ -89,7 +95,7 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
                 continue  # no fused kernel for this group size (the hqq row is the engine's path)
             slot = torch.zeros(form.nbytes, dtype=torch.uint8, device=dev)
             load_s = _timed(partial(form.load, record, slot), 2, dev)
-            packed = form.weights(slot)
+            packed = form.weights(slot)[:3]
             fast_s = _timed(partial(expert_ffn, x.to(compute_dtype), *packed, F.silu), repeats, dev)
             fast = expert_ffn(x.to(compute_dtype), *packed, F.silu)
             rows.append({"format": f"fused ({form.kind})", "bits": b, "group": group, "ms": fast_s * 1e3,

@@ -9,7 +9,6 @@ matmuls). Forms:
   matrices) and, as the fallback where no fused kernel fits, quantized ones dequantized per use by hqq.
 - `PackedForm`: fused low-bit kernels — torch's int4 CPU kernel (kernels/cpu.py) or the Triton
   kernel on CUDA (kernels/triton_hqq.py). Codes are transcoded exactly; no dense matrix is ever made.
-- `DequantizedForm`: the slot holds dense dequantized matrices (`decoded_cache=True`).
 """
 
 from __future__ import annotations
@@ -20,21 +19,23 @@ from typing import Protocol
 
 import torch
 
-from ..quant import MATRICES, ExpertCodec, ExpertLayout, hqq_codes
+from ..arch.base import ExpertWeights
+from ..quant import BIASES, MATRICES, ExpertCodec, ExpertLayout, hqq_codes
 from .cpu import Int4CpuWeight, int4_pack, int4_shapes, int4_supports
 from .triton_hqq import HqqTritonWeight, triton_pack, triton_shapes, triton_supports
 
 
 class ComputeForm(Protocol):
     """nbytes: a slot's size; load(record uint8 [>= codec.nbytes], slot uint8 [>= nbytes]) on the slot's
-    device; weights(slot) -> (gate [I, H], up [I, H], down [H, I]), each a tensor or a packed weight."""
+    device; weights(slot) -> ExpertWeights: gate [I, H], up [I, H], down [H, I], each a tensor or a packed
+    weight, and the expert's biases (dense, or None)."""
 
     nbytes: int
     transcodes: bool  # False: a slot is a plain copy of the record
 
     def load(self, record: torch.Tensor, slot: torch.Tensor) -> None: ...
 
-    def weights(self, slot: torch.Tensor) -> tuple: ...
+    def weights(self, slot: torch.Tensor) -> ExpertWeights: ...
 
 
 class StoredForm:
@@ -46,23 +47,8 @@ class StoredForm:
     def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
         slot[: self.nbytes].copy_(record[: self.nbytes])
 
-    def weights(self, slot: torch.Tensor) -> tuple:
+    def weights(self, slot: torch.Tensor) -> ExpertWeights:
         return self.codec.decode(slot)
-
-
-class DequantizedForm:
-    transcodes = True
-
-    def __init__(self, codec: ExpertCodec) -> None:
-        self.codec, self.plain = codec, codec.plain()
-        self.nbytes = self.plain.nbytes
-
-    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
-        for name, weight in zip(MATRICES, self.codec.decode(record)):
-            self.plain.layout.slots[name].view(slot).copy_(weight)
-
-    def weights(self, slot: torch.Tensor) -> tuple:
-        return self.plain.decode(slot)
 
 
 class PackedForm:
@@ -78,6 +64,10 @@ class PackedForm:
         for name in MATRICES:
             for piece, (shape, piece_dtype) in self._shapes(codec.shapes[name]).items():
                 self.layout.add(f"{name}.{piece}", torch.empty(shape, dtype=piece_dtype, device="meta"))
+        self.biases = [name for name in BIASES if name in codec.layout.slots]  # kept dense, as stored
+        for name in self.biases:
+            stored = codec.layout.slots[name]
+            self.layout.add(name, torch.empty(stored.shape, dtype=stored.dtype, device="meta"))
         self.nbytes = self.layout.nbytes
 
     def _shapes(self, shape: tuple[int, int]) -> dict:
@@ -96,35 +86,55 @@ class PackedForm:
                 pieces = triton_pack(codes, scale, zero, bits, self.dtype)
             for piece, tensor in pieces.items():
                 self.layout.slots[f"{name}.{piece}"].view(slot).copy_(tensor)
+        for name in self.biases:
+            self.layout.slots[name].view(slot).copy_(self.codec.layout.slots[name].view(record))
 
-    def weights(self, slot: torch.Tensor) -> tuple:
+    def weights(self, slot: torch.Tensor) -> ExpertWeights:
         out = []
         for name in MATRICES:
             view = {piece: s.view(slot) for piece, s in self.layout.slots.items() if piece.startswith(name + ".")}
             view = {k.split(".", 1)[1]: v for k, v in view.items()}
-            if self.kind == "int4-cpu":
-                out.append(Int4CpuWeight(view["packed"], view["scale_bias"], self.codec.group_size,
-                                         2 if self.codec.bits == 8 else 1))
-            else:
-                out.append(HqqTritonWeight(view["codes"], view["scale"], view["zero"], self.codec.bits,
-                                           self.codec.group_size))
-        return tuple(out)
+            out.append(packed_weight(self.kind, view, self.codec.layout.hqq_meta[name]))
+        return ExpertWeights(*out, *(self.layout.slots[name].view(slot) for name in self.biases))
 
 
-def compute_form(codec: ExpertCodec, device: torch.device, decoded: bool = False) -> ComputeForm:
+def pack_matrix(tensors: dict[str, torch.Tensor], info: dict, device: torch.device,
+                dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """One HQQ-quantized matrix (quant.quantize_matrix's pieces) -> (kind, the fused kernel's pieces) for
+    `device`, or None where no fused kernel fits (attention projections: quant.HQQLinear)."""
+    bits, group, shape = info["nbits"], info["group_size"], tuple(info["shape"])
+    if info["axis"] != 1:
+        return None
+    if device.type == "cpu" and int4_supports(bits, shape, group):
+        return "int4-cpu", int4_pack(*hqq_codes(tensors, info), bits, group)
+    if device.type == "cuda" and triton_supports(bits, shape, group) and importlib.util.find_spec("triton"):
+        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return "triton", triton_pack(*hqq_codes(tensors, info), bits, dtype)
+    return None
+
+
+def packed_weight(kind: str, pieces: dict[str, torch.Tensor], info: dict):
+    """The weight object `kernels.linear` computes with, from `pack_matrix`'s pieces."""
+    if kind == "int4-cpu":
+        return Int4CpuWeight(pieces["packed"], pieces["scale_bias"], info["group_size"], 2 if info["nbits"] == 8 else 1)
+    return HqqTritonWeight(pieces["codes"], pieces["scale"], pieces["zero"], info["nbits"], info["group_size"])
+
+
+def compute_form(codec: ExpertCodec, device: torch.device) -> ComputeForm:
     """The fastest form `device` computes `codec`'s experts with (docs/results.md, "Fused quantized compute")."""
     if codec.bits is None:
         return StoredForm(codec)
-    if decoded:
-        return DequantizedForm(codec)
-    fits = {kind: all(check(codec.bits, shape, codec.group_size) for shape in codec.shapes.values())
+    matrices = [codec.shapes[name] for name in MATRICES]  # biases stay dense whatever the form
+    fits = {kind: all(check(codec.bits, shape, codec.group_size) for shape in matrices)
             for kind, check in (("int4-cpu", int4_supports), ("triton", triton_supports))}
     if device.type == "cpu" and fits["int4-cpu"]:
         return PackedForm(codec, "int4-cpu")
     if device.type == "cuda" and fits["triton"] and importlib.util.find_spec("triton") is not None:
         dtype = codec.dtype if codec.dtype in (torch.float16, torch.bfloat16) else torch.float16
         return PackedForm(codec, "triton", dtype)
-    warnings.warn(f"no fused kernel for {codec.bits}-bit experts with group size {codec.group_size} on "
-                  f"{device.type} (CPU: groups of 32/64/128/256; CUDA: the triton package, K % 64 == 0): "
-                  "experts are dequantized by hqq on every use, which is slow", stacklevel=2)
+    inputs = sorted({shape[1] for shape in matrices})
+    warnings.warn(f"no fused kernel for {codec.bits}-bit experts with group size {codec.group_size} and input "
+                  f"sizes {inputs} on {device.type} (CPU: groups of 32/64/128/256 dividing the input size; CUDA: "
+                  "the triton package, input sizes divisible by 64 and by the group): experts are dequantized by "
+                  "hqq on every use, which is slow", stacklevel=2)
     return StoredForm(codec)

@@ -15,12 +15,12 @@ Dimensions: M tokens, N output features, K input features, G group size.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 BLOCK_K = 64
+BLOCK_N = 64  # the same tiles under the interpreter as on a GPU
 _kernel = None
 
 
@@ -93,10 +93,9 @@ def hqq_matmul(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: 
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16  # tl.dot's smallest tile; rows beyond M are masked
-    block_n = 32 if os.environ.get("TRITON_INTERPRET") == "1" else 64
-    grid = (triton_cdiv(n, block_n), triton_cdiv(m, block_m))
+    grid = (triton_cdiv(n, BLOCK_N), triton_cdiv(m, block_m))
     _kernel[grid](x, codes, scale, zero, y, m, n, k, BITS=stored_bits(bits), GROUP=group_size,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K)
+                  BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return y
 
 

@@ -20,6 +20,8 @@ class ModelShape:
 
     Quantized weights cost `bits + 2 * meta_bits / group_size` bits each: HQQ keeps a scale and a zero
     per group, themselves quantized to 8 bits (the paper's setting); their own fp16 meta (< 1%) is ignored.
+    `num_layers` counts MoE layers; leading dense layers (DeepSeek's `first_k_dense_replace`) and
+    shared experts are resident fp16, as the engine keeps them; expert biases (gpt-oss, < 0.1%) are ignored.
     """
 
     name: str
@@ -36,6 +38,11 @@ class ModelShape:
     attn_bits: int = 4
     attn_group_size: int = 64
     meta_bits: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    attention_params: int | None = None  # per layer, where the projections are not q/k/v/o (DeepSeek's MLA)
+    shared_intermediate_size: int = 0  # the shared experts' FFN size per MoE layer (resident)
+    dense_layers: int = 0  # leading layers with a dense FFN instead of experts
+    dense_intermediate_size: int = 0
 
     def _bits_per_weight(self, bits: int, group_size: int) -> float:
         return 16.0 if bits >= 16 else bits + 2 * self.meta_bits / group_size
@@ -46,12 +53,24 @@ class ModelShape:
         return int(params * self._bits_per_weight(self.expert_bits, self.expert_group_size) / 8)
 
     @property
+    def attention_bytes(self) -> int:
+        """One layer's attention projections, quantized."""
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        q, kv = self.num_attention_heads * head_dim, self.num_key_value_heads * head_dim
+        attn = self.attention_params or 2 * self.hidden_size * (q + kv)  # q, o: D x q; k, v: D x kv
+        return int(attn * self._bits_per_weight(self.attn_bits, self.attn_group_size) / 8)
+
+    @property
     def layer_dense_bytes(self) -> int:
-        """Attention projections (quantized), router and norms (fp16) of one layer."""
-        kv = self.hidden_size * self.num_key_value_heads // self.num_attention_heads
-        attn = 2 * self.hidden_size * (self.hidden_size + kv)  # q, o: D x D; k, v: D x kv
-        fp16 = self.hidden_size * (self.num_experts + 2)
-        return int(attn * self._bits_per_weight(self.attn_bits, self.attn_group_size) / 8) + 2 * fp16
+        """Attention projections (quantized), router, norms and shared experts (fp16) of one MoE layer."""
+        fp16 = self.hidden_size * (self.num_experts + 2 + 3 * self.shared_intermediate_size)
+        return self.attention_bytes + 2 * fp16
+
+    @property
+    def dense_layers_bytes(self) -> int:
+        """All leading dense layers: attention (quantized), FFN and norms (fp16)."""
+        fp16 = self.hidden_size * (3 * self.dense_intermediate_size + 2)
+        return self.dense_layers * (self.attention_bytes + 2 * fp16)
 
     @property
     def head_bytes(self) -> int:
@@ -61,16 +80,50 @@ class ModelShape:
     @property
     def resident_dense_bytes(self) -> int:
         """Device memory taken by everything but the expert cache (embedding and LM head included)."""
-        return self.num_layers * self.layer_dense_bytes + 2 * self.head_bytes
+        return self.num_layers * self.layer_dense_bytes + self.dense_layers_bytes + 2 * self.head_bytes
 
 
-MODELS = {
-    # config.json of mistralai/Mixtral-8x7B-v0.1; defaults = the paper's mixed quantization:
-    # 2-bit experts (group 16), 4-bit attention (group 64).
-    "mixtral-8x7b": ModelShape("mixtral-8x7b", num_layers=32, num_experts=8, top_k=2, hidden_size=4096,
-                               intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                               vocab_size=32000),
-}
+def mla_params(hidden: int, heads: int, q_lora_rank: int | None, kv_lora_rank: int, nope: int, rope: int,
+                v_head: int) -> int:
+    """DeepSeek MLA projections of one layer: q (or q_a + q_b), kv_a_proj_with_mqa, kv_b_proj, o_proj."""
+    q_out = heads * (nope + rope)
+    q = hidden * q_out if q_lora_rank is None else q_lora_rank * (hidden + q_out)
+    return q + hidden * (kv_lora_rank + rope) + kv_lora_rank * heads * (nope + v_head) + heads * v_head * hidden
+
+
+# Each from the hub repo's config.json (transcribed; this machine cannot reach the hub). Defaults =
+# the paper's mixed quantization: 2-bit experts (group 16), 4-bit attention (group 64).
+MODELS = {m.name: m for m in (
+    # mistralai/Mixtral-8x7B-v0.1
+    ModelShape("mixtral-8x7b", num_layers=32, num_experts=8, top_k=2, hidden_size=4096, intermediate_size=14336,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    # mistralai/Mixtral-8x22B-Instruct-v0.1
+    ModelShape("mixtral-8x22b", num_layers=56, num_experts=8, top_k=2, hidden_size=6144, intermediate_size=16384,
+               num_attention_heads=48, num_key_value_heads=8, vocab_size=32768),
+    # Qwen/Qwen3-30B-A3B: every layer MoE (decoder_sparse_step 1), moe_intermediate_size 768, head_dim 128
+    ModelShape("qwen3-30b-a3b", num_layers=48, num_experts=128, top_k=8, hidden_size=2048, intermediate_size=768,
+               num_attention_heads=32, num_key_value_heads=4, vocab_size=151936, head_dim=128),
+    # Qwen/Qwen1.5-MoE-A2.7B: 60 experts of 1408, a shared expert of 5632
+    ModelShape("qwen1.5-moe-a2.7b", num_layers=24, num_experts=60, top_k=4, hidden_size=2048,
+               intermediate_size=1408, num_attention_heads=16, num_key_value_heads=16, vocab_size=151936,
+               shared_intermediate_size=5632),
+    # allenai/OLMoE-1B-7B-0924
+    ModelShape("olmoe-1b-7b", num_layers=16, num_experts=64, top_k=8, hidden_size=2048, intermediate_size=1024,
+               num_attention_heads=16, num_key_value_heads=16, vocab_size=50304),
+    # microsoft/Phi-3.5-MoE-instruct
+    ModelShape("phi-3.5-moe", num_layers=32, num_experts=16, top_k=2, hidden_size=4096, intermediate_size=6400,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=32064),
+    # deepseek-ai/DeepSeek-V2-Lite: 27 layers, first_k_dense_replace 1 (dense FFN 10944), 64 routed experts
+    # of 1408 + 2 shared, MLA with kv_lora_rank 512, no q LoRA, qk_nope 128, qk_rope 64, v_head 128
+    ModelShape("deepseek-v2-lite", num_layers=26, num_experts=64, top_k=6, hidden_size=2048, intermediate_size=1408,
+               num_attention_heads=16, num_key_value_heads=16, vocab_size=102400,
+               attention_params=mla_params(2048, 16, None, 512, 128, 64, 128), shared_intermediate_size=2 * 1408,
+               dense_layers=1, dense_intermediate_size=10944),
+    # openai/gpt-oss-20b: 32 experts of 2880, top-4, head_dim 64 (its hub experts are MXFP4, ~4.25 bits;
+    # the store dequantizes them, then quantizes to expert_bits)
+    ModelShape("gpt-oss-20b", num_layers=24, num_experts=32, top_k=4, hidden_size=2880, intermediate_size=2880,
+               num_attention_heads=64, num_key_value_heads=8, vocab_size=201088, head_dim=64),
+)}
 
 
 @dataclass(frozen=True)
@@ -149,7 +202,8 @@ def predict_from_loads(model: ModelShape, hardware: HardwareProfile, misses_per_
     prefetch_excess = max(0.0, prefetch_loads_per_layer * load - layer_compute)
     return Throughput(
         hardware.name,
-        compute_s=model.num_layers * layer_compute + model.head_bytes / (hardware.device_gbs * GB),
+        compute_s=model.num_layers * layer_compute
+        + (model.head_bytes + model.dense_layers_bytes) / (hardware.device_gbs * GB),
         demand_stall_s=model.num_layers * misses_per_layer * load,
         prefetch_stall_s=model.num_layers * prefetch_excess,
     )

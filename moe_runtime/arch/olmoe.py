@@ -1,0 +1,17 @@
+"""OLMoE (1B-7B: 64 experts, top-8): per-expert gate/up/down_proj keys, q/k norms in attention."""
+
+from __future__ import annotations
+
+from .base import Family, FusedKeys, PerExpertKeys
+
+EXPERT = "model.layers.{layer}.mlp.experts.{expert}"
+
+ADAPTER = Family(
+    model_type="olmoe",
+    hub_ids=("allenai/OLMoE-1B-7B-0924-Instruct", "allenai/OLMoE-1B-7B-0125-Instruct"),
+    layout_list=(
+        PerExpertKeys(f"{EXPERT}.gate_proj.weight", f"{EXPERT}.up_proj.weight", f"{EXPERT}.down_proj.weight"),
+        FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+    ),
+    num_experts_attr="num_experts",
+)
