@@ -266,7 +266,8 @@ class Handlers:
             else:
                 trace = stats.trace
             c = self.service.config
-            model_shape = whatif.served_shape(self.service.engine.model.config, c.expert_bits, c.attn_bits,
+            engine = self.service.engine
+            model_shape = whatif.served_shape(engine.shape, engine.model.config, c.expert_bits, c.attn_bits,
                                               expert_group_size=c.expert_group_size,
                                               attn_group_size=c.attn_group_size) \
                 if shape == whatif.SERVED_SHAPE else whatif.MODELS.get(shape)

@@ -21,7 +21,7 @@ def measured(model_dir, store, policy, cache_size, prefetch):
                                            store_dir=str(store)))
     try:
         engine.model.generate(torch.tensor([[1]]), max_new_tokens=24, do_sample=False)
-        return engine.stats(), engine.describe(), engine.model.config
+        return engine.stats(), engine.describe(), (engine.shape, engine.model.config)
     finally:
         engine.close()
 
@@ -36,7 +36,7 @@ def session(tiny_dir, tmp_path_factory):
 def test_a_replay_predicts_what_an_engine_with_those_settings_measures(session, tiny_dir, tmp_path, policy,
                                                                        cache_size, prefetch):
     stats, facts, config = session
-    shape = whatif.served_shape(config, None, None)
+    shape = whatif.served_shape(*config, None, None)
     result = whatif.replay(stats.trace, policy, cache_size, prefetch, "cpu-space", shape, stats, facts["expert_bytes"])
     other, _, _ = measured(tiny_dir, tmp_path / "store", policy, cache_size, prefetch)
     assert (result.result.hits, result.result.misses) == (other.hits, other.misses)
@@ -58,7 +58,7 @@ def test_the_paper_error_is_stated_only_where_the_paper_measured(session):
         other = whatif.replay(stats.trace, *args, MODELS["mixtral-8x7b"], stats)
         assert "no error can be stated" in whatif.notes(other)
     assert "no error can be stated" in whatif.notes(
-        whatif.replay(stats.trace, "lru", 2, 2, "t4-pcie3", whatif.served_shape(session[2], None, None)))
+        whatif.replay(stats.trace, "lru", 2, 2, "t4-pcie3", whatif.served_shape(*session[2], None, None)))
 
 
 @pytest.mark.parametrize("knobs, message", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from moe_runtime.arch.base import MoEShape
 from moe_runtime.sim.replay import SIM_POLICIES, SimResult, check_trace, predict_throughput, simulate
 from moe_runtime.sim.throughput import GB, HARDWARE, MODELS, PAPER_TABLE2, ModelShape, Throughput
 from moe_runtime.stats import RoutingTrace, Stats
@@ -51,17 +52,19 @@ class WhatIf:
         return self.loads_per_token * self.expert_bytes
 
 
-def served_shape(config, expert_bits: int | None, attn_bits: int | None, name: str = SERVED_SHAPE,
+def served_shape(moe: MoEShape, config, expert_bits: int | None, attn_bits: int | None, name: str = SERVED_SHAPE,
                  expert_group_size: int | None = None, attn_group_size: int = 64) -> ModelShape:
-    """The throughput model's shape of a transformers config (16 bits where not quantized)."""
+    """The throughput model's shape of the served model: its MoE dimensions as the family's adapter
+    reads them (`Engine.shape`), attention and vocabulary from the transformers config; 16 bits where
+    not quantized."""
     group = expert_group_size or (16 if expert_bits in (2, 3) else 64)
+    heads = config.num_attention_heads
     return ModelShape(
-        name, num_layers=config.num_hidden_layers, num_experts=config.num_local_experts,
-        top_k=config.num_experts_per_tok, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", config.num_attention_heads),
-        vocab_size=config.vocab_size, expert_bits=expert_bits or 16, expert_group_size=group,
-        attn_bits=attn_bits or 16, attn_group_size=attn_group_size)
+        name, num_layers=moe.num_layers, num_experts=moe.num_experts, top_k=moe.top_k, hidden_size=moe.hidden_size,
+        intermediate_size=moe.intermediate_size, num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads, vocab_size=config.vocab_size,
+        expert_bits=expert_bits or 16, expert_group_size=group, attn_bits=attn_bits or 16,
+        attn_group_size=attn_group_size, head_dim=getattr(config, "head_dim", None))
 
 
 def load_trace(path: str | Path) -> RoutingTrace:
