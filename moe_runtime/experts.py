@@ -31,7 +31,7 @@ from torch import nn
 
 from .arch.base import dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
-from .kernels import ComputeForm, compute_form, linear
+from .kernels import ComputeForm, StoredForm, compute_form, linear
 from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
@@ -169,7 +169,8 @@ class OffloadedExperts(nn.Module):
         self.layer = layer
         self.cache = cache
         self.codec = codec  # the stored record's codec
-        self.form = form if form is not None else compute_form(codec, cache.slots.device)  # what a slot holds
+        # what a slot holds; without a form, the record as stored (the tier copies records unconverted)
+        self.form = form if form is not None else StoredForm(codec)
         self.expert_fn = expert_fn  # the family's: fn(x [t, H], ExpertWeights, linear) -> [t, H]
         self.stats = stats
         self.num_experts = num_experts

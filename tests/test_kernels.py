@@ -113,3 +113,12 @@ def test_int4_packing_is_torchs_own(rows, cols):
     codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     assert torch.equal(pack_int4(codes), expected)
+
+
+@pytest.mark.parametrize("rows,cols", [(64, 32), (192, 256)])
+def test_8bit_codes_pack_as_their_hi_and_lo_nibble_matrices(rows, cols):
+    from moe_runtime.kernels.cpu import _pack_split_8bit
+
+    codes = torch.randint(0, 256, (rows, cols), dtype=torch.uint8)
+    nibbles = torch.cat([codes >> 4, codes & 15], dim=1).to(torch.int32)  # [N, 2K]: hi | lo
+    assert torch.equal(_pack_split_8bit(codes), torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))

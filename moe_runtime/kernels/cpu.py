@@ -47,26 +47,45 @@ def _pack_tiled(codes: torch.Tensor) -> torch.Tensor:
 _TILED_MATCHES_OP: bool | None = None
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """codes uint8 [N, K] -> what `_convert_weight_to_int4pack_for_cpu` returns for them. The tiled
-    packer is used where it reproduces the op byte for byte (checked once per process against the op,
-    whose layout is torch's to change); otherwise the op itself."""
+def pack_int4_is_tiled() -> bool:
+    """Whether `_pack_tiled` reproduces torch's converter byte for byte (checked once per process
+    against the op, whose layout is torch's to change)."""
     global _TILED_MATCHES_OP
     if _TILED_MATCHES_OP is None:
         probe = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         op = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32), 1)
         _TILED_MATCHES_OP = op.dtype == torch.uint8 and torch.equal(op, _pack_tiled(probe))
-    if _TILED_MATCHES_OP and codes.shape[0] % 64 == 0:
+    return _TILED_MATCHES_OP
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] -> what `_convert_weight_to_int4pack_for_cpu` returns for them: the tiled
+    packer where it matches the op (`pack_int4_is_tiled`), otherwise the op itself."""
+    if pack_int4_is_tiled() and codes.shape[0] % 64 == 0:
         return _pack_tiled(codes)
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def _pack_split_8bit(codes: torch.Tensor) -> torch.Tensor:
+    """8-bit codes [N, K] -> pack_int4 of [hi | lo] ([N, 2K] nibble codes) without building that matrix:
+    per block of 64 rows, row j's nibble pairs with row j + 32's in one byte."""
+    n, k = codes.shape
+    blocks = codes.reshape(n // 64, 2, 32, k)  # [N/64, half, 32, K]
+    first, second = blocks[:, 0], blocks[:, 1]
+    his = (first >> 4) | (second & 0xF0)  # [N/64, 32, K]: the hi nibbles of rows j (low) and j + 32 (high)
+    los = (first & 0x0F) | (second << 4)  # the lo nibbles, likewise
+    packed = torch.cat([his, los], dim=2)  # [N/64, 32, 2K]
+    return packed.transpose(1, 2).contiguous().reshape(n, k)  # [N/64, 2K, 32] -> [N, 2K/2]
 
 
 def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
               group_size: int) -> dict[str, torch.Tensor]:
     """HQQ pieces (codes uint8 [N, K], scale, zero fp32 [N, K/G]) -> the kernel's pieces."""
     if bits == 8:
-        hi, lo = codes >> 4, codes & 15
-        codes = torch.cat([hi, lo], dim=1)  # [N, 2K]
+        if pack_int4_is_tiled() and codes.shape[0] % 64 == 0:
+            packed = _pack_split_8bit(codes)
+        else:
+            packed = pack_int4(torch.cat([codes >> 4, codes & 15], dim=1))  # [N, 2K]: hi | lo
         scale_hi, bias_hi = 16 * scale, (136 - zero) * scale
         scale = torch.cat([scale_hi, scale], dim=1)  # [N, 2K/G]
         bias = torch.cat([bias_hi, torch.zeros_like(zero)], dim=1)
@@ -75,9 +94,9 @@ def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
         # bf16, then stays small (~|mid - zero| * scale instead of ~(8 - zero) * scale)
         mid = 1 << (bits - 1)
         bias = (mid - zero) * scale
-    packed = pack_int4(codes)
-    if bits < 4:
-        packed += (8 - mid) * 0x11  # both nibbles of every byte: c + 8 - mid stays within 0..15
+        packed = pack_int4(codes)
+        if bits < 4:
+            packed += (8 - mid) * 0x11  # both nibbles of every byte: c + 8 - mid stays within 0..15
     scale_bias = torch.stack([scale.t(), bias.t()], dim=-1).to(COMPUTE_DTYPE).contiguous()  # [S*K/G, N, 2]
     return {"packed": packed, "scale_bias": scale_bias}
 
