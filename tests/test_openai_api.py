@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import app
+from moe_runtime.engine import StreamUpdate
 from moe_runtime.paths import EMBEDDED_MODEL_DIR
-from webapp.openai_api import APIError, StopScanner, parse_chat_request
+from webapp.openai_api import APIError, OpenAIServer, StopScanner, parse_chat_request
 from webapp.service import EMBEDDED_MODEL
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (requirements.txt)")
@@ -222,3 +223,37 @@ def test_the_readme_snippets_run_against_the_app(served, capsys):
         out = subprocess.run([*argv, "-s", "-H", f"Authorization: Bearer {KEY}"], capture_output=True, text=True,
                              timeout=120, check=True).stdout
         assert '"chat.completion"' in out and '"completion_tokens"' in out
+
+
+class BlockedService:
+    """Stands in for EngineService: every reply waits for `go`, then says "ok"."""
+
+    model = EMBEDDED_MODEL
+
+    def __init__(self) -> None:
+        self.go, self.started = threading.Event(), threading.Semaphore(0)
+
+    def chat(self, messages, settings, stop):
+        self.started.release()
+        assert self.go.wait(30)
+        yield StreamUpdate("ok", 1, 1.0, 1.0, finished=True, finish_reason="stop", prompt_tokens=3)
+
+
+def test_requests_beyond_the_pending_limit_get_429_until_a_place_frees():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    service, api = BlockedService(), FastAPI()
+    OpenAIServer(service, max_pending=1).mount(api)
+    with TestClient(api) as http:
+        first = {}
+        waiting = threading.Thread(target=lambda: first.update(r=http.post("/v1/chat/completions",
+                                                                          json={"messages": USER})))
+        waiting.start()
+        assert service.started.acquire(timeout=30)  # the first reply holds the one place
+        refused = http.post("/v1/chat/completions", json={"messages": USER})
+        assert refused.status_code == 429 and "try again later" in refused.json()["error"]["message"]
+        service.go.set()
+        waiting.join(30)
+        assert first["r"].status_code == 200 and first["r"].json()["usage"]["total_tokens"] == 4
+        assert http.post("/v1/chat/completions", json={"messages": USER}).status_code == 200  # the place is free

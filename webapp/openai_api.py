@@ -13,7 +13,8 @@ ignored, as other OpenAI-compatible servers do; `n` must be 1. The `model` field
 one model is served, and its name is what the responses carry.
 
 A reply runs on its own thread and hands its updates to the event loop; a client that goes away
-mid-stream stops the generation at the next token (the engine is never left held).
+mid-stream stops the generation at the next token (the engine is never left held). At most
+MAX_PENDING replies run or wait for the engine at once; more get HTTP 429.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import queue
 import threading
 import time
 import uuid
@@ -35,6 +35,7 @@ from moe_runtime.engine import GenerationSettings, StreamUpdate
 from webapp.service import EngineService, build_messages, message_text, public_name
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is parsed
+MAX_PENDING = 16  # replies running or waiting for the engine at once; more get 429 (each holds a thread)
 MAX_STOP = 4  # stop sequences per request (as OpenAI's API)
 SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
 # the engine's and service's reasons -> OpenAI's ("context": the reply was clipped to the context window)
@@ -168,25 +169,35 @@ _END = object()
 
 
 class _Reply:
-    """One reply on its own thread; `next()` (async) returns each StreamUpdate, then None."""
+    """One reply on its own thread, which hands each StreamUpdate to the event loop; `next()` (async)
+    returns them, then None. `done` is called when the thread ends (it frees the request's place)."""
 
-    def __init__(self, service: EngineService, request: ChatRequest) -> None:
+    def __init__(self, service: EngineService, request: ChatRequest, done) -> None:
         self.stop = threading.Event()
-        self._items: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(service, request), daemon=True,
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue = asyncio.Queue()
+        self._thread = threading.Thread(target=self._run, args=(service, request, done), daemon=True,
                                         name="openai-reply")
         self._thread.start()
 
-    def _run(self, service: EngineService, request: ChatRequest) -> None:
+    def _put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the server's loop has closed: nobody is waiting
+            self.stop.set()
+
+    def _run(self, service: EngineService, request: ChatRequest, done) -> None:
         try:
             for update in service.chat(request.messages, request.settings, self.stop):
-                self._items.put(update)
+                self._put(update)
         except BaseException as err:  # handed to the client as an error
-            self._items.put(err)
-        self._items.put(_END)
+            self._put(err)
+        finally:
+            done()
+        self._put(_END)
 
     async def next(self) -> StreamUpdate | None:
-        item = await asyncio.to_thread(self._items.get)
+        item = await self._items.get()
         if item is _END:
             return None
         if isinstance(item, BaseException):
@@ -206,8 +217,11 @@ def _api_error(err: BaseException) -> APIError:
 class OpenAIServer:
     """The /v1 routes over one `EngineService`; `api_key` (None: open) is required as a Bearer token."""
 
-    def __init__(self, service: EngineService, *, api_key: str | None = None, default_max_tokens: int = 128) -> None:
+    def __init__(self, service: EngineService, *, api_key: str | None = None, default_max_tokens: int = 128,
+                 max_pending: int = MAX_PENDING) -> None:
         self.service = service
+        self.max_pending = max_pending
+        self._pending = threading.BoundedSemaphore(max_pending)
         self.api_key = api_key or None
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
@@ -235,7 +249,10 @@ class OpenAIServer:
         try:
             self._authorize(request)
             chat = parse_chat_request(await self._json(request), self.default_max_tokens)
-            reply = _Reply(self.service, chat)
+            if not self._pending.acquire(blocking=False):
+                raise APIError(429, f"{self.max_pending} requests are already running or waiting for the engine: "
+                                    "try again later", kind="rate_limit_error", code="too_many_requests")
+            reply = _Reply(self.service, chat, self._pending.release)
             first = await reply.next()  # input refusals come before any token: a real 4xx, also when streaming
         except APIError as err:
             return err.response()
