@@ -53,7 +53,7 @@ CSS = (".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9
        "#cache-map { max-height: 640px; overflow-y: auto; }")  # a map of many layers scrolls
 STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline",
                  "cache_map")
-SETTINGS_WIDGETS = 10  # the 8 settings, Apply and Reset stats: what Unlock makes editable
+SETTINGS_WIDGETS = 11  # the 9 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
                   "context": "context window full", "time": "time limit reached"}
@@ -82,6 +82,17 @@ def parse_bits(name: str, value) -> int | None:
         return int(text)
     except ValueError:
         raise ValueError(f"{name}={value!r} is not allowed: use none or a number of bits") from None
+
+
+def host_cache_value(value) -> float | str:
+    """The Settings tab's host-cache box: "auto" or a number of GB."""
+    text = str(value).strip().lower() if value is not None else "auto"
+    if text in ("auto", ""):
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"host_cache_gb={value!r} is not allowed: use a number of GB or auto") from None
 
 
 def whole_number(name: str, value) -> int:
@@ -283,7 +294,8 @@ class Handlers:
 
     # settings --------------------------------------------------------------------------------------
     def apply(self, model: str, expert_bits: str, attn_bits: str, cache_size: float, prefetch: float,
-              offload: str, device: str, policy: str, operator_token: str = "", progress=LOADING_PROGRESS):
+              offload: str, device: str, policy: str, host_cache_gb="auto", operator_token: str = "",
+              progress=LOADING_PROGRESS):
         """Reload the engine; returns (status, engine facts, header). On failure the running engine
         keeps serving and the status says why. On a public host only the operator may."""
         try:
@@ -292,6 +304,7 @@ class Handlers:
                 expert_bits=parse_bits("expert_bits", expert_bits), attn_bits=parse_bits("attn_bits", attn_bits),
                 cache_size=whole_number("cache_size", cache_size), prefetch=whole_number("prefetch", prefetch),
                 offload=offload, device=(device or "").strip(), policy=policy,
+                host_cache_gb=host_cache_value(host_cache_gb),
             )
             progress(0, desc=f"loading {model}")
             self.service.reload(model, config)
@@ -305,7 +318,7 @@ class Handlers:
         """Widget values of the running engine's settings (for a page that just opened)."""
         c = self.service.config
         return (self.service.model, bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
-                c.offload, c.device, c.policy, self.engine_facts(), self.header())
+                c.offload, c.device, c.policy, str(c.host_cache_gb), self.engine_facts(), self.header())
 
     def unlock(self, operator_token: str):
         """The settings widgets made editable for this page when the token is the operator's."""
@@ -397,6 +410,9 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                                        interactive=editable)
                     policy = gr.Radio(list(POLICIES), value=service.config.policy, label="Eviction policy",
                                       interactive=editable)
+                    host_cache = gr.Textbox(str(service.config.host_cache_gb), label="Host RAM cache (GB)",
+                                            info="between the GPU slots and the disk store: a number or auto",
+                                            interactive=editable)
                 with gr.Row(visible=not editable):
                     token = gr.Textbox("", label="Operator token", type="password", scale=4, elem_id="operator-token",
                                        info="this is a public host: only its operator changes the shared engine")
@@ -494,7 +510,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                                  wi_prefill], [wi_table, wi_notes], api_name="what_if", concurrency_id="what-if",
                      concurrency_limit=1)
 
-        settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy]
+        settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy, host_cache]
         unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
         apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
@@ -537,6 +553,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     doc = OffloadConfig.field_docs()
     o.add_argument("--device", default=d.device, help=doc["device"])
     o.add_argument("--offload", default=d.offload, choices=OFFLOAD_TIERS, help=doc["offload"])
+    o.add_argument("--host-cache-gb", type=_host_cache_arg, default=d.host_cache_gb, help=doc["host_cache_gb"])
+    o.add_argument("--disk-prefetch-layers", type=int, default=d.disk_prefetch_layers,
+                   help=doc["disk_prefetch_layers"])
     o.add_argument("--cache-size", type=int, default=d.cache_size, help=doc["cache_size"])
     o.add_argument("--prefetch", type=int, default=d.prefetch, help=doc["prefetch"])
     o.add_argument("--expert-bits", type=_bits_arg, default=d.expert_bits, metavar="{none,2,3,4,8}",
@@ -577,6 +596,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"the operator token of a public host (default: ${TOKEN_ENV}; on a Space, a secret of "
                         "that name). Without one a public host's settings cannot be changed")
     return p.parse_args(argv)
+
+
+def _host_cache_arg(text: str):
+    try:
+        return host_cache_value(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _bits_arg(text: str) -> int | None:

@@ -74,34 +74,48 @@ class Transfer:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
 
+    def _copy(self, layer: int, expert: int, dst: torch.Tensor, write_back: int | None) -> None:
+        """A tier that takes evicted experts back (host_cache.py, exclusive levels) gets the slot's
+        previous expert `write_back` with the load that overwrites it."""
+        exchange = getattr(self.tier, "exchange", None) if write_back is not None else None
+        if exchange is not None:
+            exchange(layer, expert, write_back, dst)
+        else:
+            self.tier.copy_to(layer, expert, dst)
+
     def _run(self, layer: int, expert: int, dst: torch.Tensor, ticket: LoadTicket,
-             wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None, kind: str = "demand") -> None:
+             wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
+             write_back: int | None = None, kind: str = "demand") -> None:
         start = time.perf_counter()
+        level = level_of(self.tier, layer, expert) if self.stats is not None else ""  # before the copy moves it
         try:
+            # inference mode: a slot view taken under inference_mode (the bench's prefetches) is an
+            # inference tensor, which this worker thread, outside that thread-local mode, may not update
             if self.stream is not None:
-                with torch.cuda.stream(self.stream):
+                with torch.inference_mode(), torch.cuda.stream(self.stream):
                     if wait_for is not None:
                         self.stream.wait_event(wait_for)  # the slot's previous expert is done with
-                    self.tier.copy_to(layer, expert, dst)
+                    self._copy(layer, expert, dst, write_back)
                     event = torch.cuda.Event()
                     event.record(self.stream)
                     ticket.cuda_event = event
             else:
-                self.tier.copy_to(layer, expert, dst)
+                with torch.inference_mode():
+                    self._copy(layer, expert, dst, write_back)
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:
             if self.stats is not None:
-                self.stats.record_span(kind, layer, expert, start, time.perf_counter(), level_of(self.tier, layer, expert))
+                self.stats.record_span(kind, layer, expert, start, time.perf_counter(), level)
             if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
                 on_done()
             ticket.done.set()
 
-    def load_now(self, layer, expert, dst, ticket, wait_for=None) -> None:
-        self._run(layer, expert, dst, ticket, wait_for, None)
+    def load_now(self, layer, expert, dst, ticket, wait_for=None, write_back=None) -> None:
+        self._run(layer, expert, dst, ticket, wait_for, None, write_back)
 
-    def load_async(self, layer, expert, dst, ticket, wait_for=None, on_done=None) -> None:
-        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done, "prefetch")
+    def load_async(self, layer, expert, dst, ticket, wait_for=None, on_done=None, write_back=None) -> None:
+        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done, write_back, "prefetch")
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
@@ -127,6 +141,7 @@ class ExpertCache:
         # slot waits on it so it never overwrites an expert a queued kernel still reads
         self.slot_free_events: list[torch.cuda.Event | None] = [None] * size
         self.prefetched: set[int] = set()  # experts loaded by prefetch and not used yet
+        self.evicted: dict[int, int] = {}  # slot -> the expert just evicted from it (for a write-back)
         self.wait_timeout_s = WAIT_TIMEOUT_S
         self._cond = threading.Condition()
 
@@ -157,6 +172,7 @@ class ExpertCache:
         victim = self.policy.victim(evictable)
         slot = self.slot_of[victim]
         self._unmap(slot)
+        self.evicted[slot] = victim
         return slot
 
     def _unmap(self, slot: int) -> None:
@@ -219,9 +235,10 @@ class ExpertCache:
                         ticket = self._assign(slot, expert)
                     self.policy.access(expert)
                     wait_for = self.slot_free_events[slot]
+                    write_back = self.evicted.pop(slot, None)
                 if not hit:
                     self.stats.record_load(self.layer, self.record_nbytes, prefetch=False)
-                    self.transfer.load_now(self.layer, expert, self.slots[slot], ticket, wait_for)
+                    self.transfer.load_now(self.layer, expert, self.slots[slot], ticket, wait_for, write_back)
                 try:
                     ticket.wait(max(deadline - time.perf_counter(), 0.0))
                     break
@@ -274,9 +291,10 @@ class ExpertCache:
                 ticket = self._assign(slot, expert)
                 self.prefetched.add(expert)
                 wait_for = self.slot_free_events[slot]
+                write_back = self.evicted.pop(slot, None)
             self.stats.record_load(self.layer, self.record_nbytes, prefetch=True)
             self.transfer.load_async(self.layer, expert, self.slots[slot], ticket, wait_for,
-                                     on_done=lambda s=slot, t=ticket: self._settle(s, t))
+                                     on_done=lambda s=slot, t=ticket: self._settle(s, t), write_back=write_back)
             issued += 1
         return issued
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from .policies import POLICIES
 
 DEVICES_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
-OFFLOAD_TIERS = ("ram", "disk")
+OFFLOAD_TIERS = ("auto", "ram", "disk")
 EXPERT_BITS = (None, 2, 3, 4, 8)
 ATTN_BITS = (None, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the compute dtypes, by their torch names
@@ -35,8 +35,19 @@ class OffloadConfig:
 
     device:       where attention and the expert cache live: "auto" (CUDA when present), "cpu",
                   "cuda" or "cuda:N".
-    offload:      the slow tier holding every expert: "ram" (host memory, pinned on CUDA) or
-                  "disk" (read from the on-disk expert store on demand).
+    offload:      where experts live off the device: "ram" (every expert in host memory, pinned on CUDA;
+                  refused, with the GB needed and available, when they do not fit), "disk" (the on-disk
+                  expert store, read with O_DIRECT, through a host-RAM cache of host_cache_gb) or "auto"
+                  ("ram" when every expert fits host_cache_gb, else "disk").
+    host_cache_gb: host-RAM budget of the expert cache between the device slots and the disk store:
+                  a number of GB (0: no host cache) or "auto" (what psutil says is available, minus
+                  2 GB of headroom). One arena (pinned on CUDA) global across layers, with the cache's
+                  eviction policy; on CUDA exclusive with the device slots (an expert is held by one of
+                  them; experts evicted from the device are written back to it). More than the
+                  machine has, or less than one expert per layer, is refused before any work.
+    disk_prefetch_layers: with offload="disk", experts of the next this-many layers guessed from the
+                  current one and read from disk into the host cache on its own I/O thread, behind
+                  demand and device loads (0 disables).
     cache_size:   experts per MoE layer kept resident on the device (1..num_experts).
     prefetch:     experts of layer L+1 guessed from layer L and loaded ahead (0 disables).
     expert_bits:  None (unquantized) or 2, 3, 4, 8 (HQQ).
@@ -60,7 +71,9 @@ class OffloadConfig:
     """
 
     device: str = "auto"
-    offload: str = "ram"
+    offload: str = "auto"
+    host_cache_gb: float | str = "auto"
+    disk_prefetch_layers: int = 3
     cache_size: int = 2
     prefetch: int = 2
     expert_bits: int | None = None
@@ -87,6 +100,11 @@ class OffloadConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_int("cache_size", self.cache_size, minimum=1)
         _check_int("prefetch", self.prefetch, minimum=0)
+        _check_int("disk_prefetch_layers", self.disk_prefetch_layers, minimum=0)
+        if self.host_cache_gb != "auto" and (isinstance(self.host_cache_gb, bool) or not isinstance(
+                self.host_cache_gb, (int, float)) or not 0 <= self.host_cache_gb < float("inf")):
+            raise ValueError(f"host_cache_gb={self.host_cache_gb!r} is not allowed: use a number of GB >= 0 "
+                             "(0: no host cache) or \"auto\"")
         for name in ("expert_group_size", "attn_group_size"):
             value = getattr(self, name)
             if value is None and name == "expert_group_size":

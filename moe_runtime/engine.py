@@ -97,7 +97,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, config: OffloadConfig, shape: MoEShape, device: torch.device,
                  model_name: str, experts: list, transfer, tier, stats: StatsCollector,
-                 store_path: Path | None) -> None:
+                 store_path: Path | None, host_cache=None, host_plan=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -108,6 +108,8 @@ class Engine:
         self.transfer = transfer
         self.tier = tier
         self.store_path = store_path
+        self.host_cache = host_cache  # host_cache.HostCache between the device slots and the disk (or None)
+        self.host_plan = host_plan  # host_cache.HostPlan: how the host-RAM settings were resolved
         self._stats = stats
         self._lock = threading.Lock()
         # every forward pass (the prompt, then one per token) is a step of the stats: a snapshot is
@@ -157,11 +159,29 @@ class Engine:
             "all_experts_bytes": expert_bytes * self.shape.num_layers * self.shape.num_experts,
             "cache_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size,
             "dense_bytes": dense,
-            "offload": self.config.offload,
+            "offload": self.host_plan.offload if self.host_plan else self.config.offload,
+            "levels": self._levels(slot_bytes, expert_bytes),
             "direct_io": getattr(self.tier, "direct_io", None),
             "store": str(self.store_path) if self.store_path else None,
             **{k: v for k, v in self.config.to_dict().items() if k not in ("device", "offload", "dtype")},
         }
+
+    def _levels(self, slot_bytes: int, expert_bytes: int) -> dict:
+        """Bytes each level holds now, and its budget."""
+        n = self.shape.num_layers * self.shape.num_experts
+        device_held = sum(len(m.cache.resident()) for m in self.experts) * slot_bytes
+        levels = {"device": {"held_bytes": device_held,
+                             "budget_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size}}
+        host = self.host_cache
+        if host is not None:
+            levels["host"] = {"held_bytes": host.held_bytes(), "budget_bytes": host.slots * host.stride,
+                              "setting_bytes": self.host_plan.budget_bytes, "slots": host.slots,
+                              "exclusive": host.exclusive, "pinned": host.arena.is_pinned()}
+            levels["disk"] = {"held_bytes": n * expert_bytes, "budget_bytes": None}
+        else:
+            levels["host"] = {"held_bytes": n * expert_bytes, "budget_bytes": n * expert_bytes,
+                              "exclusive": False}
+        return levels
 
     # --- generation ---------------------------------------------------------------------------
     def chat_prompt(self, messages: list[dict]) -> torch.Tensor:
@@ -252,6 +272,8 @@ class Engine:
         return "length" if count >= settings.max_new_tokens else "stop"
 
     def close(self) -> None:
+        if self.host_cache is not None:
+            self.host_cache.drain()
         self.transfer.close()
         for module in self.experts:
             module.cache.drain()

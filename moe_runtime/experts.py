@@ -147,12 +147,14 @@ class Speculator:
         self.next_cache = next_cache
         self.prefetch = prefetch
         self.last_guess: list[list[int]] | None = None  # per token, ranking of L+1's experts
+        self.last_resident: set[int] | None = None  # L+1's experts on the device when guessed
 
     def __call__(self, hidden_states: torch.Tensor) -> None:
         logits = F.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)  # [T, E]
         scores = self.scores(logits).float()  # [T, E]
         ranking = torch.argsort(scores, dim=-1, descending=True)
         self.last_guess = ranking[:, :MAX_GUESS_RECORDED].tolist()
+        self.last_resident = self.next_cache.resident()
         if self.prefetch:
             # one token: its ranking; a prompt: experts ranked by mean routing score
             mean_prob = scores.mean(dim=0)
@@ -224,17 +226,18 @@ class OffloadedExperts(nn.Module):
         guess = self.previous_speculator.last_guess if self.previous_speculator is not None else None
         if guess is not None and len(guess) != len(selected):
             guess = None
-        self.stats.record_routing(self.layer, selected, guess, self.guess_width)
+        resident = getattr(self.previous_speculator, "last_resident", None) if guess is not None else None
+        self.stats.record_routing(self.layer, selected, guess, self.guess_width, resident)
 
 
 def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
                             cache_size: int, prefetch: int, policy: str, stats: StatsCollector,
-                            expert_fn, device: torch.device):
+                            expert_fn, device: torch.device, form: ComputeForm | None = None):
     """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
     its own preallocated slot pool and cache, one `Transfer` for all. Slots hold the device's compute
-    form of an expert (`kernels.compute_form`); where that form is not the record itself,
+    form of an expert (`kernels.compute_form`, or `form`); where that form is not the record itself,
     `TranscodingTier` wraps the tier and converts on load."""
-    form = compute_form(codec, device)
+    form = form if form is not None else compute_form(codec, device)
     if form.transcodes:
         tier = TranscodingTier(tier, codec, form)
     transfer = Transfer(tier, device, stats)

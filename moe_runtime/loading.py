@@ -31,6 +31,8 @@ from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_mod
 from .config import OffloadConfig, torch_dtype
 from .engine import Engine
 from .experts import Speculator, build_offloaded_experts, link_speculators
+from .host_cache import HostCache, HostPrefetcher, Speculators, TranscodeOnUse, plan_host_memory
+from .kernels import compute_form
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
 from .store import (
@@ -256,7 +258,8 @@ def _full_checkpoint(source: ModelSource, weights: WeightMap) -> Checkpoint:
     return Checkpoint.opened(weights, {name: source.shard(name) for name in weights.files})
 
 
-def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, hf_config, source: ModelSource,
+def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, adapter, hf_config,
+               source: ModelSource,
                weights: WeightMap, model_name: str, device: torch.device):
     """(tier, store folder or None, dense tensors by parameter name -> reader).
 
@@ -277,7 +280,7 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, hf_con
     stride = round_up(codec.nbytes)
     for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
         if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
-            if config.offload == "ram" and config.expert_bits is None and not delete:
+            if offload == "ram" and config.expert_bits is None and not delete:
                 checkpoint = _full_checkpoint(source, weights)
                 reader = ExpertReader(checkpoint, adapter, shape, hf_config)
                 tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts,
@@ -287,7 +290,7 @@ def _slow_tier(config: OffloadConfig, codec: ExpertCodec, shape, adapter, hf_con
                 return tier, None, dense
             _build_store(folder, codec, shape, adapter, hf_config, source, weights, identity, delete)
         try:
-            if config.offload == "ram":
+            if offload == "ram":
                 tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
             else:
                 tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
@@ -367,6 +370,25 @@ def _speculators(adapter, hf_config, moe_layers: list, modules: list, prefetch: 
     ]
 
 
+def _link_host_prefetchers(adapter, hf_config, moe_layers: list, modules: list, host_cache: HostCache, ahead: int,
+                           per_layer: int) -> None:
+    """At MoE layer i, also guess layers i+1..i+ahead (the same fold as `_speculators`, from farther
+    away) for the disk -> host prefetch."""
+    views = [adapter.router_view(layer) for layer in moe_layers]
+
+    def detached(t):
+        return None if t is None else t.detach()
+
+    for i, module in enumerate(modules[:-1]):
+        here = views[i]
+        far = [(j, Speculator(detached(views[j].weight), detached(here.norm_weight), detached(views[j].norm_weight),
+                              modules[j].cache, 0, router_bias=detached(views[j].bias),
+                              norm_here_bias=detached(here.norm_bias), norm_next_bias=detached(views[j].norm_bias),
+                              scores=adapter.guess_scores(hf_config, moe_layers[j])))
+               for j in range(i + 1, min(len(modules), i + 1 + ahead))]
+        module.speculator = Speculators(module.speculator, HostPrefetcher(far, host_cache, per_layer))
+
+
 def _quantize_attention(model, adapter, config: OffloadConfig) -> None:
     layers = adapter.layers(model)
     for layer in tqdm(layers, desc=f"quantizing attention to {config.attn_bits} bits", unit="layer"):
@@ -395,6 +417,13 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
         raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
                          f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
+    stride = round_up(codec.nbytes)
+    form = compute_form(codec, device)
+    host = plan_host_memory(config.offload, config.host_cache_gb, num_layers=shape.num_layers,
+                            num_experts=shape.num_experts, cache_size=config.cache_size, stride=stride,
+                            exclusive=device.type == "cuda", transcodes=form.transcodes)  # refused here, if so
+    if host.exclusive and form.transcodes:  # slots keep records (for write-back); the form is made per use
+        form = TranscodeOnUse(form, codec, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
@@ -402,26 +431,36 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
 
     hf_model = _build_model(hf_config, dtype, adapter.attn_implementation)  # meta device: names and shapes only
     _check_weight_names(weights, hf_model, adapter, shape, hf_config)
-    tier, store_path, dense = _slow_tier(config, codec, shape, adapter, hf_config, source, weights, model_name, device)
+    tier, store_path, dense = _slow_tier(config, host.offload, codec, shape, adapter, hf_config, source, weights,
+                                         model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
+    host_cache = None
+    if isinstance(tier, DiskTier):  # the host level between the device slots and the disk
+        host_cache = tier = HostCache(tier, shape.num_layers, host.host_slots, stride, config.policy,
+                                      host.exclusive, pin=device.type == "cuda", stats=stats)
     layers = adapter.layers(hf_model)
     blocks = _moe_blocks(adapter, layers, shape)
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device)
+        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device, form=form)
     for block, experts in zip(blocks, modules):
         block.experts = experts
     hf_model.to_empty(device=device)
     _load_dense(hf_model, dense, store_path or model_dir, device)
     del dense  # lets go of the dense file (or the checkpoint's shards)
-    link_speculators(modules, _speculators(adapter, hf_config, [layers[i] for i in shape.moe_layers], modules,
-                                           config.prefetch))
+    moe_layers = [layers[i] for i in shape.moe_layers]
+    link_speculators(modules, _speculators(adapter, hf_config, moe_layers, modules, config.prefetch))
+    if host_cache is not None:
+        host_cache.on_device = lambda key: key[1] in modules[key[0]].cache.resident()
+    if host_cache is not None and config.disk_prefetch_layers and host.host_slots:
+        _link_host_prefetchers(adapter, hf_config, moe_layers, modules, host_cache, config.disk_prefetch_layers,
+                               max(config.prefetch, shape.top_k))
     if config.attn_bits is not None:
         _quantize_attention(hf_model, adapter, config)
     if (model_dir / "generation_config.json").exists():
         hf_model.generation_config = GenerationConfig.from_pretrained(model_dir)
     hf_model.eval()
     return Engine(hf_model, tokenizer, config, shape, device, model_name, modules, transfer, tier, stats,
-                  store_path)
+                  store_path, host_cache=host_cache, host_plan=host)

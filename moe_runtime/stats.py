@@ -138,6 +138,20 @@ class Counters:
     guess_total: list[int]  # selected experts at layers that had a guess
     bytes_moved: list[int]  # bytes copied from the slow tier (demand + prefetch)
     stall_seconds: list[float]  # time computation waited for experts
+    # the levels below the device (host_cache.py); zero without a host cache (offload="ram": every
+    # load comes from RAM)
+    host_hits: list[int]  # device loads served from the host cache
+    disk_reads: list[int]  # expert records read from disk (demand, host -> device prefetch, disk prefetch)
+    disk_prefetch_reads: list[int]  # of those, read ahead by the disk -> host prefetcher
+    disk_bytes: list[int]  # bytes read from disk
+    write_back_bytes: list[int]  # device -> host copies of evicted experts (exclusive levels)
+    guess_new_hits: list[int]  # like guess_hits, over selected experts not on the device when guessed
+    guess_new_total: list[int]
+
+    @classmethod
+    def of(cls, num_layers: int, **given: list) -> Counters:
+        """Counters with the given lists, zeros for the rest (a source without some level)."""
+        return cls(**{f.name: list(given.get(f.name, [0] * num_layers)) for f in fields(Counters)})
 
     @classmethod
     def zeros(cls, num_layers: int) -> Counters:
@@ -158,7 +172,7 @@ class Counters:
         """Every counter summed over layers, plus the rates: a flat dict for reports and JSON."""
         out = {f.name: self.total(f.name) for f in fields(Counters)}
         out.update(hit_rate=self.hit_rate, prefetch_recall=self.prefetch_recall,
-                   prefetch_precision=self.prefetch_precision)
+                   prefetch_recall_new=self.prefetch_recall_new, prefetch_precision=self.prefetch_precision)
         return out
 
     @property
@@ -175,6 +189,12 @@ class Counters:
         """Of the experts selected at layers with a guess, the fraction the speculator had guessed
         (None without guesses: layer 0, or prefetch off and no guess recorded)."""
         return _ratio(self.total("guess_hits"), self.total("guess_total"))
+
+    @property
+    def prefetch_recall_new(self) -> float | None:
+        """Recall over the selected experts that were NOT on the device when the guess was made (a
+        guess of a resident expert is free and says nothing of the speculator); None without any."""
+        return _ratio(self.total("guess_new_hits"), self.total("guess_new_total"))
 
     @property
     def layer_prefetch_recall(self) -> list[float | None]:
@@ -235,8 +255,9 @@ class Stats(Counters):
             "tokens_generated": self.tokens_generated,
             "tokens_per_second": round(self.tokens_per_second, 3),
             **{k: None if v is None else round(v, 4) for k, v in totals.items()
-               if k in ("hit_rate", "prefetch_recall", "prefetch_precision")},
+               if k in ("hit_rate", "prefetch_recall", "prefetch_recall_new", "prefetch_precision")},
             "bytes_moved": totals["bytes_moved"],
+            **{k: totals[k] for k in ("host_hits", "disk_reads", "disk_bytes", "write_back_bytes")},
             "stall_seconds": round(totals["stall_seconds"], 4),
         }
 
@@ -275,9 +296,10 @@ class StatsCollector:
 
     # --- written by the experts modules, cache and prefetcher -------------------------------
     def record_routing(self, layer: int, selected: list[list[int]], guess: list[list[int]] | None,
-                       width: int) -> None:
+                       width: int, resident_at_guess: set[int] | None = None) -> None:
         """selected: per token, its K experts; guess: per token, the ranking predicted for this
-        layer from the previous one (None at layer 0). Recall counts the top-`width` guesses."""
+        layer from the previous one (None at layer 0). Recall counts the top-`width` guesses; with
+        `resident_at_guess` (the device's experts when the guess was made) also over the others."""
         with self._lock:
             counts, last = self.expert_counts[layer], self.expert_last_use[layer]
             if layer == 0:
@@ -291,6 +313,10 @@ class StatsCollector:
                 for experts, ranking in zip(selected, guess):
                     self.counts.guess_hits[layer] += len(set(experts) & set(ranking[:width]))
                     self.counts.guess_total[layer] += len(experts)
+                    if resident_at_guess is not None:
+                        new = set(experts) - resident_at_guess
+                        self.counts.guess_new_hits[layer] += len(new & set(ranking[:width]))
+                        self.counts.guess_new_total[layer] += len(new)
             if self.trace is not None:
                 if layer == 0:
                     self._trim_trace()
@@ -327,6 +353,21 @@ class StatsCollector:
     def record_prefetch_used(self, layer: int) -> None:
         with self._lock:
             self.counts.prefetch_used[layer] += 1
+
+    def record_host_hit(self, layer: int) -> None:
+        with self._lock:
+            self.counts.host_hits[layer] += 1
+
+    def record_disk_read(self, layer: int, nbytes: int, prefetch: bool = False) -> None:
+        with self._lock:
+            self.counts.disk_reads[layer] += 1
+            self.counts.disk_bytes[layer] += nbytes
+            if prefetch:
+                self.counts.disk_prefetch_reads[layer] += 1
+
+    def record_write_back(self, layer: int, nbytes: int) -> None:
+        with self._lock:
+            self.counts.write_back_bytes[layer] += nbytes
 
     def record_stall(self, layer: int, seconds: float, expert: int = -1) -> None:
         """The layer waited `seconds` (ending now) for `expert`; also a "stall" span of the timeline."""

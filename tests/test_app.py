@@ -299,6 +299,8 @@ def test_apply_bad_settings_keeps_serving(handlers, service):
         (dict(expert_bits="5"), "expert_bits=5 is not allowed"),
         (dict(prefetch="many"), "prefetch='many'"),
         (dict(model="/etc"), "not allowed"),
+        (dict(offload="disk", host_cache_gb="100000"), "host_cache_gb=100000 is more than this machine has"),
+        (dict(host_cache_gb="lots"), "host_cache_gb='lots' is not allowed"),
     ]
     if not torch.cuda.is_available():
         bad.append((dict(device="cuda"), "no CUDA GPU"))
@@ -413,4 +415,5 @@ def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
     args = app.parse_args(argv[2:])
     config = app.config_from_args(args)
     assert (args.model, args.share) == (KNOWN_MODELS[0], True)
-    assert (config.expert_bits, config.attn_bits, config.cache_size, config.offload) == (2, 4, 4, "disk")
+    assert (config.expert_bits, config.attn_bits, config.cache_size, config.offload, config.host_cache_gb) == \
+        (2, 4, 4, "auto", "auto")  # the engine sizes the host cache itself (issue 9)

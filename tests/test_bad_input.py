@@ -13,7 +13,7 @@ from moe_runtime import OffloadConfig, load
     (dict(prefetch=-1), "prefetch=-1 is not allowed"),
     (dict(expert_bits=5), "expert_bits=5 is not allowed: use one of None, 2, 3, 4, 8"),
     (dict(attn_bits=2), "attn_bits=2 is not allowed: use one of None, 4, 8"),
-    (dict(offload="ssd"), "offload='ssd' is not allowed: use one of 'ram', 'disk'"),
+    (dict(offload="ssd"), "offload='ssd' is not allowed: use one of 'auto', 'ram', 'disk'"),
     (dict(device="tpu"), "device='tpu' is not allowed"),
     (dict(policy="fifo"), "policy='fifo' is not allowed"),
     (dict(expert_group_size=24), "expert_group_size=24 is not allowed"),

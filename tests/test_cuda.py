@@ -85,3 +85,99 @@ def test_triton_hqq_kernel_matches_hqq_dequantize_on_cuda(bits, tokens, dtype):
         reference = reference_linear(x[name].float(), codec.parts(record, name), codec.layout.hqq_meta[name])
         torch.testing.assert_close(linear(x[name], packed[name]).float(), reference, rtol=2e-2,
                                    atol=2e-2 * reference.abs().max().item())
+
+
+# --- the memory hierarchy on CUDA: device slots <- pinned host arena <- disk --------------------
+def _single_tokens(engine, tokens: int, check):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(tokens):
+        ids = torch.randint(0, engine.model.config.vocab_size, (1, 1), generator=gen).cuda()
+        with torch.no_grad():
+            engine.model(ids)
+        torch.cuda.synchronize()
+        check()
+    return engine.stats().trace
+
+
+@pytest.mark.parametrize("budget", ["some", "all"])
+def test_hierarchy_on_cuda_is_exclusive_writes_back_and_matches_the_simulator(tiny_dir, tmp_path, budget):
+    from moe_runtime.sim.hierarchy import simulate_hierarchy
+
+    probe = load(tiny_dir, OffloadConfig(device="cuda", dtype="float32", offload="disk", host_cache_gb=0,
+                                         store_dir=str(tmp_path)))
+    stride, layers, experts = probe.host_cache.stride, probe.shape.num_layers, probe.shape.num_experts
+    probe.close()
+    slots = layers + 1 if budget == "some" else layers * experts
+    engine = load(tiny_dir, OffloadConfig(device="cuda", dtype="float32", offload="disk", cache_size=1, prefetch=0,
+                                          host_cache_gb=slots * stride / 1e9, disk_prefetch_layers=0,
+                                          store_dir=str(tmp_path)))
+    host = engine.host_cache
+    try:
+        assert host.exclusive and host.arena.is_pinned() and host.slots == slots
+        levels = engine.describe()["levels"]
+        assert levels["host"]["pinned"] and levels["host"]["exclusive"]
+
+        def never_in_both():
+            on_device = {(m.layer, e) for m in engine.experts for e in m.cache.resident()}
+            assert not on_device & host.held()
+
+        trace = _single_tokens(engine, 24, never_in_both)
+        c = engine.counters()
+        sim = simulate_hierarchy(trace, 1, slots, stride, exclusive=True)
+        assert (c.hits, c.misses, c.host_hits, c.disk_reads) == (sim.hits, sim.misses, sim.host_hits, sim.disk_reads)
+        assert c.write_back_bytes == [w * stride for w in sim.write_backs] and sum(c.write_back_bytes) > 0
+        if budget == "all":
+            assert sum(c.disk_reads) == sim.distinct_experts  # each expert read from disk once
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_hierarchy_on_cuda_matches_transformers(tiny_dir, tmp_path, prefetch):
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    engine = load(tiny_dir, OffloadConfig(device="cuda", dtype="float32", offload="disk", cache_size=1,
+                                          prefetch=prefetch, host_cache_gb="auto", disk_prefetch_layers=2,
+                                          store_dir=str(tmp_path)))
+    try:
+        assert engine.host_cache.exclusive
+        ids = torch.randint(0, engine.model.config.vocab_size, (1, 9), device="cuda")
+        for _ in range(2):  # cold, then through the warm host arena with write-backs
+            with torch.no_grad():
+                torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        ours = engine.model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(ours, reference.generate(ids, max_new_tokens=8, do_sample=False))
+        assert sum(engine.counters().write_back_bytes) > 0
+    finally:
+        engine.close()
+
+
+def test_quantized_experts_exclusive_levels_keep_records_and_convert_on_use(tmp_path):
+    """2-bit experts on CUDA with a host budget below every record: the levels are exclusive, device
+    slots keep records (TranscodeOnUse), and the logits equal those of the same experts converted on
+    load with every record in the host cache (inclusive)."""
+    from moe_runtime.host_cache import TranscodeOnUse
+    from tiny_models import save_tiny_mixtral
+
+    tiny_dir = save_tiny_mixtral(tmp_path / "model", hidden=128, intermediate=256)  # Triton needs K % 64 == 0
+    common = dict(device="cuda", offload="disk", cache_size=1, prefetch=1, expert_bits=4, expert_group_size=64,
+                  store_dir=str(tmp_path))
+    roomy = load(tiny_dir, OffloadConfig(host_cache_gb="auto", **common))
+    ids = torch.randint(0, roomy.model.config.vocab_size, (1, 7), device="cuda")
+    try:
+        if not roomy.experts[0].form.transcodes:
+            pytest.skip("no converted compute form on this GPU (the triton package is missing)")
+        assert not roomy.host_cache.exclusive
+        with torch.no_grad():
+            expected = roomy.model(ids).logits
+        stride, layers = roomy.host_cache.stride, roomy.shape.num_layers
+    finally:
+        roomy.close()
+    tight = load(tiny_dir, OffloadConfig(host_cache_gb=(layers + 1) * stride / 1e9, **common))
+    try:
+        assert tight.host_cache.exclusive and isinstance(tight.experts[0].form, TranscodeOnUse)
+        for _ in range(2):
+            with torch.no_grad():
+                torch.testing.assert_close(tight.model(ids).logits, expected, atol=1e-3, rtol=1e-3)
+        assert sum(tight.counters().write_back_bytes) > 0
+    finally:
+        tight.close()

@@ -19,7 +19,15 @@ from moe_runtime.paths import REPO_ROOT
 from moe_runtime.policies import POLICIES
 from moe_runtime.sim.cli import main
 from moe_runtime.sim.replay import SIM_POLICIES, check_trace, predict_throughput, simulate, sweep
-from moe_runtime.sim.throughput import HARDWARE, MODELS, fitting_cache_size, predict_from_loads
+from moe_runtime.sim.throughput import (
+    HARDWARE,
+    LAYER_OVERHEAD_S,
+    MIXTRAL_LRU_HIT_RATES,
+    MODELS,
+    fitting_cache_size,
+    paper_errors,
+    predict_from_loads,
+)
 from moe_runtime.stats import RoutingTrace
 
 
@@ -235,17 +243,33 @@ def test_mixtral_sizes():
 
 def test_throughput_model_by_hand():
     t4 = HARDWARE["t4-pcie3"]
-    # Loading all 8 experts of every layer (accelerate-like): 32 x 8 x 66.06 MB / 12 GB/s = 1.409 s,
-    # plus compute (32 x (22.36 MB + 2 x 66.06 MB) + 262 MB LM head) / 320 GB/s = 16.3 ms.
+    # Compute of one layer: attention 22.36 MB + fp16 dequantization write + read of its
+    # 41.94 M weights (4 x 41.94 MB), plus 2 active experts of 66.06 MB record + 4 x 176.2 M bytes
+    # each, at 320 GB/s; plus the fitted per-layer overhead.
+    layer = (22_364_160 + 4 * 41_943_040 + 2 * (66_060_288 + 4 * 176_160_768)) / 320e9 + LAYER_OVERHEAD_S
+    # Loading all 8 experts of every layer (accelerate-like): 32 x 8 x 66.06 MB / 12 GB/s = 1.409 s.
     naive = predict_from_loads(MIXTRAL, t4, misses_per_layer=8)
     assert naive.demand_stall_s == pytest.approx(32 * 8 * 66_060_288 / 12e9)
-    assert naive.compute_s == pytest.approx((32 * (22_364_160 + 2 * 66_060_288) + 262_144_000) / 320e9)
-    assert naive.tokens_per_second == pytest.approx(0.7015, abs=1e-3)  # paper, Table 2: 0.66 measured
-    # Prefetch loads hide behind one layer's compute (0.48 ms): 0.05 loads (0.28 ms) fully, 1 load not.
+    assert naive.compute_s == pytest.approx(32 * layer + 262_144_000 / 320e9)
+    # Prefetch loads hide behind one layer's compute: 0.05 loads fully, 4 loads (22 ms) not.
     assert predict_from_loads(MIXTRAL, t4, 0, prefetch_loads_per_layer=0.05).prefetch_stall_s == 0
-    one = predict_from_loads(MIXTRAL, t4, 0, prefetch_loads_per_layer=1)
-    layer_compute = (22_364_160 + 2 * 66_060_288) / 320e9
-    assert one.prefetch_stall_s == pytest.approx(32 * (66_060_288 / 12e9 - layer_compute))
+    four = predict_from_loads(MIXTRAL, t4, 0, prefetch_loads_per_layer=4)
+    assert four.prefetch_stall_s == pytest.approx(32 * (4 * 66_060_288 / 12e9 - layer))
+
+
+def test_calibration_reproduces_its_row_and_reports_the_others():
+    # The overhead is fitted to the T4 full-method row (cache 4: 2 x (1 - 0.612) misses per layer).
+    fitted = predict_from_loads(MIXTRAL, HARDWARE["t4-pcie3"], 2 * (1 - 0.612))
+    assert fitted.tokens_per_second == pytest.approx(2.09)
+    assert 0 < LAYER_OVERHEAD_S < 0.05
+    rows = paper_errors(MIXTRAL, MIXTRAL_LRU_HIT_RATES)
+    assert [(r["hardware"], r["paper"]) for r in rows] == [
+        ("t4-pcie3", 2.09), ("t4-pcie3", 0.66), ("rtx3060", 2.28), ("rtx3060", 0.92), ("a100", 3.06),
+        ("a100", 1.39)]
+    assert [r["cache_size"] for r in rows] == [4, 0, 3, 0, 4, 0]  # the paper's cache per card
+    assert [r["fitted"] for r in rows] == [True] + [False] * 5
+    for r in rows:
+        assert r["error"] == pytest.approx(r["predicted"] / r["paper"] - 1)
 
 
 def test_fewer_misses_predict_more_tokens_per_second():

@@ -94,3 +94,19 @@ def test_a_counters_window_counts_only_what_happened_in_it(tiny_dir, tmp_path):
     assert [h + m for h, m in zip(window.hits, window.misses)] == window.selections
     assert window.prefetch_precision is None  # prefetch off: nothing loaded ahead, no precision to speak of
     assert 0 <= window.hit_rate <= 1
+
+
+def test_recall_over_experts_not_on_the_device():
+    """prefetch_recall counts every selected expert; prefetch_recall_new only those that were not on
+    the device when the guess was made (guessing a resident expert is free)."""
+    from moe_runtime.stats import StatsCollector
+
+    stats = StatsCollector(2, 4, 2, 2, 2, record_trace=False)
+    # token 1: selected {0, 1}, guessed [0, 2]; 0 was resident -> all: 1 of 2; new: expert 1 only, missed
+    stats.record_routing(1, [[0, 1]], [[0, 2, 1, 3]], 2, resident_at_guess={0})
+    # token 2: selected {2, 3}, guessed [2, 3]; nothing resident -> all: 2 of 2; new: 2 of 2
+    stats.record_routing(1, [[2, 3]], [[2, 3, 0, 1]], 2, resident_at_guess=set())
+    c = stats.counters()
+    assert c.prefetch_recall == 3 / 4
+    assert c.prefetch_recall_new == 2 / 3
+    assert StatsCollector(2, 4, 2, 2, 2).counters().prefetch_recall_new is None

@@ -156,6 +156,10 @@ def counter_rows(stats: Stats) -> list[list[str]]:
          "of the experts selected, the share the speculator had guessed (— without guesses)"],
         ["prefetch precision", percent(stats.prefetch_precision),
          "of the prefetched experts, the share used before being evicted"],
+        ["host-cache hits", f"{int(stats.total('host_hits'))} loads",
+         "loads served from the host-RAM cache: no disk read (0 without a host cache)"],
+        ["disk reads", f"{int(stats.total('disk_reads'))} reads, {_bytes_text(stats.total('disk_bytes'))}",
+         f"expert records read from disk ({int(stats.total('disk_prefetch_reads'))} of them read ahead)"],
         ["bytes moved", f"{moved / scale:.2f} {unit}" if scale > 1 else f"{moved:.0f} B",
          f"copied from the slow tier (prompt and reply); {moved / tokens / 2**20:.2f} MiB per reply token"],
         ["stall time", f"{stall:.3f} s", f"compute waiting for experts; {1e3 * stall / tokens:.1f} ms per reply token"],
@@ -164,6 +168,11 @@ def counter_rows(stats: Stats) -> list[list[str]]:
          f"device slots per layer; each token uses top-{stats.top_k}, prefetch width {stats.prefetch}"],
         ["routing trace", f"{stats.trace_tokens} tokens", "tokens in the downloadable routing trace"],
     ]
+
+
+def _bytes_text(n: float) -> str:
+    scale, unit = byte_unit(n)
+    return f"{n / scale:.2f} {unit}" if scale > 1 else f"{n:.0f} B"
 
 
 def expert_heatmap(stats: Stats) -> go.Figure:

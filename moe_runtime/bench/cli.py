@@ -55,10 +55,11 @@ VARIANTS = {
     "no-cache": "ours, every selected expert read from disk on every use (cache emptied before each token)",
     "lru": "ours, LRU cache of C experts per layer",
     "lru+prefetch": "ours, LRU cache + speculative prefetch of P experts one layer ahead",
+    "lru+host": "ours, lru+prefetch with a host-RAM cache of every record below it (each read from disk once)",
     "resident": "ours, cache of all E experts, loaded before timing (the limit)",
     "transformers": "plain transformers model, every weight in memory",
 }
-ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "resident")
+ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "lru+host", "resident")
 WORKLOAD_PARTS = {"workload-16bit": None, "workload-2bit": 2, "workload-4bit": 4}  # part -> expert bits
 PARTS = ("model", *WORKLOAD_PARTS, "kernels")
 
@@ -80,6 +81,9 @@ class Plan:
     expert_bits: int | None = None  # the model part's experts (None: as in the checkpoint)
 
     def jobs(self) -> list[Job]:
+        return [job for job in self._all_jobs() if not self.variants or job.variant in self.variants]
+
+    def _all_jobs(self) -> list[Job]:
         jobs = []
         common = dict(cache_size=self.cache_size, prefetch=self.prefetch, store_dir=self.store_dir, device=self.device,
                       threads=self.threads)

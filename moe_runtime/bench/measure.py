@@ -41,8 +41,7 @@ class Job:
 # --- counters of a window -----------------------------------------------------------------------
 def loader_counters(loader) -> Counters:
     """accelerate's loader as one-layer counters: every load is a demand load (a miss)."""
-    return Counters(selections=[0], hits=[0], misses=[loader.loads], prefetch_issued=[0], prefetch_used=[0],
-                    guess_hits=[0], guess_total=[0], bytes_moved=[loader.nbytes], stall_seconds=[loader.seconds])
+    return Counters.of(1, misses=[loader.loads], bytes_moved=[loader.nbytes], stall_seconds=[loader.seconds])
 
 
 def no_counters() -> Counters:
@@ -104,7 +103,7 @@ def _reset_peak_memory(job: Job) -> bool:
 def engine_knobs(job: Job, experts: int) -> tuple[int, int]:
     """(cache_size, prefetch) of an engine variant."""
     return {"no-cache": (1, 0), "lru": (job.cache_size, 0), "lru+prefetch": (job.cache_size, job.prefetch),
-            "resident": (experts, 0)}[job.variant]
+            "lru+host": (job.cache_size, job.prefetch), "resident": (experts, 0)}[job.variant]
 
 
 
@@ -132,6 +131,9 @@ def summarize(job: Job, measured: dict, facts: dict, cuda_peak_bytes: int | None
         "times": times,
         "stall_ms_per_token": 1000 * w["stall_seconds"] / n if n else 0.0,
         "bytes_per_token": w["bytes_moved"] / n if n else 0.0,
+        # read from disk (host cache variants: only first uses); None where no host level counts them
+        "disk_bytes_per_token": (w["disk_bytes"] / n if n else 0.0) if facts.get("host_slots") is not None
+        or facts.get("engine") else None,
         "window": w, "total": measured["total"].totals(), "warmup_seconds": measured["warmup_seconds"],
         "peak_rss_bytes": _peak_rss(), "peak_rss_isolated": measured["peak_rss_isolated"],
         "cuda_peak_bytes": cuda_peak_bytes,

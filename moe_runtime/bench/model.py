@@ -116,9 +116,12 @@ def run_model(job: Job):
             return timed(job, step, lambda: loader_counters(loader), lambda: drop_page_cache(Path(folder))), facts
     probe = AutoConfig.from_pretrained(job.model)
     cache_size, prefetch = engine_knobs(job, probe.num_local_experts)
+    # the disk-tier variants read every miss from disk (no host cache); lru+host puts every record
+    # in the host-RAM cache after its first read
     config = OffloadConfig(device=job.device, offload="disk", cache_size=cache_size, prefetch=prefetch,
                            expert_bits=job.expert_bits, store_dir=job.store_dir, record_trace=False,
-                           hqq_optimize=False)
+                           hqq_optimize=False, host_cache_gb="auto" if job.variant == "lru+host" else 0,
+                           disk_prefetch_layers=0)
     engine = load(job.model, config)
     facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=getattr(engine.tier, "direct_io", None),
                  engine=engine.describe())

@@ -15,10 +15,15 @@ PARTS = {
     "workload-2bit": "Mixtral-8x7B-shaped experts, 2-bit HQQ, routing replayed from a trace",
     "workload-4bit": "Mixtral-8x7B-shaped experts, 4-bit HQQ, routing replayed from a trace",
 }
-ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch", "resident", "transformers")
+ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch", "lru+host", "resident",
+         "transformers")
 TARGETS = {"vs_accelerate": 10.0, "vs_resident": 0.7, "lru_vs_belady": 0.95, "prefetch_recall": 0.85}
 MB = 1e6
 MIN_TARGET_TOKENS = 20  # hit-rate and recall targets are not judged on shorter windows
+
+
+def _mb(nbytes):
+    return None if nbytes is None else nbytes / MB
 
 
 def rows_of(results: list[dict], part: str) -> dict[str, dict]:
@@ -166,19 +171,21 @@ def part_table(results: list[dict], part: str) -> str:
     gpu = any(r.get("cuda_peak_bytes") for r in rows.values())
     lines = [f"### {PARTS[part]}", "", _settings_line(rows), "",
              "| variant | tok/s | ms/token mean / median | CPU ms/token | stall ms/token | hit rate | prefetch recall "
-             "| MB moved/token | peak RSS MB | " + ("GPU peak MB | " if gpu else "") + "× accelerate | × resident |",
-             "|---|" + "---:|" * (11 if gpu else 10)]
+             "| MB moved/token | disk MB/token | peak RSS MB | " + ("GPU peak MB | " if gpu else "")
+             + "× accelerate | × resident |",
+             "|---|" + "---:|" * (12 if gpu else 11)]
     for variant, r in rows.items():
         if "error" in r:
-            lines.append(f"| {variant} | error: {_error_line(r['error'])} |" + " |" * (10 if gpu else 9))
+            lines.append(f"| {variant} | error: {_error_line(r['error'])} |" + " |" * (11 if gpu else 10))
             continue
         name = variant + (" (16-bit run)" if r.get("borrowed") else "")
-        recall = r.get("prefetch_recall") if variant.startswith("lru+prefetch") else None
+        recall = r.get("prefetch_recall") if variant.startswith(("lru+prefetch", "lru+host")) else None
         gpu_cell = f"{_f((r.get('cuda_peak_bytes') or 0) / MB, 0)} | " if gpu else ""
         lines.append(
             f"| {name} | {_f(r['tokens_per_second'], 3)} | {_f(r['ms_per_token'], 1)} / "
             f"{_f(r['ms_per_token_median'], 1)} | {_f(r.get('cpu_ms_per_token'), 1)} | {_f(r['stall_ms_per_token'], 1)} | {_f(r.get('hit_rate'), 3)} | {_f(recall, 3)} | "
-            f"{_f(r['bytes_per_token'] / MB, 1)} | {_f(r['peak_rss_bytes'] / MB, 0)} | {gpu_cell}"
+            f"{_f(r['bytes_per_token'] / MB, 1)} | {_f(_mb(r.get('disk_bytes_per_token')), 1)} | "
+            f"{_f(r['peak_rss_bytes'] / MB, 0)} | {gpu_cell}"
             f"{_f(_ratio(rows, variant, 'accelerate'), 2, '×')} | {_f(_ratio(rows, variant, 'resident'), 2, '×')} |")
     return "\n".join(lines) + "\n"
 
@@ -272,7 +279,10 @@ def write_reports(results: list[dict], meta: dict, out: Path) -> str:
     (out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
     text = markdown(report)
     (out / "bench.md").write_text(text)
-    fig = figure(results)
+    try:
+        fig = figure(results)
+    except ImportError:  # a machine without plotly (e.g. a bare GPU box): the JSON and markdown are the results
+        return text
     fig.write_html(out / "bench.html", include_plotlyjs="cdn")
     figures = {"bench": fig}
     if trace:

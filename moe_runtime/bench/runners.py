@@ -51,8 +51,10 @@ def run_workload(job: Job):
         return timed(job, stack.step, lambda: loader_counters(stack.loader),
                      lambda: accelerate.drop_page_cache(folder)), facts
     cache_size, prefetch = engine_knobs(job, spec.experts)
-    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device)
-    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io)
+    host_slots = spec.layers * spec.experts if job.variant == "lru+host" else 0  # every record fits
+    stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device,
+                              host_slots=host_slots)
+    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io, host_slots=host_slots)
     if job.variant.startswith("resident"):
         stack.warm_all()
     before = stack.drop_resident if job.variant == "no-cache" else None

@@ -25,6 +25,8 @@ from ..arch import swiglu
 from ..cache import ExpertCache
 from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
+from ..host_cache import HostCache
+from ..kernels import compute_form
 from ..quant import ExpertCodec
 from ..stats import RoutingTrace, StatsCollector
 from ..store import DiskTier, open_store, round_up, store_folder, write_store
@@ -171,12 +173,18 @@ class OffloadedStack:
     """L `OffloadedExperts` modules over one `DiskTier`, each layer with its own `ExpertCache`."""
 
     def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, cache_size: int, prefetch: int,
-                 device: torch.device, policy: str = "lru") -> None:
+                 device: torch.device, policy: str = "lru", host_slots: int = 0) -> None:
         check_replay(spec, replay)
         self.spec, self.replay, self.device = spec, replay, device
         codec = spec.codec()
-        disk = DiskTier(folder, spec.experts, round_up(codec.nbytes), codec.nbytes, device)
+        stride = round_up(codec.nbytes)
+        disk = DiskTier(folder, spec.experts, stride, codec.nbytes, device)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
+        # the host level (host_cache.py) below the device slots: with 0 slots a pass-through that counts
+        # disk reads; exclusive where it can be
+        exclusive = device.type == "cuda" and not compute_form(codec, device).transcodes
+        disk = HostCache(disk, spec.layers, host_slots, stride, policy, exclusive, pin=device.type == "cuda",
+                         stats=self.stats)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
             prefetch=prefetch, policy=policy, stats=self.stats, expert_fn=swiglu(F.silu), device=device)

@@ -139,11 +139,9 @@ class SimResult:
 
     @property
     def counters(self) -> Counters:
-        zeros = [0] * self.num_layers
-        return Counters(selections=self.selections, hits=self.hits, misses=self.misses,
-                        prefetch_issued=self.prefetch_loads, prefetch_used=self.prefetch_used,
-                        guess_hits=self.guess_hits, guess_total=self.guess_total, bytes_moved=zeros,
-                        stall_seconds=zeros)
+        return Counters.of(self.num_layers, selections=self.selections, hits=self.hits, misses=self.misses,
+                           prefetch_issued=self.prefetch_loads, prefetch_used=self.prefetch_used,
+                           guess_hits=self.guess_hits, guess_total=self.guess_total)
 
     @property
     def hit_rate(self) -> float:
