@@ -25,15 +25,9 @@ import torch
 
 from .policies import EvictionPolicy
 from .stats import StatsCollector
+from .store import level_of
 
 WAIT_TIMEOUT_S = 120.0  # a slot or another thread's load; far above any sane single expert load
-
-
-def level_of(tier, layer: int, expert: int) -> str:
-    """Where the slow tier holds an expert now ("ram", "disk", ...: `SlowTier.level_of`); tiers
-    without that method (test doubles) are "slow tier"."""
-    query = getattr(tier, "level_of", None)
-    return query(layer, expert) if query is not None else "slow tier"
 
 
 class ExpertLoadError(RuntimeError):
@@ -86,9 +80,10 @@ class Transfer:
     def _run(self, layer: int, expert: int, dst: torch.Tensor, ticket: LoadTicket,
              wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
              write_back: int | None = None, kind: str = "demand") -> None:
-        start = time.perf_counter()
-        level = level_of(self.tier, layer, expert) if self.stats is not None else ""  # before the copy moves it
+        start, level = time.perf_counter(), ""
         try:
+            if self.stats is not None:
+                level = level_of(self.tier, layer, expert)  # asked before the copy moves the expert
             # inference mode: a slot view taken under inference_mode (the bench's prefetches) is an
             # inference tensor, which this worker thread, outside that thread-local mode, may not update
             if self.stream is not None:

@@ -17,9 +17,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .arch.base import MoEShape
-from .cache import level_of
 from .config import OffloadConfig
 from .stats import Counters, Stats, StatsCollector
+from .store import level_of
 
 
 @dataclass

@@ -395,6 +395,13 @@ class SlowTier(Protocol):
     def close(self) -> None: ...
 
 
+def level_of(tier, layer: int, expert: int) -> str:
+    """Where the slow tier holds an expert now ("ram", "disk", ...: `SlowTier.level_of`); tiers
+    without that method (test doubles) are "slow tier"."""
+    query = getattr(tier, "level_of", None)
+    return query(layer, expert) if query is not None else "slow tier"
+
+
 class RamTier:
     """All expert records in host memory; `copy_to` is a (non-blocking on CUDA) copy."""
 

@@ -16,10 +16,12 @@ from moe_runtime.store import RamTier
 from webapp import plots
 
 
-@pytest.mark.parametrize("offload", ["ram", "disk"])
-def test_after_a_reply_the_device_holds_each_layers_last_experts(tiny_dir, tmp_path, offload):
+@pytest.mark.parametrize("offload, host_cache_gb, elsewhere", [("ram", "auto", {"ram"}), ("disk", 0, {"disk"}),
+                                                              ("disk", "auto", {"host"})])
+def test_after_a_reply_the_device_holds_each_layers_last_experts(tiny_dir, tmp_path, offload, host_cache_gb,
+                                                                 elsewhere):
     engine = load(tiny_dir, OffloadConfig(device="cpu", offload=offload, cache_size=2, prefetch=0,
-                                          store_dir=str(tmp_path / "store")))
+                                          host_cache_gb=host_cache_gb, store_dir=str(tmp_path / "store")))
     try:
         list(engine.chat([{"role": "user", "content": "To be"}], GenerationSettings(5, temperature=0)))
         levels, stats = engine.cache_map(), engine.stats()
@@ -29,7 +31,10 @@ def test_after_a_reply_the_device_holds_each_layers_last_experts(tiny_dir, tmp_p
     for layer, row in enumerate(levels):  # LRU, 2 slots, top-2: the last token's two experts
         on_device = {e for e, place in enumerate(row) if place == "device"}
         assert on_device == set(stats.trace.selected[layer][-1])
-        assert {place for place in row if place != "device"} == {offload}
+        # the rest: in RAM, on disk only, or (a host cache that holds every record read) in the host cache
+        assert {place for place in row if place != "device"} <= elsewhere | ({"disk"} if "host" in elsewhere else set())
+    if "host" in elsewhere:
+        assert any(place == "host" for row in levels for place in row)
     last = stats.expert_last_use
     for layer in range(stats.num_layers):
         for e in stats.trace.selected[layer][-1]:
