@@ -14,7 +14,15 @@ from pathlib import Path
 
 from moe_runtime.arch.base import MoEShape
 from moe_runtime.sim.replay import SIM_POLICIES, SimResult, check_trace, predict_throughput, simulate
-from moe_runtime.sim.throughput import GB, HARDWARE, MODELS, PAPER_TABLE2, ModelShape, Throughput
+from moe_runtime.sim.throughput import (
+    GB,
+    HARDWARE,
+    MIXTRAL_LRU_HIT_RATES,
+    MODELS,
+    ModelShape,
+    Throughput,
+    paper_errors,
+)
 from moe_runtime.stats import RoutingTrace, Stats
 
 SERVED_SHAPE = "served model"  # the model-shape choice that means "the model the app serves"
@@ -144,23 +152,26 @@ def notes(w: WhatIf) -> str:
              f"experts, {s.expert_bytes / 1e6:.2f} MB per expert ({s.expert_bits}-bit), "
              f"{s.resident_dense_bytes / GB:.3f} GB dense. The throughput model takes spec-sheet bandwidths and "
              "mean loads per layer: an optimistic bound, not a measurement."]
-    paper = [f for f in PAPER_TABLE2 if f.hardware == hw.name and f.method.startswith("full")]
-    paper_setting = (s.name.split(" ")[0], s.expert_bits, s.expert_group_size, s.attn_bits) == ("mixtral-8x7b", 2, 16, 4)
-    if paper and paper_setting and w.result.policy == "lru" and w.result.prefetch > 0:
-        figure = paper[0]
-        error = w.prediction.tokens_per_second / figure.tokens_per_second - 1
-        lines.append(f"Its error against the paper (Eliseev & Mazur, Table 2, {figure.method}, measured "
-                     f"{figure.tokens_per_second:.2f} tokens/s on this hardware): {error:+.0%} with this trace's "
-                     "hit rates.")
+    rows = [r for r in paper_errors(MODELS["mixtral-8x7b"], MIXTRAL_LRU_HIT_RATES) if r["hardware"] == hw.name]
+    if rows:
+        lines.append(f"The throughput model's stated error on {hw.name}, against the paper's Table 2 (Mixtral-8x7B, "
+                     "2-bit experts, real Mixtral routing; `python -m moe_runtime.sim calibrate`): "
+                     + "; ".join(map(_paper_row, rows)) + ".")
     else:
-        lines.append("The paper measured no figure for this setting (its Table 2: Mixtral-8x7B, 2-bit experts, "
-                     "4-bit attention, LRU with prefetch, on t4-pcie3), so no error can be stated here.")
+        lines.append(f"The paper measured nothing on {hw.name}, so the throughput model has no stated error there.")
     if w.measured is not None:
         lines.append("Measured figures are this app's own counters since the last reset, on this machine "
                      "(not on the chosen hardware). The engine runs a prompt's tokens together and the simulator "
                      "one at a time, so where a chat's prompts count the two columns differ even with the same "
                      "settings; token by token (decode) the replay counts what the engine counts.")
     return "\n\n".join(lines)
+
+
+def _paper_row(row: dict) -> str:
+    cache = f" (cache {row['cache_size']})" if row["cache_size"] else ""
+    fitted = ", the row it is fitted to" if row["fitted"] else ""
+    return (f"{row['method']}{cache}: paper {row['paper']:.2f}, model {row['predicted']:.2f} tokens/s "
+            f"({row['error']:+.0%}{fitted})")
 
 
 def model_choices() -> list[str]:
