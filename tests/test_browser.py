@@ -111,7 +111,7 @@ def tokens_generated(text: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def watch_stats_while_streaming(context, url: str, attempts: int = 3) -> list[list[int]]:
+def watch_stats_while_streaming(context, url: str, attempts: int = 5) -> list[list[int]]:
     """Send long replies (240 tokens at temperature 2) from the Chat tab while the Stats tab is open;
     per reply, the counter table's "tokens generated" each time the Stats tab changed, from before
     the reply to its final refresh. Stops after the first reply that showed a value in between
