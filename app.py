@@ -5,10 +5,12 @@
     python app.py --help                # every flag
 
 Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache hit rate under
-each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (Plotly
-figures refreshed while a reply streams, counters, routing-trace download on request, reset).
-API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, figures), /trace
-(the routing-trace file), /apply_settings, /reset_stats.
+each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (a table of
+the counters and Plotly figures, each with a line on how to read it, refreshed while a reply streams;
+routing-trace and counters downloads on request, reset).
+API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, counter table,
+figures), /trace (the routing-trace file), /apply_settings, /reset_stats. OpenAI-compatible, on the
+same port: POST /v1/chat/completions, GET /v1/models (webapp.openai_api; --api-key to require a key).
 
 Public host (listening beyond 127.0.0.1, --share, a Hugging Face Space, or --public): settings,
 reloads (hence hub downloads) and stats reset need the operator token (MOE_OPERATOR_TOKEN, or
@@ -33,7 +35,8 @@ import gradio as gr  # noqa: E402
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import POLICIES  # noqa: E402
-from webapp import plots  # noqa: E402
+from webapp import plots, whatif  # noqa: E402
+from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import (  # noqa: E402
     EMBEDDED_MODEL,
     EngineService,
@@ -46,16 +49,19 @@ from webapp.service import (  # noqa: E402
 TITLE = "Mixture-of-Experts with expert offloading"
 THEME = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                        font_mono=["ui-monospace", "monospace"])  # system fonts: no font download
-CSS = ".reply-footer { opacity: 0.7; }"
-STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved")
+CSS = (".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9em; margin-top: -0.5em; } "
+       "#cache-map { max-height: 640px; overflow-y: auto; }")  # a map of many layers scrolls
+STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline",
+                 "cache_map")
 SETTINGS_WIDGETS = 11  # the 9 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
                   "context": "context window full", "time": "time limit reached"}
 LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
-MAX_UPLOAD = "1mb"  # the app takes no files; gradio's upload route stays small
+MAX_UPLOAD = "1mb"  # the only upload is a What-if trace file (webapp.whatif caps it too)
 CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
+WHATIF_SESSION, WHATIF_UPLOAD = "this session's trace", "an uploaded trace file"
 TOKEN_ENV = "MOE_OPERATOR_TOKEN"  # the operator token on a public host (a Space: a secret of that name)
 
 
@@ -212,16 +218,21 @@ class Handlers:
             raise gr.Error(str(err)) from None
 
     # stats -----------------------------------------------------------------------------------------
-    def stats_view(self):
-        """(counters, *figures) of the running engine, from one snapshot without the trace (cheap:
-        polled while a reply streams, and the /stats endpoint)."""
+    def stats_view(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
+        """(counters, counter table, *figures) of the running engine, from one snapshot without the
+        trace (cheap: polled while a reply streams, and the /stats endpoint); the timeline shows the
+        newest `timeline_tokens` tokens."""
         try:
             stats = self.service.stats(trace=False)
         except ValueError as err:
             gr.Warning(str(err))
-            return (gr.skip(),) * (1 + len(STATS_FIGURES))
-        figures = plots.dashboard(stats)
-        return (plots.counters(stats), *(figures[name] for name in STATS_FIGURES))
+            return (gr.skip(),) * (2 + len(STATS_FIGURES))
+        try:
+            tokens = whole_number("timeline tokens", timeline_tokens)
+        except ValueError:
+            tokens = plots.TIMELINE_TOKENS
+        figures = plots.dashboard(stats, timeline_tokens=max(tokens, 1), levels=self.service.cache_map())
+        return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
 
     def trace_download(self):
         """The routing trace as a JSON file, made on request (a new file at most every
@@ -231,8 +242,15 @@ class Handlers:
         except ValueError as err:
             raise gr.Error(str(err)) from None
 
-    def after_reply(self):
-        return (*self.stats_view(), gr.Timer(active=False))
+    def counters_download(self):
+        """The counters as a JSON file, made on request."""
+        try:
+            return self.service.save_counters(plots.counters(self.service.stats(trace=False)))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+
+    def after_reply(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
+        return (*self.stats_view(timeline_tokens), gr.Timer(active=False))
 
     def reset_stats(self, operator_token: str = ""):
         """Zero the shared counters (the operator's, on a public host); returns the stats view."""
@@ -242,6 +260,37 @@ class Handlers:
         except ValueError as err:
             gr.Warning(str(err))
         return self.stats_view()
+
+    # what-if ---------------------------------------------------------------------------------------
+    def what_if(self, source: str, upload, policy: str, cache_size: float, prefetch: float, hardware: str,
+                shape: str, include_prefill: bool):
+        """Replay a routing trace with other cache settings: (table, notes). The session's trace, or
+        an uploaded trace file (size-capped); bad input leaves the table and says why."""
+        try:
+            stats = self.service.stats()
+            if source == WHATIF_UPLOAD:
+                if not upload:
+                    raise ValueError("no trace file uploaded: choose one, or replay this session's trace")
+                trace = whatif.load_trace(upload)
+            elif stats.trace is None:
+                raise ValueError("this engine records no routing trace (started with --no-trace): upload one")
+            else:
+                trace = stats.trace
+            c = self.service.config
+            engine = self.service.engine
+            model_shape = whatif.served_shape(engine.shape, engine.model.config, c.expert_bits, c.attn_bits,
+                                              expert_group_size=c.expert_group_size,
+                                              attn_group_size=c.attn_group_size) \
+                if shape == whatif.SERVED_SHAPE else whatif.MODELS.get(shape)
+            if model_shape is None:
+                raise ValueError(f"model shape {shape!r} is not allowed: use one of {', '.join(whatif.model_choices())}")
+            result = whatif.replay(trace, policy, whole_number("cache size", cache_size),
+                                   whole_number("prefetch", prefetch), hardware, model_shape, stats,
+                                   self.service.describe()["expert_bytes"], bool(include_prefill))
+        except ValueError as err:
+            gr.Warning(f"Not replayed: {err}")
+            return gr.skip(), f"**Not replayed:** {err}"
+        return whatif.rows(result), whatif.notes(result)
 
     # settings --------------------------------------------------------------------------------------
     def apply(self, model: str, expert_bits: str, attn_bits: str, cache_size: float, prefetch: float,
@@ -331,7 +380,8 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2,
                                                placeholder="Optional; used only if the chat template supports it")
                     with gr.Row():
-                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                                elem_id="temperature")
                         top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
                         max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
                                                    label="Max new tokens", elem_id="max-new-tokens")
@@ -374,52 +424,115 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                 with gr.Row():
                     refresh = gr.Button("Refresh", elem_id="refresh")
                     reset = gr.Button("Reset stats", elem_id="reset", interactive=editable)
-                    prepare = gr.Button("Prepare routing trace", elem_id="prepare-trace")
+                    prepare = gr.Button("Prepare downloads", elem_id="prepare-trace")
                     download = gr.DownloadButton("Download routing trace (JSON)", elem_id="download-trace")
-                counters = gr.JSON(label="Counters", elem_id="counters")
-                figures = [gr.Plot(label="Expert selections", elem_id="expert-heatmap")]
-                with gr.Row():
-                    figures += [gr.Plot(label="Cache hit rate"), gr.Plot(label="Prefetch recall")]
-                with gr.Row():
-                    figures += [gr.Plot(label="Tokens per second"), gr.Plot(label="Bytes moved")]
+                    download_counters = gr.DownloadButton("Download counters (JSON)", elem_id="download-counters")
+                counters = gr.JSON(visible=False)  # the counters as data, for API clients (/stats)
+                table = gr.Dataframe(headers=plots.COUNTER_COLUMNS, label="Counters", interactive=False, wrap=True,
+                                     elem_id="counters", column_widths=["22%", "22%", "56%"])
+                plotted = {}  # figure name -> its gr.Plot
 
-        stats_outputs = [counters, *figures]
+                def figure(name: str, label: str, elem_id: str | None = None) -> None:
+                    plotted[name] = gr.Plot(label=label, elem_id=elem_id)
+                    gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
+
+                figure("cache_map", "Live cache map", "cache-map")
+                timeline_tokens = gr.Slider(1, 256, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
+                                            label="Timeline: newest tokens shown")
+                figure("timeline", "Load/compute timeline", "timeline")
+                figure("experts", "Expert selections", "expert-heatmap")
+                with gr.Row():
+                    with gr.Column():
+                        figure("hit_rate", "Cache hit rate")
+                    with gr.Column():
+                        figure("prefetch_recall", "Prefetch recall")
+                with gr.Row():
+                    with gr.Column():
+                        figure("tokens_per_second", "Tokens per second")
+                    with gr.Column():
+                        figure("bytes_moved", "Bytes moved")
+                figures = [plotted[name] for name in STATS_FIGURES]
+
+            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab"):
+                gr.Markdown("Replay the routing trace through the simulator (`moe_runtime.sim`) with other cache "
+                            "settings and predict tokens/s on other hardware, beside what this session measured.",
+                            elem_classes="caption")
+                with gr.Row():
+                    wi_source = gr.Radio([WHATIF_SESSION, WHATIF_UPLOAD], value=WHATIF_SESSION, label="Routing trace")
+                    wi_upload = gr.File(label="Trace file (JSON from Prepare downloads or moe_runtime; at most 1 MiB)",
+                                        file_types=[".json"], type="filepath", elem_id="whatif-upload")
+                with gr.Row():
+                    wi_policy = gr.Dropdown(whatif.policy_choices(), value=service.config.policy, label="Replay policy",
+                                            info="belady: the optimum that knows the future", elem_id="whatif-policy")
+                    wi_cache = gr.Number(service.config.cache_size, precision=0, label="Replay cache size per layer",
+                                         elem_id="whatif-cache")
+                    wi_prefetch = gr.Number(service.config.prefetch, precision=0, label="Replay prefetch width",
+                                            elem_id="whatif-prefetch")
+                    wi_hardware = gr.Dropdown(list(whatif.HARDWARE), value="cpu-space", label="Hardware profile",
+                                              elem_id="whatif-hardware")
+                    wi_shape = gr.Dropdown(whatif.model_choices(), value=whatif.SERVED_SHAPE, label="Model shape",
+                                           info="whose bytes and compute the prediction uses", elem_id="whatif-shape")
+                    wi_prefill = gr.Checkbox(True, label="include prompt tokens",
+                                             info="the counters include them")
+                wi_run = gr.Button("Replay", variant="primary", elem_id="whatif-run")
+                wi_table = gr.Dataframe(headers=whatif.COLUMNS, label="Measured beside replayed", interactive=False,
+                                        wrap=True, elem_id="whatif-table")
+                gr.Markdown("Each row: what this session measured, what the simulator counts when it replays the "
+                            "same routing with the chosen settings, and what the throughput model predicts on "
+                            "the chosen hardware.", elem_classes="caption")
+                wi_notes = gr.Markdown(elem_id="whatif-notes")
+
+        stats_outputs = [counters, table, *figures]
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
         replies = []
         for trigger in (message.submit, send.click):
             reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
                 h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
                 show_progress="minimal", **private)
-            reply.then(h.after_reply, None, [*stats_outputs, timer], show_progress="hidden", **private)
+            reply.then(h.after_reply, timeline_tokens, [*stats_outputs, timer], show_progress="hidden", **private)
             replies.append(reply)
         stop.click(h.stop, None, None, queue=False, **private)
         clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
         chatbot.clear(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
-        timer.tick(h.stats_view, None, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
+        timer.tick(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
-        refresh.click(h.stats_view, None, stats_outputs, api_name="stats", concurrency_limit=4)
+        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_limit=4)
+        timeline_tokens.release(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden",
+                                concurrency_id="stats-view", concurrency_limit=4, **private)
         prepare.click(h.trace_download, None, download, api_name="trace", concurrency_id="trace",
                       concurrency_limit=1)
+        prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
         reset.click(h.reset_stats, token, stats_outputs, api_name="reset_stats",
                     concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
+
+        wi_run.click(h.what_if, [wi_source, wi_upload, wi_policy, wi_cache, wi_prefetch, wi_hardware, wi_shape,
+                                 wi_prefill], [wi_table, wi_notes], api_name="what_if", concurrency_id="what-if",
+                     concurrency_limit=1)
 
         settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy, host_cache]
         unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
         apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_view, None, stats_outputs, show_progress="hidden", **private)
+            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
 
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_view, None, stats_outputs, show_progress="hidden", **private)
+        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
     return demo
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
-    """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE)."""
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,
+           api: OpenAIServer | None = None):
+    """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE), and `api`'s
+    OpenAI-compatible routes on the same server (added to gradio's FastAPI app once it runs)."""
     demo.queue(default_concurrency_limit=1)
-    return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                       theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD)
+    if api is not None:
+        api.mount(demo.server_app)
+    if block:
+        demo.block_thread()
+    return demo
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -470,7 +583,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--allow-local-paths", action="store_true",
                    help="let the Settings tab load any local model folder (otherwise only the embedded model, "
                         "--model and known Mixtral hub ids)")
-    s.add_argument("--max-new-tokens", type=int, default=128, help="initial value of the Max new tokens slider")
+    s.add_argument("--max-new-tokens", type=int, default=128,
+                   help="initial value of the Max new tokens slider, and the API's max_tokens when a request has none")
+    s.add_argument("--api-key", default=os.environ.get("MOE_API_KEY") or None,
+                   help="require this key (as 'Authorization: Bearer <key>') on the OpenAI-compatible API under "
+                        "/v1 (default: $MOE_API_KEY; unset = open, like the Chat tab)")
     s.add_argument("--public", action="store_true",
                    help="treat this as a public host even on 127.0.0.1 (behind a proxy): settings, reloads and "
                         "stats reset need the operator token. Implied by a --host other than loopback, --share "
@@ -534,7 +651,8 @@ def main(argv: list[str] | None = None, block: bool = True) -> gr.Blocks:
     demo = build_app(service, default_max_new_tokens=args.max_new_tokens, operator=operator)
     if block:  # SIGTERM (docker stop, a Space restart) exits like Ctrl-C: temp files are removed
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    launch(demo, args.host, args.port, args.share, block=block)
+    api = OpenAIServer(service, api_key=args.api_key, default_max_tokens=args.max_new_tokens)
+    launch(demo, args.host, args.port, args.share, block=block, api=api)
     return demo
 
 

@@ -25,6 +25,7 @@ import torch
 
 from .policies import EvictionPolicy
 from .stats import StatsCollector
+from .store import level_of
 
 WAIT_TIMEOUT_S = 120.0  # a slot or another thread's load; far above any sane single expert load
 
@@ -60,9 +61,10 @@ class LoadTicket:
 class Transfer:
     """Moves expert records from the slow tier into device slots."""
 
-    def __init__(self, tier, device: torch.device) -> None:
+    def __init__(self, tier, device: torch.device, stats: StatsCollector | None = None) -> None:
         self.tier = tier
         self.device = device
+        self.stats = stats  # gets a "demand"/"prefetch" span of the timeline per load
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
 
@@ -77,8 +79,11 @@ class Transfer:
 
     def _run(self, layer: int, expert: int, dst: torch.Tensor, ticket: LoadTicket,
              wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
-             write_back: int | None = None) -> None:
+             write_back: int | None = None, kind: str = "demand") -> None:
+        start, level = time.perf_counter(), ""
         try:
+            if self.stats is not None:
+                level = level_of(self.tier, layer, expert)  # asked before the copy moves the expert
             # inference mode: a slot view taken under inference_mode (the bench's prefetches) is an
             # inference tensor, which this worker thread, outside that thread-local mode, may not update
             if self.stream is not None:
@@ -95,6 +100,8 @@ class Transfer:
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:
+            if self.stats is not None:
+                self.stats.record_span(kind, layer, expert, start, time.perf_counter(), level)
             if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
                 on_done()
             ticket.done.set()
@@ -103,7 +110,7 @@ class Transfer:
         self._run(layer, expert, dst, ticket, wait_for, None, write_back)
 
     def load_async(self, layer, expert, dst, ticket, wait_for=None, on_done=None, write_back=None) -> None:
-        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done, write_back)
+        self.worker.submit(self._run, layer, expert, dst, ticket, wait_for, on_done, write_back, "prefetch")
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
@@ -140,6 +147,14 @@ class ExpertCache:
     def resident(self) -> set[int]:
         with self._cond:
             return set(self.slot_of)
+
+    def states(self) -> dict[int, str]:
+        """expert -> "device" (in a slot, ready) or "loading (demand)" / "loading (prefetch)", for the
+        experts of this layer that have a slot (the others are only in the slow tier)."""
+        with self._cond:
+            return {e: "device" if (t := self.tickets[s]) is None or t.done.is_set()
+                    else "loading (prefetch)" if e in self.prefetched else "loading (demand)"
+                    for e, s in self.slot_of.items()}
 
     # --- slot bookkeeping (caller holds the lock) ---------------------------------------------
     def _free_or_victim(self, protect: set[int] = frozenset()) -> int | None:
@@ -238,10 +253,10 @@ class ExpertCache:
                     self.prefetched.discard(expert)
                     self.stats.record_prefetch_used(self.layer)
         finally:
-            self.stats.record_access(self.layer, hit)  # once per use, whatever happened
+            self.stats.record_access(self.layer, hit, expert)  # once per use, whatever happened
         stalled = time.perf_counter() - start
         if not hit or stalled > 1e-4:
-            self.stats.record_stall(self.layer, stalled)
+            self.stats.record_stall(self.layer, stalled, expert)
         return self.slots[slot]
 
     def release(self, expert: int) -> None:

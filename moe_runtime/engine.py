@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from .arch.base import MoEShape
 from .config import OffloadConfig
 from .stats import Counters, Stats, StatsCollector
+from .store import level_of
 
 
 @dataclass
@@ -56,6 +57,7 @@ class StreamUpdate:
     finished: bool = False
     finish_reason: str | None = None  # "length", "stop" (end of sequence), "cancelled", "time" (max_seconds)
     # or, from the app's service, "context" (the reply was clipped to the context window and filled it)
+    prompt_tokens: int = 0  # tokens of the prompt the reply continues (for usage counts)
 
 
 class _TimedStreamer(TextIteratorStreamer):
@@ -124,6 +126,15 @@ class Engine:
     def counters(self) -> Counters:
         """The cache counters now, without the rest of a snapshot (cheap); `end - start` is a window."""
         return self._stats.counters()
+
+    def cache_map(self) -> list[list[str]]:
+        """Where each expert is now, [L][E]: "device", "loading (demand)", "loading (prefetch)", or
+        the slow tier's level of it ("ram", "disk"; a tier with more levels names them per expert)."""
+        out = []
+        for module in self.experts:
+            states = module.cache.states()
+            out.append([states.get(e) or level_of(self.tier, module.layer, e) for e in range(self.shape.num_experts)])
+        return out
 
     def reset_stats(self) -> None:
         """Zero the counters and the trace. Waits for a reply in progress: a reset between two layers
@@ -203,7 +214,7 @@ class Engine:
             try:
                 for piece in streamer:
                     text += piece
-                    yield self._update(text, streamer.count, start)
+                    yield self._update(text, streamer.count, start, prompt_tokens=input_ids.shape[-1])
             except GeneratorExit:  # the consumer stopped early: end generation at the next token
                 cancelled_here = True
                 stop.set()
@@ -219,7 +230,8 @@ class Engine:
                 reason = "time"
             else:
                 reason = self._finish_reason(streamer.count, settings)
-            yield self._update(text, streamer.count, start, finished=True, reason=reason)
+            yield self._update(text, streamer.count, start, finished=True, reason=reason,
+                               prompt_tokens=input_ids.shape[-1])
 
     def chat(self, messages: list[dict], settings: GenerationSettings | None = None,
              stop: threading.Event | None = None) -> Iterator[StreamUpdate]:
@@ -247,12 +259,14 @@ class Engine:
             errors.append(err)
             kwargs["streamer"].end()
 
-    def _update(self, text: str, count: int, start: Counters, finished=False, reason=None) -> StreamUpdate:
+    def _update(self, text: str, count: int, start: Counters, finished=False, reason=None,
+                prompt_tokens: int = 0) -> StreamUpdate:
         """The reply so far; its hit rate is over this reply's window of the counters."""
         times = self._stats.token_times
         elapsed = times[-1] if times else 0.0
         tps = (len(times) - 1) / elapsed if elapsed > 0 else 0.0
-        return StreamUpdate(text, count, tps, (self._stats.counters() - start).hit_rate, finished, reason)
+        return StreamUpdate(text, count, tps, (self._stats.counters() - start).hit_rate, finished, reason,
+                            prompt_tokens)
 
     def _finish_reason(self, count: int, settings: GenerationSettings) -> str:
         return "length" if count >= settings.max_new_tokens else "stop"

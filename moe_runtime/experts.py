@@ -21,6 +21,7 @@ speculator (`Speculation` below) are declared seams.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -185,6 +186,7 @@ class OffloadedExperts(nn.Module):
 
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        start = time.perf_counter()
         if self.speculator is not None:
             self.speculator(hidden_states)
         routing = top_k_index.cpu()  # [T, K]: the layer's one host sync (stats and dispatch read it)
@@ -216,6 +218,7 @@ class OffloadedExperts(nn.Module):
         if ys:
             token_idx, k_pos = plan.rows(order)
             combine(out, torch.cat(ys), token_idx, k_pos, top_k_weights)
+        self.stats.record_span("compute", self.layer, -1, start, time.perf_counter())
         return out
 
     def _record(self, top_k_index: torch.Tensor) -> None:
@@ -237,7 +240,7 @@ def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_ex
     form = form if form is not None else compute_form(codec, device)
     if form.transcodes:
         tier = TranscodingTier(tier, codec, form)
-    transfer = Transfer(tier, device)
+    transfer = Transfer(tier, device, stats)
     stride = round_up(form.nbytes)
     modules = []
     for layer in range(num_layers):

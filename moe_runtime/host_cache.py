@@ -36,7 +36,7 @@ import torch
 
 from .policies import make_policy
 from .stats import StatsCollector
-from .store import aligned_empty
+from .store import aligned_empty, level_of
 
 GB = 1e9
 HOST_HEADROOM_GB = 2.0  # left free by host_cache_gb="auto": activations, tokenizer, Python's own growth
@@ -177,6 +177,13 @@ class HostCache:
             self.copied[slot] = None
 
     # --- the slow-tier interface ----------------------------------------------------------------
+    def level_of(self, layer: int, expert: int) -> str:
+        """ "host" for a record in the arena, else the inner tier's level (a read in flight is still disk)."""
+        key = (layer, expert)
+        with self._cond:
+            held = key in self.slot_of and key not in self.reading
+        return "host" if held else level_of(self.inner, layer, expert)
+
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         """Fill `dst` with the record: from the arena (a host hit) or from disk (a disk read, kept
         in the arena when a slot is free or evictable)."""

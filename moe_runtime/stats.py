@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 TRACE_FORMAT = "moe-routing-trace"
 TRACE_VERSION = 1
+MAX_SPANS = 20_000  # the timeline's ring buffer: the newest this many spans are kept
 STEP_WAIT_S = 10.0  # the longest a snapshot waits for the forward pass in progress to end
 
 
@@ -98,6 +101,24 @@ class RoutingTrace:
             guess=[[layer[i] for i in keep] if layer else [] for layer in self.guess],
             phase=["decode"] * len(keep),
         )
+
+
+class Span(NamedTuple):
+    """One interval of the load/compute timeline, in seconds (time.perf_counter; in a `Stats`
+    snapshot, since the reply started).
+
+    kind: "compute" (a MoE layer's forward, its waits included), "stall" (the layer waiting for
+    `expert`: a demand load, or a prefetch still in flight), "demand" or "prefetch" (a load of
+    `expert` into the layer's cache, from `level`: "ram", "disk", ...). expert is -1 for "compute".
+    On CUDA a load's end is when its copy was queued on the side stream, not when it landed.
+    """
+
+    kind: str
+    layer: int
+    expert: int
+    start: float
+    end: float
+    level: str = ""
 
 
 @dataclass
@@ -208,6 +229,11 @@ class Stats(Counters):
     token_times: list[float]
     trace: RoutingTrace | None = None
     trace_tokens: int = 0  # tokens in the engine's trace, also when the snapshot left the trace out
+    expert_hits: list[list[int]] = field(default_factory=list)  # [L][E] uses of the expert that were hits
+    expert_last_use: list[list[int | None]] = field(default_factory=list)  # [L][E] token number of its last selection
+    tokens_seen: int = 0  # tokens routed since the reset (prompt and reply; the token numbers above count these)
+    timeline: list[Span] = field(default_factory=list)  # the latest reply's spans, seconds since it started
+    first_token_at: float | None = None  # when its first token left the model, seconds since it started
 
     @property
     def tokens_per_second(self) -> float:
@@ -240,11 +266,14 @@ class StatsCollector:
     """Thread-safe counters; `snapshot()` returns a `Stats`."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, cache_size: int, prefetch: int,
-                 record_trace: bool = True, model: str = "", max_trace_tokens: int = 100_000) -> None:
+                 record_trace: bool = True, model: str = "", max_trace_tokens: int = 100_000,
+                 max_spans: int = MAX_SPANS) -> None:
         self.shape = (num_layers, num_experts, top_k, cache_size, prefetch)
         self.record_trace = record_trace
         self.max_trace_tokens = max_trace_tokens
         self.model = model
+        self.spans: deque[Span] = deque(maxlen=max_spans)  # appended without the lock (deque.append is atomic)
+        self._reply_start = time.perf_counter()
         self._lock = threading.Condition()
         self._in_step = False
         self.reset()
@@ -253,7 +282,11 @@ class StatsCollector:
         n_layers, n_experts, top_k, _, _ = self.shape
         with self._lock:
             self.expert_counts = [[0] * n_experts for _ in range(n_layers)]
+            self.expert_hits = [[0] * n_experts for _ in range(n_layers)]
+            self.expert_last_use: list[list[int | None]] = [[None] * n_experts for _ in range(n_layers)]
+            self.tokens_seen = 0
             self.counts = Counters.zeros(n_layers)
+            self.spans.clear()
             self.tokens_generated = 0
             self.decode_seconds = 0.0
             self.token_times: list[float] = []
@@ -268,10 +301,14 @@ class StatsCollector:
         layer from the previous one (None at layer 0). Recall counts the top-`width` guesses; with
         `resident_at_guess` (the device's experts when the guess was made) also over the others."""
         with self._lock:
-            counts = self.expert_counts[layer]
-            for experts in selected:
+            counts, last = self.expert_counts[layer], self.expert_last_use[layer]
+            if layer == 0:
+                self.tokens_seen += len(selected)
+            first = self.tokens_seen - len(selected)  # token number of selected[0] (from 0 since the reset)
+            for i, experts in enumerate(selected):
                 for e in experts:
                     counts[e] += 1
+                    last[e] = first + i
             if guess is not None:
                 for experts, ranking in zip(selected, guess):
                     self.counts.guess_hits[layer] += len(set(experts) & set(ranking[:width]))
@@ -297,11 +334,13 @@ class StatsCollector:
         for rows in (*self.trace.selected, *self.trace.guess):
             del rows[:excess]
 
-    def record_access(self, layer: int, hit: bool) -> None:
+    def record_access(self, layer: int, hit: bool, expert: int | None = None) -> None:
         with self._lock:
             self.counts.selections[layer] += 1
             if hit:
                 self.counts.hits[layer] += 1
+                if expert is not None:
+                    self.expert_hits[layer][expert] += 1
             else:
                 self.counts.misses[layer] += 1
 
@@ -330,9 +369,16 @@ class StatsCollector:
         with self._lock:
             self.counts.write_back_bytes[layer] += nbytes
 
-    def record_stall(self, layer: int, seconds: float) -> None:
+    def record_stall(self, layer: int, seconds: float, expert: int = -1) -> None:
+        """The layer waited `seconds` (ending now) for `expert`; also a "stall" span of the timeline."""
+        end = time.perf_counter()
         with self._lock:
             self.counts.stall_seconds[layer] += seconds
+        self.spans.append(Span("stall", layer, expert, end - seconds, end))
+
+    def record_span(self, kind: str, layer: int, expert: int, start: float, end: float, level: str = "") -> None:
+        """One interval of the timeline (see `Span`); cheap enough for every layer and load."""
+        self.spans.append(Span(kind, layer, expert, start, end, level))
 
     # --- written by the generation loop ------------------------------------------------------
     def begin_step(self) -> None:
@@ -352,6 +398,7 @@ class StatsCollector:
             self.phase = "prefill"
             self.token_times = []
             self._last_token: float | None = None
+            self._reply_start = time.perf_counter()
 
     def mark_token(self) -> None:
         """A new token left the model. The first one ends the prefill; the gaps between later
@@ -390,10 +437,17 @@ class StatsCollector:
                     guess=[list(x[:whole]) for x in self.trace.guess],
                     phase=list(self.trace.phase[:whole]),
                 )
+            origin = self._reply_start
+            timeline = [span._replace(start=span.start - origin, end=span.end - origin)
+                        for span in list(self.spans) if span.end >= origin]
+            first_token = self._first_token - origin if self._last_token is not None else None
             return Stats(
                 num_layers=n_layers, num_experts=n_experts, top_k=top_k,
                 cache_size=cache_size, prefetch=prefetch,
                 expert_counts=[list(c) for c in self.expert_counts], **vars(self.counts.counters()),
                 tokens_generated=self.tokens_generated, decode_seconds=self.decode_seconds,
                 token_times=list(self.token_times), trace=copy, trace_tokens=trace_tokens,
+                timeline=timeline, first_token_at=first_token,
+                expert_hits=[list(h) for h in self.expert_hits], tokens_seen=self.tokens_seen,
+                expert_last_use=[list(u) for u in self.expert_last_use],
             )

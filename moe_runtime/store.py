@@ -382,14 +382,24 @@ class SlowTier(Protocol):
     `copy_to(layer, expert, dst)` fills `dst` (uint8 [nbytes] or larger, on the compute device or the
     host) with the record of one expert; it may be called from the demand path and the prefetch worker
     at once. `nbytes` is one record's size as moved (what a load costs in bytes); `close()` lets go of
-    files and buffers.
+    files and buffers. `level_of(layer, expert)` names where the record is now ("ram", "disk"; a
+    tier with levels answers per expert), for the app's timeline and cache map.
     """
 
     nbytes: int
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None: ...
 
+    def level_of(self, layer: int, expert: int) -> str: ...
+
     def close(self) -> None: ...
+
+
+def level_of(tier, layer: int, expert: int) -> str:
+    """Where the slow tier holds an expert now ("ram", "disk", ...: `SlowTier.level_of`); tiers
+    without that method (test doubles) are "slow tier"."""
+    query = getattr(tier, "level_of", None)
+    return query(layer, expert) if query is not None else "slow tier"
 
 
 class RamTier:
@@ -433,6 +443,9 @@ class RamTier:
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         dst.copy_(self.records[layer][expert, : dst.numel()], non_blocking=True)
+
+    def level_of(self, layer: int, expert: int) -> str:
+        return "ram"
 
     def close(self) -> None:
         self.records = []
@@ -490,6 +503,9 @@ class DiskTier:
         self.read(layer, expert, staging)
         dst.copy_(staging[: dst.numel()], non_blocking=False)
 
+    def level_of(self, layer: int, expert: int) -> str:
+        return "disk"
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -525,6 +541,9 @@ class TranscodingTier:
         staging = self._staging(dst.device)
         self.inner.copy_to(layer, expert, staging)
         self.form.load(staging, dst)
+
+    def level_of(self, layer: int, expert: int) -> str:
+        return self.inner.level_of(layer, expert)
 
     def close(self) -> None:
         self.inner.close()

@@ -1,9 +1,11 @@
 """The web app: its command line, the engine service, the event handlers called directly (baby model),
 and `python app.py` itself, launched once and driven through gradio_client (embedded model)."""
 
+import json
 import socket
 import threading
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 import app
 from moe_runtime import OffloadConfig, RoutingTrace
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
+from webapp import plots
 from webapp.service import EMBEDDED_MODEL, KNOWN_MODELS, EngineService, ModelPolicy, build_messages
 
 EMBEDDED_DIR = EMBEDDED_MODEL_DIR
@@ -251,12 +254,33 @@ def test_leaving_a_reply_early_frees_the_engine(handlers):
 
 def test_stats_figures_and_trace_file(handlers):
     list(handlers.respond("To be", [], "", 0.7, 0.95, 6))
-    counters, *figures = handlers.stats_view()
+    counters, table, *figures = handlers.stats_view()
     assert counters["tokens_generated"] > 0 and len(figures) == len(app.STATS_FIGURES)
+    assert json.loads(Path(handlers.counters_download()).read_text())["tokens_generated"] == counters["tokens_generated"]
+    assert dict((row[0], row[1]) for row in table)["tokens generated"] == f"{counters['tokens_generated']} tokens"
     assert figures[0].data[0].type == "heatmap"
     trace = RoutingTrace.load(handlers.service.trace_file(every=0))
     assert trace.num_tokens == counters["trace_tokens"] > 0
     assert handlers.reset_stats()[0]["tokens_generated"] == 0
+
+
+def test_what_if_replays_the_session_or_an_uploaded_trace(handlers, service):
+    list(handlers.respond("To be", [], "", 0, 1, 6))
+    c = service.config
+    rows, notes = handlers.what_if(app.WHATIF_SESSION, None, c.policy, c.cache_size, c.prefetch, "t4-pcie3",
+                                   "mixtral-8x7b", True)
+    table = {row[0]: row[1:] for row in rows}
+    assert table["cache hit rate"][1].endswith("%") and table["decode speed"][2].endswith("tokens/s")
+    assert "Predicted on t4-pcie3" in notes and "mixtral-8x7b" in notes
+    trace_file = service.trace_file(every=0)
+    rows, _ = handlers.what_if(app.WHATIF_UPLOAD, str(trace_file), "belady", 1, 0, "a100", "served model", True)
+    assert {row[0]: row[2] for row in rows}["cache per layer"].startswith("1 of")
+    for args, message in [((app.WHATIF_UPLOAD, None, "lru", 2, 2, "a100", "served model", True), "no trace file"),
+                          ((app.WHATIF_SESSION, None, "lru", 2.5, 2, "a100", "served model", True), "whole number"),
+                          ((app.WHATIF_SESSION, None, "lru", 2, 2, "a100", "gpt-9", True), "model shape")]:
+        with pytest.warns(UserWarning, match="Not replayed"):
+            _, notes = handlers.what_if(*args)
+        assert message in notes
 
 
 def test_only_the_newest_trace_files_are_kept(service):
@@ -344,9 +368,10 @@ def test_served_app_streams_a_reply_and_reports_stats(client):
     history = [{"role": "user", "content": "To be, or not to be"}, {"role": "assistant", "content": streamed[-1]}]
     assert isinstance(client.predict("and then?", history, "", 0, 1, 4, api_name="/chat"), str)
 
-    counters, heatmap, *others = client.predict(api_name="/stats")
+    counters, table, heatmap, *others = client.predict(api_name="/stats")
     assert counters["tokens_generated"] > 0 and 0 <= counters["hit_rate"] <= 1
-    assert heatmap["type"] == "plotly" and '"heatmap"' in heatmap["plot"] and len(others) == 4
+    assert table["headers"] == plots.COUNTER_COLUMNS and len(table["data"]) > 5
+    assert heatmap["type"] == "plotly" and '"heatmap"' in heatmap["plot"] and len(others) == len(app.STATS_FIGURES) - 1
     trace = RoutingTrace.load(client.predict(api_name="/trace"))  # made on request, not with every /stats
     assert trace.num_tokens == counters["trace_tokens"]
     assert trace.model == EMBEDDED_MODEL  # the name users see, not the server's absolute path

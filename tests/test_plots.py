@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import pytest
 
 from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace, load
-from moe_runtime.stats import Stats
+from moe_runtime.stats import Span, Stats
 from webapp import plots
 
 
@@ -40,7 +40,8 @@ def annotations(fig: go.Figure) -> list[str]:
 
 def test_dashboard_has_every_figure_in_order():
     figures = plots.dashboard(make_stats())
-    assert list(figures) == ["experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved"]
+    assert list(figures) == ["experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved",
+                             "timeline", "cache_map"]
     for fig in figures.values():
         assert isinstance(fig, go.Figure) and fig.layout.title.text
         json.loads(fig.to_json())  # serializable, as Gradio sends it
@@ -79,8 +80,8 @@ def test_tokens_per_second_and_bytes_moved():
 
 def test_empty_and_prefetch_off_figures_say_so():
     empty = make_stats(empty=True)
-    for fig in plots.dashboard(empty).values():
-        assert plots.EMPTY_HINT in annotations(fig)
+    for name, fig in plots.dashboard(empty).items():
+        assert (plots.EMPTY_HINT if name != "cache_map" else "no engine") in annotations(fig)
     off = plots.prefetch_recall_per_layer(make_stats(prefetch=0))
     assert any("prefetch is off" in text for text in annotations(off))
 
@@ -92,6 +93,43 @@ def test_counters_extend_the_summary():
     assert counters["cache_hits"] == 22 and counters["cache_misses"] == 8
     assert counters["experts_per_layer"] == 4 and counters["trace_tokens"] == 0
     json.dumps(counters)
+
+
+def test_timeline_draws_each_kind_of_span_in_its_layers_row():
+    stats = make_stats(layers=2, tokens=3)
+    stats.first_token_at, stats.token_times = 0.010, [0.0, 0.004, 0.008]
+    stats.timeline = [Span("compute", 0, -1, 0.001, 0.003), Span("stall", 0, 5, 0.0015, 0.0025),
+                      Span("demand", 0, 5, 0.0015, 0.0025, "disk"), Span("prefetch", 1, 2, 0.002, 0.006, "ram"),
+                      Span("compute", 1, -1, 0.012, 0.013)]
+    fig = plots.timeline(stats, last_tokens=None)
+    bars = {t.name: t for t in fig.data if t.type == "bar"}
+    compute, prefetch = bars["layer compute"], bars["prefetch"]
+    assert list(compute.base) == pytest.approx([1.0, 12.0]) and list(compute.x) == pytest.approx([2.0, 1.0])
+    assert list(compute.y) == pytest.approx([-0.2, 0.8])  # upper half of layers 0 and 1
+    assert list(prefetch.y) == pytest.approx([1.2]) and prefetch.customdata[0][1] == "expert 2 from ram"
+    assert bars["demand load"].customdata[0][1] == "expert 5 from disk"
+    assert "stalls 1 ms, 33% of compute" in fig.layout.title.text
+    ticks = next(t for t in fig.data if t.type == "scatter")
+    assert list(ticks.x) == pytest.approx([10.0, 14.0, 18.0])
+    newest = plots.timeline(stats, last_tokens=2)  # spans that end after the first token (10 ms)
+    assert [t.name for t in newest.data if t.type == "bar"] == ["layer compute"]
+    assert "last 2 tokens" in newest.layout.title.text and "latest reply (" in fig.layout.title.text
+    assert plots.EMPTY_HINT in annotations(plots.timeline(make_stats(empty=True)))
+
+
+def test_counter_table_names_units_and_how_to_read_each_row():
+    stats = make_stats()
+    rows = plots.counter_rows(stats)
+    assert all(len(row) == len(plots.COUNTER_COLUMNS) and all(row) for row in rows)
+    table = {name: value for name, value, _ in rows}
+    assert table["cache hit rate"] == "73.3%"  # 22 hits of 30 selections
+    assert table["expert loads on demand"] == "8 loads" and table["prefetch loads"] == "8 loads"
+    assert table["prefetch recall"] == "70.0%" and table["prefetch precision"] == "75.0%"
+    assert table["bytes moved"] == "4.50 MiB" and table["decode speed"] == "10.00 tokens/s"
+    assert table["cache"] == "2 of 4 experts × 3 layers"
+    empty = {name: value for name, value, _ in plots.counter_rows(make_stats(empty=True))}
+    assert empty["cache hit rate"] == "—" and empty["prefetch recall"] == "—"
+    assert set(plots.CAPTIONS) >= set(plots.dashboard(stats))
 
 
 def test_figures_from_a_real_run(tiny_dir, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import hmac
+import json
 import tempfile
 import threading
 import time
@@ -299,6 +300,10 @@ class EngineService:
     def stats(self, trace: bool = True) -> Stats:
         return self.engine.stats(trace)
 
+    def cache_map(self) -> list[list[str]]:
+        """`Engine.cache_map()`: where each expert is now, [L][E]."""
+        return self.engine.cache_map()
+
     def reset_stats(self) -> None:
         self.engine.reset_stats()
 
@@ -343,6 +348,18 @@ class EngineService:
             with self._trace_lock:
                 self._last_trace = (time.monotonic(), path)
         return path
+
+    def save_counters(self, counters: dict) -> Path:
+        """`counters` (plain values) as JSON in a fresh temp file; the newest KEEP_TRACES are kept."""
+        folder = Path(self._trace_dir.name)
+        with self._trace_lock:
+            self._trace_count += 1
+            path = folder / f"counters-{self._trace_count}.json"
+            path.write_text(json.dumps(counters, indent=1))
+            for old in sorted(folder.glob("counters-*.json"), key=_trace_number)[:-KEEP_TRACES]:
+                old.unlink(missing_ok=True)
+        return path
+
 
 
 def public_name(model: str) -> str:
