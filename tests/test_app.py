@@ -2,13 +2,13 @@
 and `python app.py` itself, launched once and driven through gradio_client (embedded model)."""
 
 import json
-import socket
 import threading
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
+from servers import free_port
 
 import app
 from moe_runtime import OffloadConfig, RoutingTrace
@@ -328,12 +328,6 @@ def test_apply_good_settings_swaps_the_engine(handlers, service):
 
 
 # --- `python app.py`, launched once, driven through gradio_client ----------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The app as `python app.py` starts it (the embedded model on 127.0.0.1; only the port and the

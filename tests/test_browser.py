@@ -11,7 +11,6 @@ The same code refreshes the README's screenshots (one per tab):
 from __future__ import annotations
 
 import re
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python tests/test_browser.py` from the checkout
+
+from servers import free_port  # noqa: E402
 
 import app  # noqa: E402
 from webapp.service import EMBEDDED_MODEL  # noqa: E402
@@ -45,12 +46,6 @@ WATCH_REPLY = """() => {
   };
   new MutationObserver(record).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat_then_tabs(context, url: str, out_dir: Path, prompt: str = PROMPT) -> dict:

@@ -50,6 +50,25 @@ class FaultyTier:
         self.inner.close()
 
 
+def calls_through_a_fault(forward, expected, tier, recover_first: bool, calls: int = 3) -> list:
+    """Call `forward` `calls` times, each within the time limit: every call ends in the `expected` logits or
+    in an ExpertLoadError carrying the injected cause; with `recover_first` the tier recovers after the
+    first call; the last call must work. Returns each call's error (None: it worked)."""
+    errors = []
+    for call in range(calls):
+        logits, error = within_limit(forward)
+        if error is None:
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+        else:
+            assert isinstance(error, ExpertLoadError) and "injected" in str(error), repr(error)
+        if recover_first and call == 0:
+            tier.broken = False
+        errors.append(error)
+    assert errors[-1] is None, f"the engine stayed broken after the fault: {errors[-1]}"
+    assert tier.failures >= 1
+    return errors
+
+
 def within_limit(fn):
     """fn() in a thread: (result, error); fails the test if it has not ended within TIME_LIMIT_S."""
     box = {}
@@ -90,21 +109,15 @@ def test_failed_reads_end_in_the_right_logits_or_a_clear_error(tiny_dir, referen
             return engine.model(ids).logits
 
     try:
-        for call in range(3):  # the fault, then the calls after it
-            logits, error = within_limit(forward)
-            if error is not None:
-                assert mode != "prefetch", f"a failed prefetch must not fail the call: {error}"
-                assert isinstance(error, ExpertLoadError), repr(error)
-                assert f"layer {error.layer}, expert {error.expert}" in str(error)
-                assert "Input/output error (injected)" in str(error)
-            else:
-                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-            if mode in ("always", "demand") and call == 0:
-                assert error is not None, "layer 0's loads are demand loads: the first call must fail"
-                tier.broken = False  # the disk recovers: the next call must work
-            if call == 2:
-                assert error is None, f"the engine stayed broken after the fault: {error}"
-        assert tier.failures >= 1
+        # layer 0's loads are demand loads: with "always" and "demand" the first call fails, then the disk recovers
+        errors = calls_through_a_fault(forward, expected, tier, recover_first=mode in ("always", "demand"))
+        if mode == "prefetch":
+            assert errors == [None] * 3, f"a failed prefetch must not fail the call: {errors}"
+        if mode in ("always", "demand"):
+            assert errors[0] is not None
+        for error in filter(None, errors):
+            assert f"layer {error.layer}, expert {error.expert}" in str(error)
+            assert "Input/output error (injected)" in str(error)
         stats = engine.stats()
         assert all(h + m == s for h, m, s in zip(stats.hits, stats.misses, stats.selections))
     finally:

@@ -13,11 +13,10 @@ import time
 
 import pytest
 import torch
-from test_faults import FaultyTier, within_limit
+from test_faults import FaultyTier, calls_through_a_fault
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
-from moe_runtime.cache import ExpertLoadError
 from moe_runtime.host_cache import plan_host_memory
 from moe_runtime.sim.hierarchy import simulate_hierarchy
 from moe_runtime.stats import RoutingTrace
@@ -167,17 +166,7 @@ def test_disk_faults_under_the_host_cache_poison_nothing(baby, tmp_path, mode, s
             return engine.model(ids).logits
 
     try:
-        for call in range(3):
-            logits, error = within_limit(forward)
-            if error is not None:
-                assert isinstance(error, ExpertLoadError) and "injected" in str(error), repr(error)
-            else:
-                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-            if call == 0:
-                disk.broken = False
-            if call == 2:
-                assert error is None, f"still broken after the fault: {error}"
-        assert disk.failures >= 1
+        calls_through_a_fault(forward, expected, disk, recover_first=True)
     finally:
         engine.host_cache.inner = disk.inner
         engine.close()

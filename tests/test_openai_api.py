@@ -4,12 +4,12 @@ replies compared with transformers' own greedy generation of the same chat."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import pytest
 import torch
+from servers import free_port
 
 import app
 from moe_runtime.engine import StreamUpdate
@@ -86,12 +86,6 @@ def test_stop_sequences_cut_the_reply_and_never_leak(stops, pieces, shown, stopp
 
 
 # --- the launched app, through the openai client -----------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     port = free_port()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port
 
 import app
 from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace
@@ -25,12 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 TOKEN = "operator-secret-42"
 BASE = dict(expert_bits="none", attn_bits="none", cache_size=2, prefetch=2, offload="ram", device="cpu",
             policy="lru")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("argv,env,public", [
