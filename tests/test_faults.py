@@ -50,10 +50,19 @@ class FaultyTier:
         self.inner.close()
 
 
-def calls_through_a_fault(forward, expected, tier, recover_first: bool, calls: int = 3) -> list:
-    """Call `forward` `calls` times, each within the time limit: every call ends in the `expected` logits or
-    in an ExpertLoadError carrying the injected cause; with `recover_first` the tier recovers after the
-    first call; the last call must work. Returns each call's error (None: it worked)."""
+def calls_through_a_fault(engine, reference, tier, recover_first: bool, tokens: int, calls: int = 3) -> list:
+    """Run the engine's model `calls` times on the same random tokens, each within the time limit: every call
+    ends in the `reference` model's logits or in an ExpertLoadError carrying the injected cause; with
+    `recover_first` the tier recovers after the first call; the last call must work. Returns each call's
+    error (None: it worked)."""
+    ids = torch.randint(0, engine.model.config.vocab_size, (1, tokens))
+    with torch.no_grad():
+        expected = reference(ids).logits
+
+    def forward():
+        with torch.no_grad():
+            return engine.model(ids).logits
+
     errors = []
     for call in range(calls):
         logits, error = within_limit(forward)
@@ -100,17 +109,9 @@ def test_failed_reads_end_in_the_right_logits_or_a_clear_error(tiny_dir, referen
                                           store_dir=str(tmp_path)))
     tier = FaultyTier(engine.transfer.tier, mode)
     engine.transfer.tier = tier
-    ids = torch.randint(0, engine.model.config.vocab_size, (1, 11))
-    with torch.no_grad():
-        expected = reference(ids).logits
-
-    def forward():
-        with torch.no_grad():
-            return engine.model(ids).logits
-
     try:
         # layer 0's loads are demand loads: with "always" and "demand" the first call fails, then the disk recovers
-        errors = calls_through_a_fault(forward, expected, tier, recover_first=mode in ("always", "demand"))
+        errors = calls_through_a_fault(engine, reference, tier, recover_first=mode in ("always", "demand"), tokens=11)
         if mode == "prefetch":
             assert errors == [None] * 3, f"a failed prefetch must not fail the call: {errors}"
         if mode in ("always", "demand"):

@@ -157,16 +157,8 @@ def test_disk_faults_under_the_host_cache_poison_nothing(baby, tmp_path, mode, s
     engine = _engine(path, tmp_path, slots, stride, cache_size=2, prefetch=2)
     disk = FaultyTier(engine.host_cache.inner, mode)
     engine.host_cache.inner = disk
-    ids = torch.randint(0, engine.model.config.vocab_size, (1, 7))
-    with torch.no_grad():
-        expected = reference(ids).logits
-
-    def forward():
-        with torch.no_grad():
-            return engine.model(ids).logits
-
     try:
-        calls_through_a_fault(forward, expected, disk, recover_first=True)
+        calls_through_a_fault(engine, reference, disk, recover_first=True, tokens=7)
     finally:
         engine.host_cache.inner = disk.inner
         engine.close()
