@@ -69,6 +69,7 @@ class PackedForm:
             stored = codec.layout.slots[name]
             self.layout.add(name, torch.empty(stored.shape, dtype=stored.dtype, device="meta"))
         self.nbytes = self.layout.nbytes
+        self._views: dict[tuple, ExpertWeights] = {}  # (device, slot address) -> that slot's weights
 
     def _shapes(self, shape: tuple[int, int]) -> dict:
         bits, group = self.codec.bits, self.codec.group_size
@@ -90,6 +91,15 @@ class PackedForm:
             self.layout.slots[name].view(slot).copy_(self.codec.layout.slots[name].view(record))
 
     def weights(self, slot: torch.Tensor) -> ExpertWeights:
+        """The slot's packed weights: views, made once per slot and reused (a reload rewrites the bytes
+        they view, not the views), so a hit costs no Python bookkeeping beyond a dict lookup."""
+        key = (slot.device, slot.data_ptr())
+        cached = self._views.get(key)
+        if cached is None:
+            cached = self._views[key] = self._make_views(slot)
+        return cached
+
+    def _make_views(self, slot: torch.Tensor) -> ExpertWeights:
         out = []
         for name in MATRICES:
             view = {piece: s.view(slot) for piece, s in self.layout.slots.items() if piece.startswith(name + ".")}
