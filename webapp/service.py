@@ -311,10 +311,6 @@ class EngineService:
         """`Engine.describe()` under the name the user picked."""
         return {**self.engine.describe(), "model": self.model}
 
-    def close_trace_folder(self) -> None:
-        """Remove the temp folder of trace files now (also done at interpreter exit)."""
-        self._trace_dir.cleanup()
-
     def save_trace(self, stats: Stats) -> Path | None:
         """The routing trace of `stats` (its newest MAX_TRACE_TOKENS tokens) as JSON in a fresh temp
         file (None when trace recording is off). The newest KEEP_TRACES files are kept, so a web

@@ -120,10 +120,6 @@ class HierarchyResult:
         return (self.peak_host_records + 1) * self.record_bytes
 
     @property
-    def host_to_device_bytes_per_token(self) -> float:
-        return self.per_token(self.misses) * self.record_bytes + self.per_token(self.prefetch_loads) * self.record_bytes
-
-    @property
     def disk_bytes_per_token(self) -> float:
         return self.per_token(self.disk_reads) * self.record_bytes
 
