@@ -92,7 +92,8 @@ def launch_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     split = 1
     if tiles < wanted:
         split = max(1, min(cdiv(wanted, tiles), k // MIN_K_PER_SPLIT, MAX_SPLIT_K))
-    return LaunchConfig(block_m, block_n, block_k, split)
+    per_split = LaunchConfig(block_m, block_n, block_k, split).k_per_split(k)
+    return LaunchConfig(block_m, block_n, block_k, cdiv(k, per_split))  # rounding K up to tiles: no empty split
 
 
 def cdiv(a: int, b: int) -> int:
