@@ -206,3 +206,25 @@ def test_workload_takes_the_devices_16bit_dtype():
     assert spec_for(T4, bits=None, dtype="float32").dtype == "float32"  # one given is kept
     with pytest.raises(ValueError, match="Tesla T4"):
         spec_for(T4, dtype="bfloat16")
+
+
+def test_kernel_bench_row_of_the_triton_record_and_its_size_table():
+    """The kernel bench's triton-hqq row (run under the interpreter here): no load, the codec's bytes or
+    fewer, the kernel's output equal to hqq's dequantize + matmul."""
+    _interpreter()
+    import torch.nn.functional as F
+
+    from moe_runtime.kernels.bench import expert_ffn, record_size_markdown, triton_record_row
+    from moe_runtime.quant import ExpertCodec
+
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(96, 64, generator=gen) * 0.02, torch.randn(96, 64, generator=gen) * 0.02,
+               torch.randn(64, 96, generator=gen) * 0.02]
+    codec = ExpertCodec(64, 96, 3, 32, True, torch.float32, optimize=False)
+    record = codec.encode(*weights)
+    x = torch.randn(2, 64)
+    reference = expert_ffn(x, *codec.decode(record)[:3], F.silu)
+    row = triton_record_row(x, codec, record, torch.device("cpu"), 1, expert_ffn(x, *weights, F.silu), reference)
+    assert row["load_ms"] == 0 and row["slot_bytes"] <= codec.nbytes and row["err_vs_hqq"] < 1e-5
+    table = record_size_markdown(64, 96, {2: (32,), 3: (16, 32)})
+    assert len(table.splitlines()) == 4 + 3 and "| 3 | 16 |" in table
