@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -73,6 +74,7 @@ MIN_K_PER_SPLIT = 512  # a split below this spends more on the partial sums than
 MAX_SPLIT_K = 16
 
 
+@lru_cache(maxsize=4096)  # asked at every launch
 def launch_config(m: int, n: int, k: int, sm_count: int) -> LaunchConfig:
     """The tiles for an [M, K] x [K, N] product on a GPU with `sm_count` SMs.
 
