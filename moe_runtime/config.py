@@ -61,7 +61,8 @@ class OffloadConfig:
                   expert matrix; fast on a GPU). False = round-to-nearest, same format.
     store_dir:    folder of the expert store, reused across runs (keyed by model and quant settings).
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
-    dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one.
+    dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one; "bfloat16" on
+                  CUDA needs compute capability 8.0+ (refused on a T4: kernels.capability).
     record_trace: keep a per-token routing trace (selected experts per layer) in the stats.
     delete_shards: for a hub repo id, delete each downloaded safetensors shard from the Hugging Face
                   cache as soon as its experts and dense tensors are in the store, so the disk holds the

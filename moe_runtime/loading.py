@@ -28,11 +28,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from .arch import ExpertWeights, adapter_for
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
-from .config import OffloadConfig, torch_dtype
+from .config import OffloadConfig
 from .engine import Engine
 from .experts import Speculator, build_offloaded_experts, link_speculators
 from .host_cache import HostCache, HostPrefetcher, Speculators, TranscodeOnUse, plan_host_memory
 from .kernels import compute_form
+from .kernels.capability import choose_compute
 from .quant import ExpertCodec, HQQLinear
 from .stats import StatsCollector
 from .store import (
@@ -60,9 +61,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return torch_dtype(name)
+    """The compute dtype for `device`: kernels.capability's rule (bf16 below sm_80 is a ValueError)."""
+    return choose_compute(device, name).dtype
 
 
 def _read_config(model_dir: Path):

@@ -3,6 +3,8 @@
 Skipped without a GPU; run them wherever one is present (`python -m pytest -m cuda`).
 """
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,6 +63,79 @@ def test_quantized_experts_on_cuda_in_half_precision(tiny_dir, tmp_path):
         engine.close()
 
 
+def _skip_bf16_below_sm80(dtype):
+    """By compute capability (kernels.capability's rule), not torch.cuda.is_bf16_supported(), which is
+    True on a T4 (bf16 emulated) though its tensor cores have no bf16."""
+    from moe_runtime.kernels.capability import BF16_MIN_CAPABILITY
+
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability() < BF16_MIN_CAPABILITY:
+        pytest.skip(f"bf16 needs compute capability 8.0+, this GPU has {torch.cuda.get_device_capability()}")
+
+
+def test_bf16_is_refused_below_sm80_and_taken_from_sm80():
+    from moe_runtime.kernels.capability import BF16_MIN_CAPABILITY, choose_compute
+    from moe_runtime.loading import resolve_dtype
+
+    device = torch.device("cuda")
+    if torch.cuda.get_device_capability() < BF16_MIN_CAPABILITY:
+        with pytest.raises(ValueError, match=re.escape(torch.cuda.get_device_name())):
+            resolve_dtype("bfloat16", device)
+        assert choose_compute(device, "half").dtype == torch.float16
+    else:
+        assert resolve_dtype("bfloat16", device) == torch.bfloat16 == choose_compute(device, "half").dtype
+    assert resolve_dtype("auto", device) == torch.float16
+
+
+def _triton_record(bits, n, k, group, meta):
+    from moe_runtime.kernels.triton_hqq import TRITON_HQQ
+    from moe_runtime.quant import quantize_matrix
+
+    tensors, info = quantize_matrix(torch.randn(n, k) * 0.02, bits, group, meta, optimize=False, device="cuda")
+    tensors = {name: t.cuda() for name, t in tensors.items()}
+    pieces = {name: t.cuda() for name, t in TRITON_HQQ.pack(tensors, info).items()}
+    return tensors, info, pieces, TRITON_HQQ.weight(pieces, info)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("tokens", [1, 8, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("meta", [True, False])
+def test_triton_record_form_matches_hqq_dequantize_on_cuda(bits, tokens, dtype, meta):
+    """TRITON_HQQ's record on the GPU (the launch table's real configs, split-K where it applies)."""
+    from moe_runtime.kernels import linear, reference_linear
+    from moe_runtime.kernels.triton_hqq import TRITON_HQQ
+    from moe_runtime.quant import dequantize_matrix
+
+    _skip_bf16_below_sm80(dtype)
+    hidden, inter = 512, 1792  # Mixtral's I = 3.5 H
+    for n, k in ((inter, hidden), (hidden, inter)):
+        tensors, info, pieces, weight = _triton_record(bits, n, k, 32, meta)
+        assert torch.equal(TRITON_HQQ.reference(pieces, info, dtype), dequantize_matrix(tensors, info, dtype).reshape(n, k))
+        x = torch.randn(tokens, k, device="cuda", dtype=dtype)
+        reference = reference_linear(x.float(), tensors, info)
+        torch.testing.assert_close(linear(x, weight).float(), reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_triton_split_k_on_cuda_equals_one_program_per_tile(tokens):
+    """Mixtral's down_proj [4096, 14336] at decode: the table splits K over this GPU's SMs; the sum of
+    the splits equals the unsplit kernel and hqq's dequantize + matmul."""
+    from dataclasses import replace
+
+    from moe_runtime.kernels import reference_linear
+    from moe_runtime.kernels.capability import device_info
+    from moe_runtime.kernels.triton_hqq import launch_config
+
+    tensors, info, _, weight = _triton_record(2, 4096, 14336, 32, True)
+    config = launch_config(tokens, 4096, 14336, device_info("cuda").sm_count)
+    assert config.split_k > 1
+    x = torch.randn(tokens, 14336, device="cuda", dtype=torch.float16)
+    split, unsplit = weight.linear(x, config).float(), weight.linear(x, replace(config, split_k=1)).float()
+    torch.testing.assert_close(split, unsplit, rtol=1e-2, atol=1e-2 * unsplit.abs().max().item())
+    reference = reference_linear(x.float(), tensors, info)
+    torch.testing.assert_close(split, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("tokens", [1, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -68,8 +143,7 @@ def test_triton_hqq_kernel_matches_hqq_dequantize_on_cuda(bits, tokens, dtype):
     from moe_runtime.kernels import PackedForm, compute_form, linear, reference_linear
     from moe_runtime.quant import ExpertCodec
 
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        pytest.skip("no bf16 on this GPU")
+    _skip_bf16_below_sm80(dtype)
     hidden, inter = 512, 1792  # Mixtral's I = 3.5 H
     weights = [torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02]
     codec = ExpertCodec(hidden, inter, bits, 32 if bits <= 3 else 64, True, dtype, optimize=False)

@@ -39,9 +39,9 @@ def run_workload(job: Job):
     """The Mixtral-shaped stack of one variant over the replayed trace: (measured, facts)."""
     import torch
 
-    spec = wl.WorkloadSpec(**job.spec)
-    replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers)
     device = torch.device(job.device)
+    spec = wl.spec_for(device, **job.spec)
+    replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers)
     facts = {"workload": wl.describe(spec, replay, packed=not job.variant.startswith("accelerate"))}
     if job.variant.startswith("accelerate"):
         granularity = "fused" if job.variant == "accelerate" else "per-expert"

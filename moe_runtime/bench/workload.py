@@ -27,6 +27,7 @@ from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
 from ..host_cache import HostCache
 from ..kernels import compute_form
+from ..kernels.capability import choose_compute
 from ..quant import ExpertCodec
 from ..stats import RoutingTrace, StatsCollector
 from ..store import DiskTier, open_store, round_up, store_folder, write_store
@@ -45,7 +46,7 @@ class WorkloadSpec:
     top_k: int = 2
     bits: int | None = 2
     group_size: int = 32  # the engine's default for 2/3-bit (the fused CPU kernel needs 32+)
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # the bench fills in the device's 16-bit dtype: `spec_for`
     seed: int = 0
 
     @property
@@ -59,6 +60,14 @@ class WorkloadSpec:
         """What determines the random weights (not how they are packed)."""
         return {"hidden": self.hidden, "intermediate": self.intermediate, "experts": self.experts,
                 "layers": self.layers, "seed": self.seed, "std": WEIGHT_STD}
+
+
+def spec_for(device, **fields) -> WorkloadSpec:
+    """The spec of `fields` on `device` (a torch device or a kernels.capability.DeviceInfo): 16-bit parts in
+    the device's 16-bit dtype (bf16 on CPU and on GPUs of compute capability 8.0+, fp16 below) unless a
+    dtype is given, which must be one the device computes in."""
+    dtype = choose_compute(device, fields.pop("dtype", "half")).dtype
+    return WorkloadSpec(**fields, dtype=str(dtype).removeprefix("torch."))
 
 
 @lru_cache(maxsize=4)

@@ -1,10 +1,13 @@
 """The kernel part of the benchmark: one expert FFN (Mixtral's: H 4096, I 14336) per compute format.
 
 For each format: the time of one expert FFN at a batch of B tokens, as a ratio to hqq's
-dequantize-then-matmul path of the same bits and to dense bf16; the time to bring a stored record
-into the format (what a cache miss adds); the bytes a slot holds; and the relative output error
-against the unquantized fp32 expert (quantization + kernel) and against hqq's dequantization (the
-kernel alone). Weights are random (std 0.02, like the workload's), inputs standard normal.
+dequantize-then-matmul path of the same bits and to the device's dense 16-bit dtype (bf16 on CPU and
+Ampere+, fp16 below: kernels.capability); the time to bring a stored record into the format (what a
+cache miss adds; 0 for the triton-hqq record, which the kernel reads as stored); the bytes a slot
+holds; and the relative output error against the unquantized fp32 expert (quantization + kernel) and
+against hqq's dequantization (the kernel alone). Weights are random (std 0.02, like the workload's),
+inputs standard normal. It first prints one expert's record size per bit width, today's codec beside
+the triton-hqq record (from shapes only).
 
     python -m moe_runtime.kernels.bench                      # CPU, batch 1, bits 2,3,4,8
     python -m moe_runtime.kernels.bench --batch 8 --device cuda
@@ -25,7 +28,9 @@ import torch.nn.functional as F
 from ..arch.base import ExpertWeights, swiglu
 from ..quant import ExpertCodec
 from . import linear
+from .capability import choose_compute
 from .forms import PackedForm, compute_form
+from .triton_hqq import TRITON_HQQ, record_sizes
 
 DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 8: 64}  # OffloadConfig.expert_group's defaults
 
@@ -70,7 +75,8 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
     x = torch.randn(batch, hidden, generator=gen).to(dev)
     exact = expert_ffn(x.float().cpu(), *weights, F.silu).to(dev)  # fp32, unquantized
     rows = []
-    for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if dev.type == "cuda" else ()):
+    half = choose_compute(dev, "half").dtype  # the device's 16-bit dtype: no bf16 below sm_80
+    for dtype in dict.fromkeys((torch.float32, half) + ((torch.float16,) if dev.type == "cuda" else ())):
         dense = [w.to(dev, dtype) for w in weights]
         xd = x.to(dtype)
         seconds = _timed(partial(expert_ffn, xd, *dense, F.silu), repeats, dev)
@@ -101,14 +107,46 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
             rows.append({"format": f"fused ({form.kind})", "bits": b, "group": group, "ms": fast_s * 1e3,
                          "load_ms": load_s * 1e3, "slot_bytes": form.nbytes, "err_vs_fp32": _rel(fast, exact),
                          "err_vs_hqq": _rel(fast, reference)})
+            if form.kind == "triton":
+                rows.append(triton_record_row(x.to(compute_dtype), codec, record.cpu(), dev, repeats, exact, reference))
     return rows
 
 
+def triton_record_row(x, codec: ExpertCodec, record: torch.Tensor, dev: torch.device, repeats: int, exact,
+                       reference) -> dict:
+    """The triton-hqq record form: pieces packed once (as a store build does), read by the kernel as they lie."""
+    pieces, weights = 0, []
+    for name in ("gate", "up", "down"):
+        info = codec.layout.hqq_meta[name]
+        packed = {p: t.to(dev) for p, t in TRITON_HQQ.pack(codec.parts(record, name), info).items()}
+        pieces += TRITON_HQQ.nbytes(info)
+        weights.append(TRITON_HQQ.weight(packed, info))
+    seconds = _timed(partial(expert_ffn, x, *weights, F.silu), repeats, dev)
+    fast = expert_ffn(x, *weights, F.silu)
+    return {"format": "fused (triton-hqq record)", "bits": codec.bits, "group": codec.group_size,
+            "ms": seconds * 1e3, "load_ms": 0.0, "slot_bytes": pieces, "err_vs_fp32": _rel(fast, exact),
+            "err_vs_hqq": _rel(fast, reference)}
+
+
+def record_size_markdown(hidden: int, intermediate: int, groups: dict[int, tuple[int, ...]]) -> str:
+    """One expert's record bytes per bit width and group: quant.ExpertCodec's beside the triton-hqq record's."""
+    lines = [f"**One expert's record (H {hidden}, I {intermediate}, 8-bit meta scale/zero)**", "",
+             "| bits | group | codec record bytes | triton-hqq record bytes | triton-hqq / codec |",
+             "| --- | --- | --- | --- | --- |"]
+    for b, group_sizes in groups.items():
+        for group in group_sizes:
+            (r,) = record_sizes(hidden, intermediate, (b,), group)
+            lines.append(f"| {b} | {group} | {r['codec_bytes']:,} | {r['triton_hqq_bytes']:,} | "
+                         f"{r['triton_hqq_bytes'] / r['codec_bytes']:.3f} |")
+    return "\n".join(lines)
+
+
 def to_markdown(rows: list[dict], title: str) -> str:
-    bf16 = next(r["ms"] for r in rows if r["format"] == "dense bfloat16")
+    dense16 = next(r for r in rows if r["format"].startswith("dense") and "32" not in r["format"])
+    bf16 = dense16["ms"]
     hqq = {(r["bits"], r["group"]): r["ms"] for r in rows if r["format"].startswith("hqq")}
     lines = [f"**{title}**", "",
-             "| format | bits | group | ms per expert FFN | × hqq path | × dense bf16 | load into slot, ms "
+             "| format | bits | group | ms per expert FFN | × hqq path | × " + dense16["format"] + " | load into slot, ms "
              "| slot bytes | GB/s (slot bytes / time) | rel. error vs fp32 | rel. error vs hqq |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -137,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(b not in DEFAULT_GROUP for b in bits):
         parser.error(f"--bits={ns.bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
     extra = {2: (16,), 3: (16,)} if ns.group16 else None
+    print(record_size_markdown(ns.hidden, ns.intermediate,
+                               {b: (DEFAULT_GROUP[b],) + (extra or {}).get(b, ()) for b in bits}) + "\n")
     rows = expert_formats(ns.hidden, ns.intermediate, ns.batch, bits, extra, ns.repeats, device=ns.device)
     print(to_markdown(rows, f"One expert FFN (H {ns.hidden}, I {ns.intermediate}), batch {ns.batch}, "
                             f"{ns.device}, {torch.get_num_threads()} threads"))
