@@ -6,6 +6,9 @@
         a Mixtral-like synthetic trace, from real Mixtral-8x7B-Instruct routing statistics (synth.py)
     python -m moe_runtime.sim scenario colab-t4 [--trace TRACE] [--cache-size 4] [--inclusive] [--json OUT]
         device slots <- host-RAM cache <- disk under a machine's budgets (scenario.py)
+    python -m moe_runtime.sim host-policy [--trace TRACE] [--budgets 25,50,75,100] [--cache-size 4]
+        [--levels exclusive,inclusive,single] [--host-policies quota-lfru,lru,belady] [--half-lives 16,64]
+        host hit rates of the host-level policies against Belady and LRU (hierarchy.py)
     python -m moe_runtime.sim calibrate
         the throughput model against every row of the paper's Table 2
 """
@@ -18,9 +21,11 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..policies import LayerClockFrequency, LayerQuota
 from ..stats import RoutingTrace
+from .hierarchy import HOST_SIM_POLICIES, LEVELS, host_policy_sweep
 from .replay import SIM_POLICIES, check_trace, predict_throughput, sweep
-from .report import hit_rate_figure, markdown_report, throughput_rows
+from .report import hit_rate_figure, host_policy_report, markdown_report, throughput_rows
 from .scenario import SCENARIOS, run_scenario, scenario_report
 from .synth import RoutingStats, synthesize
 from .throughput import HARDWARE, LAYER_OVERHEAD_S, MIXTRAL_LRU_HIT_RATES, MODELS, PAPER_TABLE2, paper_errors
@@ -160,6 +165,48 @@ def scenario(args: argparse.Namespace) -> str:
     return scenario_report(out)
 
 
+def _host_policy_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m moe_runtime.sim host-policy",
+                                 description="Host hit rates of the host-level eviction policies against Belady.")
+    ap.add_argument("--trace", help="routing trace JSON (default: a Mixtral-like synthetic trace, seed 0)")
+    ap.add_argument("--budgets", type=_int_list, default=[25, 50, 75, 100],
+                    help="host budgets, in %% of all L x E experts")
+    ap.add_argument("--cache-size", type=int, default=4, help="device slots per layer above the host level")
+    ap.add_argument("--levels", type=_name_list, default=list(LEVELS), help=", ".join(LEVELS))
+    ap.add_argument("--host-policies", type=_name_list, default=list(HOST_SIM_POLICIES),
+                    help=", ".join(HOST_SIM_POLICIES))
+    ap.add_argument("--half-lives", type=_int_list, default=[],
+                    help="also quota-lfru with these half-lives (events of a layer), as quota-lfru/hN")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    return ap
+
+
+def host_policy(args: argparse.Namespace) -> str:
+    trace = _load_trace(args.trace, include_prefill=False) if args.trace else synthesize(RoutingStats.load())
+    for level in args.levels:
+        if level not in LEVELS:
+            raise ValueError(f"level={level!r} is not allowed: use one of {', '.join(LEVELS)}")
+    if args.levels != ["single"] and not 1 <= args.cache_size <= trace.num_experts:
+        raise ValueError(f"--cache-size {args.cache_size} is not allowed: use 1..{trace.num_experts}")
+    extra = {f"quota-lfru/h{h}": _quota_lfru_factory(h) for h in args.half_lives}
+    rows = host_policy_sweep(trace, [b / 100 for b in args.budgets], [*args.host_policies, *extra],
+                             levels=args.levels, cache_size=args.cache_size, extra_policies=extra)
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(r), "hit_rate": r.hit_rate} for r in rows], indent=1))
+    source = Path(args.trace).name if args.trace else "Mixtral-like synthetic routing (seed 0)"
+    return host_policy_report(rows, trace, args.cache_size, source)
+
+
+def _quota_lfru_factory(half_life: int):
+    if half_life < 1:
+        raise ValueError(f"--half-lives {half_life} is not allowed: use integers >= 1")
+
+    def factory(num_layers: int, num_experts: int, slots: int):
+        return LayerQuota(num_layers, slots, LayerClockFrequency(num_layers, float(half_life), insert_weight=1.0))
+
+    return factory
+
+
 def calibrate(_args) -> str:
     model = MODELS["mixtral-8x7b"]
     lines = ["## Throughput model against the paper's Table 2 (Mixtral-8x7B, 2-bit experts, 4-bit attention)", "",
@@ -175,6 +222,7 @@ def calibrate(_args) -> str:
 
 
 SUBCOMMANDS = {"synth": (_synth_parser, synth), "scenario": (_scenario_parser, scenario),
+               "host-policy": (_host_policy_parser, host_policy),
                "calibrate": (lambda: argparse.ArgumentParser(prog="python -m moe_runtime.sim calibrate"), calibrate)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..stats import RoutingTrace
+from .hierarchy import HostPolicyRow
 from .replay import SIM_POLICIES, SimResult, predict_throughput
 from .throughput import (
     GB,
@@ -139,3 +140,38 @@ def hit_rate_figure(results: list[SimResult]):
     fig.update_yaxes(title_text="hit rate", range=[0, 1], row=1, col=1)
     fig.update_layout(title="Expert cache hit rate by policy (Belady's MIN dashed)", template="plotly_white")
     return fig
+
+
+LEVEL_TITLES = {
+    "exclusive": "exclusive under {c} device slots per layer (the engine on CUDA: a host hit moves to the device, "
+                 "device evictions are written back)",
+    "inclusive": "inclusive under {c} device slots per layer (the host keeps what it sends; device evictions are "
+                 "dropped)",
+    "single": "single RAM level (the engine on a CPU-only machine: experts compute in place from the host arena)",
+}
+
+
+def host_policy_report(rows: list[HostPolicyRow], trace: RoutingTrace, cache_size: int, source: str = "") -> str:
+    """Per level: host hit rate by budget and policy (ratio to Belady in brackets), and the steady-state
+    disk reads per token."""
+    lines = [f"## Host-level policies: {source or trace.model or 'trace'}", "",
+             f"{trace.num_tokens} tokens, L={trace.num_layers} layers x E={trace.num_experts} experts, "
+             f"top-{trace.top_k}. Host hit rate = host hits / host requests (loads from the device level; on a "
+             "single level, every use); Belady = MIN over the host's own requests. In brackets: disk reads per "
+             "token in the trace's second half (steady state).", ""]
+    budgets = sorted({r.budget for r in rows})
+    for level in dict.fromkeys(r.level for r in rows):
+        table = {(r.host_policy, r.budget): r for r in rows if r.level == level}
+        policies = list(dict.fromkeys(r.host_policy for r in rows if r.level == level))
+        slots = {r.budget: r.slots for r in rows if r.level == level}
+        lines += [f"### {LEVEL_TITLES[level].format(c=cache_size)}", "",
+                  "| host policy | " + " | ".join(f"{b:.0%} ({slots[b]} records)" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for name in policies:
+            cells = []
+            for b in budgets:
+                r = table[name, b]
+                cells.append(f"{r.hit_rate:.3f} ({r.late_disk_reads / max(1, r.num_tokens):.1f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
