@@ -4,7 +4,8 @@
         [--policies lru,lfu,lfru,belady] [--hardware t4-pcie3,a100] [--json OUT] [--markdown OUT] [--html OUT]
     python -m moe_runtime.sim synth --out TRACE [--tokens 577] [--generations 4] [--seed 0]
         a Mixtral-like synthetic trace, from real Mixtral-8x7B-Instruct routing statistics (synth.py)
-    python -m moe_runtime.sim scenario colab-t4 [--trace TRACE] [--cache-size 4] [--inclusive] [--json OUT]
+    python -m moe_runtime.sim scenario colab-t4 [--trace TRACE] [--cache-size 4] [--inclusive] [--host-policy P]
+        [--json OUT]
         device slots <- host-RAM cache <- disk under a machine's budgets (scenario.py)
     python -m moe_runtime.sim host-policy [--trace TRACE] [--budgets 25,50,75,100] [--cache-size 4]
         [--levels exclusive,inclusive,single] [--host-policies quota-lfru,lru,belady] [--half-lives 16,64]
@@ -28,7 +29,16 @@ from .replay import SIM_POLICIES, check_trace, predict_throughput, sweep
 from .report import hit_rate_figure, host_policy_report, markdown_report, throughput_rows
 from .scenario import SCENARIOS, run_scenario, scenario_report
 from .synth import RoutingStats, synthesize
-from .throughput import HARDWARE, LAYER_OVERHEAD_S, MIXTRAL_LRU_HIT_RATES, MODELS, PAPER_TABLE2, paper_errors
+from .throughput import (
+    HARDWARE,
+    LAYER_OVERHEAD_S,
+    MIXTRAL_LRU_HIT_RATES,
+    MODELS,
+    PAPER_PATH,
+    PAPER_TABLE2,
+    PATHS,
+    paper_errors,
+)
 
 
 def _int_list(text: str) -> list[int]:
@@ -144,7 +154,9 @@ def _scenario_parser() -> argparse.ArgumentParser:
     ap.add_argument("name", choices=list(SCENARIOS))
     ap.add_argument("--trace", help="routing trace JSON (default: a Mixtral-like synthetic trace, seed 0)")
     ap.add_argument("--cache-size", type=int, help="device slots per layer (default: the scenario's)")
-    ap.add_argument("--inclusive", action="store_true", help="host keeps what it sends to the device (CPU engine)")
+    ap.add_argument("--inclusive", action="store_true", help="host keeps what it sends to the device")
+    ap.add_argument("--host-policy", choices=list(HOST_SIM_POLICIES),
+                    help="the host level's policy (default: OffloadConfig's)")
     ap.add_argument("--json", type=Path, help="write the counters here")
     return ap
 
@@ -154,13 +166,17 @@ def scenario(args: argparse.Namespace) -> str:
         trace = _load_trace(args.trace, include_prefill=False)
     else:
         trace = synthesize(RoutingStats.load())
-    out = run_scenario(args.name, trace, cache_size=args.cache_size, exclusive=not args.inclusive)
+    out = run_scenario(args.name, trace, cache_size=args.cache_size, exclusive=not args.inclusive,
+                       host_policy=args.host_policy)
     if args.json:
         r = out.result
         args.json.write_text(json.dumps({
             **asdict(r), "peak_host_bytes": out.peak_host_bytes, "host_budget_bytes": out.host_budget_bytes,
             "device_free_bytes": out.device_free_bytes, "fits_cache_size": out.fits_cache_size,
             "tokens_per_second": out.tokens_per_second, "cold_tokens_per_second": out.cold_tokens_per_second,
+            "predictions": {name: asdict(p) for name, p in out.predictions.items()},
+            "paths": {name: asdict(PATHS[name]) for name in out.predictions},
+            "model": {**asdict(out.model), "expert_bytes": out.model.expert_bytes},
             "scenario": asdict(out.scenario), "trace": out.trace_name}, indent=1))
     return scenario_report(out)
 
@@ -210,9 +226,10 @@ def _quota_lfru_factory(half_life: int):
 def calibrate(_args) -> str:
     model = MODELS["mixtral-8x7b"]
     lines = ["## Throughput model against the paper's Table 2 (Mixtral-8x7B, 2-bit experts, 4-bit attention)", "",
-             f"Per-layer overhead fitted to the T4 full-method row: {LAYER_OVERHEAD_S * 1e3:.2f} ms. Loads per "
-             f"layer: accelerate moves all {model.num_experts} experts; the full method misses 2 x (1 - LRU hit rate "
-             "of real Mixtral routing at its cache size); speculative prefetch is not modelled.", "",
+             f"Per-layer overhead fitted to the T4 full-method row: {LAYER_OVERHEAD_S * 1e3:.2f} ms, on the paper's "
+             f"own path ({PAPER_PATH.source}). Loads per layer: accelerate moves all {model.num_experts} experts; the "
+             "full method misses 2 x (1 - LRU hit rate of real Mixtral routing at its cache size) and writes each "
+             "evicted expert back in series; speculative prefetch is not modelled.", "",
              "| hardware | method | cache | paper tok/s | predicted | error |", "|---|---|---:|---:|---:|---:|"]
     for r in paper_errors(model, MIXTRAL_LRU_HIT_RATES):
         error = "fitted" if r["fitted"] else f"{r['error']:+.0%}"

@@ -100,10 +100,11 @@ def markdown_report(trace: RoutingTrace, results: list[SimResult], model: ModelS
               "dense weights. Assumed bandwidths (link = host/disk to device, device = resident weights): "
               + "; ".join(f"{h.name} {h.link_gbs:g} / {h.device_gbs:g} GB/s, {h.memory_gb:g} GB ({h.notes})"
                           for h in hardware) + ".",
-              ("Time per token = per layer, device traffic (dense + active experts, HQQ dequantization "
-               "included) / device bandwidth + a fitted per-layer overhead "
-               f"({LAYER_OVERHEAD_S * 1e3:.2f} ms, from the paper's T4 row), + misses x expert bytes / link "
-               "bandwidth; prefetch loads are hidden up to one layer's compute. The trace's per-layer hit "
+              ("Time per token = per layer, device traffic on the engine's path (dense + active experts, the "
+               "fused kernel reading each record, nothing converted per load or use) / device bandwidth + a fitted "
+               f"per-layer overhead ({LAYER_OVERHEAD_S * 1e3:.2f} ms, from the paper's T4 row on the paper's path), "
+               "+ misses x expert bytes / link bandwidth; prefetch loads are hidden up to one layer's compute; "
+               "write-backs are not counted here (overlapped, they hide behind the loads: `scenario` counts them). The trace's per-layer hit "
                "rates are applied to the model's layers. Paper, Table 2 values were measured by its authors, "
                "not by us; they are shown only on the row of the paper's setting (method and cache size)."), "",
               "| hardware | C (fits) | configuration | predicted tok/s | stall s/token | paper, Table 2 tok/s |",
