@@ -12,6 +12,8 @@
         host hit rates of the host-level policies against Belady and LRU (hierarchy.py)
     python -m moe_runtime.sim calibrate
         the throughput model against every row of the paper's Table 2
+    python -m moe_runtime.sim fits [--hardware t4-pcie3,rtx3060,cpu-space] [--bits 2,4]
+        which hub models fit where, as the engine builds them by default (predictions)
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..config import OffloadConfig
 from ..policies import LayerClockFrequency, LayerQuota
 from ..stats import RoutingTrace
 from .hierarchy import HOST_SIM_POLICIES, LEVELS, host_policy_sweep
 from .replay import SIM_POLICIES, check_trace, predict_throughput, sweep
-from .report import hit_rate_figure, host_policy_report, markdown_report, throughput_rows
+from .report import fits_report, hit_rate_figure, host_policy_report, markdown_report, throughput_rows
 from .scenario import SCENARIOS, run_scenario, scenario_report
 from .synth import RoutingStats, synthesize
 from .throughput import (
@@ -223,6 +226,28 @@ def _quota_lfru_factory(half_life: int):
     return factory
 
 
+def _fits_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m moe_runtime.sim fits",
+                                 description="Which hub models fit where, as the engine builds them by default.")
+    ap.add_argument("--hardware", type=_name_list, default=["t4-pcie3", "rtx3060", "cpu-space"],
+                    help=", ".join(HARDWARE))
+    ap.add_argument("--bits", type=_int_list, default=[2, 4], help="expert bits (attention: 4-bit)")
+    return ap
+
+
+def fits(args: argparse.Namespace) -> str:
+    unknown = [h for h in args.hardware if h not in HARDWARE]
+    if unknown:
+        raise ValueError(f"hardware={unknown[0]!r} is not allowed: use one of {', '.join(HARDWARE)}")
+    shapes = []
+    for name in MODELS:
+        for bits in args.bits:
+            config = OffloadConfig(expert_bits=bits, attn_bits=4)  # ValueError names the allowed bits
+            shapes.append(replace(MODELS[name], expert_bits=bits, expert_group_size=config.expert_group, attn_bits=4,
+                                  attn_group_size=config.attn_group_size))
+    return fits_report(shapes, [HARDWARE[h] for h in args.hardware])
+
+
 def calibrate(_args) -> str:
     model = MODELS["mixtral-8x7b"]
     lines = ["## Throughput model against the paper's Table 2 (Mixtral-8x7B, 2-bit experts, 4-bit attention)", "",
@@ -239,7 +264,7 @@ def calibrate(_args) -> str:
 
 
 SUBCOMMANDS = {"synth": (_synth_parser, synth), "scenario": (_scenario_parser, scenario),
-               "host-policy": (_host_policy_parser, host_policy),
+               "host-policy": (_host_policy_parser, host_policy), "fits": (_fits_parser, fits),
                "calibrate": (lambda: argparse.ArgumentParser(prog="python -m moe_runtime.sim calibrate"), calibrate)}
 
 

@@ -176,3 +176,22 @@ def host_policy_report(rows: list[HostPolicyRow], trace: RoutingTrace, cache_siz
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def fits_report(models: list[ModelShape], hardware: list[HardwareProfile]) -> str:
+    """Per model shape: the store's size, the resident dense part, and per machine the experts per
+    layer that fit beside it and, where every expert fits, the predicted decode tok/s with nothing to
+    load (the engine's path, spec-sheet bandwidths: an optimistic bound)."""
+    lines = ["| model (bits: experts/attention, expert group) | all experts | resident dense | "
+             + " | ".join(f"{h.name}: cache / tok/s" for h in hardware) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in hardware) + " |"]
+    for m in models:
+        cells = []
+        for h in hardware:
+            fit = fitting_cache_size(m, h)
+            speed = f"{predict_from_loads(m, h, 0.0).tokens_per_second:.1f}" if fit >= m.num_experts else "offloaded"
+            cells.append(f"{fit}/{m.num_experts} / {speed}")
+        lines.append(f"| {m.name} ({m.expert_bits}/{m.attn_bits}, g{m.expert_group_size}) | "
+                     f"{m.num_layers * m.num_experts * m.expert_bytes / GB:.1f} GB | "
+                     f"{m.resident_dense_bytes / GB:.2f} GB | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
