@@ -364,3 +364,16 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "error: cannot read routing trace" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_fits_table(capsys):
+    assert main(["fits", "--hardware", "t4-pcie3", "--bits", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " GB |" in line]
+    assert len(rows) == len(MODELS)
+    mixtral = next(r for r in rows if r.startswith("| mixtral-8x7b "))
+    assert "(2/4, g32)" in mixtral and "| 14.1 GB |" in mixtral  # 256 x 55.05 MB at the engine's group 32
+    assert mixtral.endswith("| 6/8 / offloaded |")  # 11.76 GB free on a T4 / (32 x 55.05 MB) = 6.7
+    olmoe = next(r for r in rows if r.startswith("| olmoe-1b-7b "))
+    assert "64/64 / " in olmoe and "offloaded" not in olmoe
+    assert main(["fits", "--hardware", "t5"]) == 2
+    assert "hardware='t5' is not allowed" in capsys.readouterr().err
