@@ -63,8 +63,10 @@ class OffloadConfig:
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
     host_policy:  eviction policy of the host-RAM cache, one pool global across layers, visited layer by
                   layer: "quota-lfru" (each layer keeps its share of the pool; within it, decayed use
-                  frequency), "lru" (thrashes once the budget is below one token's experts), "lfu" or
-                  "quota-lru". docs/results.md has the host hit rates of each against Belady.
+                  frequency), "quota-lfru-stay" (the same, experts used at their layer's latest visit
+                  counting double: better on one RAM level, CPU-only), "lru" (thrashes once the budget is
+                  below one token's experts), "lfu" or "quota-lru". docs/results.md has the host hit rates
+                  of each against Belady.
     dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one.
     record_trace: keep a per-token routing trace (selected experts per layer) in the stats.
     delete_shards: for a hub repo id, delete each downloaded safetensors shard from the Hugging Face

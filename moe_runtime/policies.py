@@ -148,25 +148,31 @@ HostKey = tuple[int, int]  # (layer, expert)
 
 
 class LayerClockFrequency(RankedPolicy):
-    """Decayed use frequency, with time counted per layer (inside the default host policy).
+    """Decayed use frequency, with time counted per layer (inside the quota-lfru host policies).
 
     A key's score is the sum of its past uses, each weighted by decay ** (the events of ITS OWN
     layer since that use), with decay = 0.5 ** (1 / half_life). It estimates how likely the key is
-    to be needed at its layer's next visit: recent use (the router's stay probability) and long-run
-    share both count. Counting time per layer removes the cyclic bias of one global clock: on a
-    layer-by-layer walk the layer just visited always looks most recent to LRU, though it is the
-    one needed last. `insert_weight` is what an insertion adds (a write-back into an exclusive host
-    level is a use just finished on the device). Ties go to the older key (LRU)."""
+    to be needed at its layer's next visit from its long-run use. Counting time per layer removes the
+    cyclic bias of one global clock: on a layer-by-layer walk the layer just visited always looks
+    most recent, though it is the one needed last. `insert_weight` is what an insertion adds (a
+    record read from disk is about to be used; a write-back into an exclusive host level is a use
+    just finished on the device). With `recent_bonus` b, a key used at its layer's latest visit (a
+    run of consecutive events of that layer) ranks as score x (1 + b): the router's stay
+    probability. Ties go to the older key (LRU)."""
 
-    def __init__(self, num_layers: int, half_life: float, insert_weight: float = 0.0) -> None:
+    def __init__(self, num_layers: int, half_life: float, insert_weight: float = 0.0,
+                 recent_bonus: float = 0.0) -> None:
         super().__init__()
         if half_life <= 0:
             raise ValueError(f"half_life={half_life!r} is not allowed: use a number of events > 0")
         self.decay = 0.5 ** (1.0 / half_life)
-        self.insert_weight = insert_weight
+        self.insert_weight, self.recent_bonus = insert_weight, recent_bonus
         self.layer_clock = [0] * num_layers
+        self.layer_visit = [0] * num_layers
+        self.visiting: int | None = None  # the layer of the latest event
         self.score: dict[HostKey, float] = {}
         self.stamp: dict[HostKey, int] = {}
+        self.visit_of: dict[HostKey, int] = {}
         self.last_use: dict[HostKey, int] = {}
 
     def _current(self, key: HostKey) -> float:
@@ -174,9 +180,14 @@ class LayerClockFrequency(RankedPolicy):
         return self.score.get(key, 0.0) * self.decay ** age
 
     def _add(self, key: HostKey, weight: float) -> None:
-        self.layer_clock[key[0]] += 1
+        layer = key[0]
+        if layer != self.visiting:
+            self.layer_visit[layer] += 1
+            self.visiting = layer
+        self.layer_clock[layer] += 1
         self.score[key] = self._current(key) + weight
-        self.stamp[key] = self.layer_clock[key[0]]
+        self.stamp[key] = self.layer_clock[layer]
+        self.visit_of[key] = self.layer_visit[layer]
         self.last_use[key] = self.clock
 
     def _access(self, key: HostKey) -> None:
@@ -189,7 +200,8 @@ class LayerClockFrequency(RankedPolicy):
         pass  # scores persist across evictions: a key read again keeps its history
 
     def _rank(self, key: HostKey):
-        return (self._current(key), self.last_use.get(key, -1))
+        recent = self.visit_of.get(key) == self.layer_visit[key[0]]
+        return (self._current(key) * (1.0 + self.recent_bonus * recent), self.last_use.get(key, -1))
 
 
 class LayerQuota(RankedPolicy):
@@ -242,9 +254,15 @@ def _quota_lfru(num_layers: int, num_experts: int, slots: int) -> EvictionPolicy
     return LayerQuota(num_layers, slots, LayerClockFrequency(num_layers, HOST_HALF_LIFE_EVENTS, insert_weight=1.0))
 
 
+def _quota_lfru_stay(num_layers: int, num_experts: int, slots: int) -> EvictionPolicy:
+    return LayerQuota(num_layers, slots, LayerClockFrequency(num_layers, HOST_HALF_LIFE_EVENTS, insert_weight=1.0,
+                                                             recent_bonus=1.0))
+
+
 # name -> factory(num_layers, num_experts, slots); the first is the default (OffloadConfig.host_policy).
 HOST_POLICIES = {
     "quota-lfru": _quota_lfru,
+    "quota-lfru-stay": _quota_lfru_stay,
     "lru": lambda num_layers, num_experts, slots: LRU(),
     "lfu": lambda num_layers, num_experts, slots: LFU(),
     "quota-lru": lambda num_layers, num_experts, slots: LayerQuota(num_layers, slots, LRU()),

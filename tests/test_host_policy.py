@@ -84,6 +84,18 @@ def test_layer_clock_frequency_counts_time_per_layer():
         LayerClockFrequency(1, half_life=0)
 
 
+def test_recent_bonus_favours_the_experts_of_the_layers_latest_visit():
+    # (0, 0) used 3 times long ago, (0, 1) once at layer 0's latest visit (then layer 1 ran).
+    plain, stay = (LayerClockFrequency(num_layers=2, half_life=1e9, recent_bonus=b) for b in (0.0, 4.0))
+    for policy in (plain, stay):
+        for key in [(0, 0), (0, 0), (0, 0), (1, 0), (0, 1), (1, 0)]:
+            policy.access(key)
+    assert plain.victim([(0, 0), (0, 1)]) == (0, 1)  # 1 use < 3 uses
+    assert stay.victim([(0, 0), (0, 1)]) == (0, 0)  # 1 x (1 + 4) > 3: (0, 0) was not used at the latest visit
+    stay.access((0, 2))  # a new visit of layer 0: (0, 1) is no longer recent
+    assert stay.victim([(0, 0), (0, 1)]) == (0, 1)
+
+
 def test_frequency_keeps_the_often_used_expert_where_lru_keeps_the_last_one():
     policy = LayerClockFrequency(num_layers=1, half_life=100.0)
     for _ in range(4):
@@ -97,7 +109,7 @@ def test_frequency_keeps_the_often_used_expert_where_lru_keeps_the_last_one():
 
 
 def test_make_host_policy_checks_its_arguments():
-    with pytest.raises(ValueError, match="host_policy='mru' is not allowed: use one of quota-lfru, lru"):
+    with pytest.raises(ValueError, match="host_policy='mru' is not allowed: use one of quota-lfru, quota-lfru-stay, lru"):
         make_host_policy("mru", num_layers=2, num_experts=4, slots=3)
     for bad in ({"num_layers": 0}, {"num_experts": True}, {"slots": -1}):
         args = {"num_layers": 2, "num_experts": 4, "slots": 3, **bad}
@@ -125,7 +137,7 @@ def test_single_level_smaller_than_a_token_computes_from_staging():
 def test_config_host_policy_default_and_validation():
     assert OffloadConfig().host_policy == next(iter(HOST_POLICIES)) == "quota-lfru"
     assert OffloadConfig(host_policy="lru").host_policy == "lru"
-    with pytest.raises(ValueError, match="host_policy='belady' is not allowed: use one of 'quota-lfru', 'lru'"):
+    with pytest.raises(ValueError, match="host_policy='belady' is not allowed: use one of 'quota-lfru', 'quota-lfru-stay', 'lru'"):
         OffloadConfig(host_policy="belady")
 
 
