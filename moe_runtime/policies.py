@@ -207,10 +207,10 @@ class LayerClockFrequency(RankedPolicy):
 class LayerQuota(RankedPolicy):
     """Per-layer quotas: every layer has slots // num_layers keys of the pool (the remainder to the
     first layers); a layer may hold more while others hold less, but the victim is always taken from
-    a layer furthest over its quota, and within those by the inner policy's rank (`inner`: a
-    RankedPolicy over the same keys). On a layer-by-layer walk this keeps every layer's share of the
-    pool until its next visit, where one global ranking evicts the layers visited longest ago: the
-    ones needed next."""
+    a layer furthest over its quota — among those, the layer seen last (on a layer-by-layer walk, the
+    one needed last) — and within that layer by the inner policy's rank (`inner`: a RankedPolicy over
+    the same keys). This keeps every layer's share of the pool until its next visit, where one global
+    ranking evicts the layers visited longest ago: the ones needed next."""
 
     def __init__(self, num_layers: int, slots: int, inner: RankedPolicy) -> None:
         super().__init__()
@@ -246,7 +246,7 @@ class LayerQuota(RankedPolicy):
 
 # Half-life of the host level's decayed frequency, in events of the key's own layer (about 128 tokens
 # of Mixtral's top-2 on a single RAM level). Chosen by measurement: `python -m moe_runtime.sim
-# host-policy --half-lives 16,64,256` (docs/results.md): longer half-lives did better at every budget.
+# host-policy --half-lives 16,64` (docs/results.md): 256 did better than 64 and 16 at all budgets but one.
 HOST_HALF_LIFE_EVENTS = 256.0
 
 
