@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -152,9 +153,14 @@ def test_sweep_and_cli_table(tmp_path, capsys):
         host_policy_sweep(trace, [0], ["lru"])
     path = tmp_path / "t.json"
     trace.save(path)
+    md, js = tmp_path / "h.md", tmp_path / "h.json"
     assert main(["host-policy", "--trace", str(path), "--budgets", "25,100", "--levels", "single",
-                 "--host-policies", "quota-lfru,lru,belady", "--half-lives", "4"]) == 0
+                 "--host-policies", "quota-lfru,lru,belady", "--half-lives", "4", "--markdown", str(md),
+                 "--json", str(js)]) == 0
     text = capsys.readouterr().out
     assert "single RAM level" in text and "| quota-lfru/h4 |" in text and "| belady |" in text
+    assert md.read_text() == text
+    assert {(r["host_policy"], r["budget"]) for r in json.loads(js.read_text())} == {
+        (p, b) for p in ("quota-lfru", "lru", "belady", "quota-lfru/h4") for b in (0.25, 1.0)}
     assert main(["host-policy", "--trace", str(path), "--levels", "sideways"]) == 2
     assert "level='sideways' is not allowed" in capsys.readouterr().err

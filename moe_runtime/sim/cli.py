@@ -9,6 +9,7 @@
         device slots <- host-RAM cache <- disk under a machine's budgets (scenario.py)
     python -m moe_runtime.sim host-policy [--trace TRACE] [--budgets 25,50,75,100] [--cache-size 4]
         [--levels exclusive,inclusive,single] [--host-policies quota-lfru,lru,belady] [--half-lives 16,64]
+        [--json OUT] [--markdown OUT]
         host hit rates of the host-level policies against Belady and LRU (hierarchy.py)
     python -m moe_runtime.sim calibrate
         the throughput model against every row of the paper's Table 2
@@ -197,6 +198,7 @@ def _host_policy_parser() -> argparse.ArgumentParser:
     ap.add_argument("--half-lives", type=_int_list, default=[],
                     help="also quota-lfru with these half-lives (events of a layer), as quota-lfru/hN")
     ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--markdown", type=Path, help="write the printed tables here")
     return ap
 
 
@@ -213,7 +215,10 @@ def host_policy(args: argparse.Namespace) -> str:
     if args.json:
         args.json.write_text(json.dumps([{**asdict(r), "hit_rate": r.hit_rate} for r in rows], indent=1))
     source = Path(args.trace).name if args.trace else "Mixtral-like synthetic routing (seed 0)"
-    return host_policy_report(rows, trace, args.cache_size, source)
+    report = host_policy_report(rows, trace, args.cache_size, source)
+    if args.markdown:
+        args.markdown.write_text(report)
+    return report
 
 
 def _quota_lfru_factory(half_life: int):
