@@ -56,7 +56,8 @@ PATHS = {p.name: p for p in (
     GpuPath("engine", False, False, 0.0, "overlapped",
             "issues 16 and 17 as built: the Triton kernel reads the record (codes packed as it wants them, "
             "8-bit scales/zeros dequantized in registers, kernels/triton_hqq.py), nothing converted per load or "
-            "use; the write-back on its own stream while the load runs"),
+            "use; the write-back on its own stream while the load runs (into a spare device buffer, as the "
+            "paper's cache does, so the two copies do not touch the same slot)"),
     GpuPath("engine-serial", False, False, 0.0, "serial",
             "the same kernel with main's write-back: HostCache.exchange copies the evicted expert to the host "
             "before the load starts"),
