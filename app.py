@@ -34,7 +34,7 @@ import gradio as gr  # noqa: E402
 
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
-from moe_runtime.policies import POLICIES  # noqa: E402
+from moe_runtime.policies import HOST_POLICIES, POLICIES  # noqa: E402
 from webapp import plots, whatif  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import (  # noqa: E402
@@ -570,6 +570,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     o.add_argument("--store-dir", default=d.store_dir, help=doc["store_dir"])
     o.add_argument("--delete-shards", action="store_true", help=doc["delete_shards"])
     o.add_argument("--policy", default=d.policy, choices=list(POLICIES), help=doc["policy"])
+    o.add_argument("--host-policy", default=d.host_policy, choices=list(HOST_POLICIES), help=doc["host_policy"])
     o.add_argument("--dtype", default=d.dtype, choices=DTYPES, help=doc["dtype"])
     o.add_argument("--no-trace", dest="record_trace", action="store_false",
                    help="turn off record_trace: " + doc["record_trace"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
-from .policies import POLICIES
+from .policies import HOST_POLICIES, POLICIES
 
 DEVICES_HELP = '"auto", "cpu", "cuda" or "cuda:N"'
 OFFLOAD_TIERS = ("auto", "ram", "disk")
@@ -61,6 +61,12 @@ class OffloadConfig:
                   expert matrix; fast on a GPU). False = round-to-nearest, same format.
     store_dir:    folder of the expert store, reused across runs (keyed by model and quant settings).
     policy:       eviction policy of the expert cache: "lru", "lfu" or "lfru".
+    host_policy:  eviction policy of the host-RAM cache, one pool global across layers, visited layer by
+                  layer: "quota-lfru" (each layer keeps its share of the pool; within it, decayed use
+                  frequency), "quota-lfru-stay" (the same, experts used at their layer's latest visit
+                  counting double: better on one RAM level, CPU-only), "lru" (thrashes once the budget is
+                  below one token's experts), "lfu" or "quota-lru". docs/results.md has the host hit rates
+                  of each against Belady.
     dtype:        compute dtype: "auto" (float16 on CUDA, float32 on CPU) or an explicit one; "bfloat16" on
                   CUDA needs compute capability 8.0+ (refused on a T4: kernels.capability).
     record_trace: keep a per-token routing trace (selected experts per layer) in the stats.
@@ -85,6 +91,7 @@ class OffloadConfig:
     hqq_optimize: bool = True
     store_dir: str = "expert-store"
     policy: str = "lru"
+    host_policy: str = "quota-lfru"
     dtype: str = "auto"
     record_trace: bool = True
     delete_shards: bool = False
@@ -98,6 +105,7 @@ class OffloadConfig:
         _check_choice("expert_bits", self.expert_bits, EXPERT_BITS)
         _check_choice("attn_bits", self.attn_bits, ATTN_BITS)
         _check_choice("policy", self.policy, tuple(POLICIES))
+        _check_choice("host_policy", self.host_policy, tuple(HOST_POLICIES))
         _check_choice("dtype", self.dtype, DTYPES)
         _check_int("cache_size", self.cache_size, minimum=1)
         _check_int("prefetch", self.prefetch, minimum=0)

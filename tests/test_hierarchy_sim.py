@@ -6,11 +6,13 @@ import json
 
 import pytest
 
+from moe_runtime.config import OffloadConfig
 from moe_runtime.sim.cli import main
 from moe_runtime.sim.hierarchy import simulate_hierarchy
 from moe_runtime.sim.replay import simulate
-from moe_runtime.sim.scenario import run_scenario
+from moe_runtime.sim.scenario import run_scenario, scenario_report
 from moe_runtime.sim.synth import RoutingStats, synthesize
+from moe_runtime.sim.throughput import HARDWARE
 from moe_runtime.stats import RoutingTrace
 from tests.test_simulate import random_trace
 
@@ -60,14 +62,39 @@ def mixtral_like():
     return synthesize(RoutingStats.load(), 160, 2, seed=3)
 
 
+def test_single_level_by_hand():
+    # E=3, K=1, 1 host slot, no device slots: tokens 0 0 1 0. t0: disk (host {0}); t1: host hit;
+    # t2: disk, 0 evicted (host {1}); t3: disk again (a re-read).
+    r = simulate_hierarchy(one_layer([[0], [0], [1], [0]], 3), 0, 1, 10, level="single")
+    assert (r.host_hits, r.disk_reads, r.disk_rereads, r.write_backs) == ([1], [3], [1], [0])
+    assert (r.hits, r.misses) == (r.host_hits, r.disk_reads) and r.host_hit_rate == 0.25
+
+
 def test_colab_t4_scenario_meets_the_budgets(mixtral_like):
     out = run_scenario("colab-t4", mixtral_like)
     r = out.result
     assert r.cache_size == 4 and out.fits_cache_size >= 4 and r.exclusive
+    assert r.host_policy == OffloadConfig().host_policy
+    assert out.model.expert_group_size == OffloadConfig(expert_bits=2).expert_group  # the engine's record
     assert sum(r.disk_rereads) == 0 and r.late_disk_reads == 0  # no disk reads after each expert's first use
     assert sum(r.disk_reads) == r.distinct_experts
     assert out.peak_host_bytes < 12.7e9
     assert 1.0 < out.tokens_per_second < 4.0 and out.cold_tokens_per_second < out.tokens_per_second
+
+
+def test_colab_t4_scenario_counts_write_backs(mixtral_like):
+    out = run_scenario("colab-t4", mixtral_like)
+    r, m = out.result, out.model
+    engine, serial, main_path = (out.predictions[p] for p in ("engine", "engine-serial", "main"))
+    assert sum(r.write_backs) > 0
+    assert engine.write_back_s == 0  # overlapped: every write-back runs during its miss's load
+    one_way = r.per_token(r.write_backs) * m.expert_bytes / (HARDWARE["t4-pcie3"].link_gbs * 1e9)
+    assert serial.write_back_s == pytest.approx(one_way)
+    assert 1 / serial.tokens_per_second - 1 / engine.tokens_per_second == pytest.approx(one_way)
+    assert main_path.tokens_per_second < serial.tokens_per_second
+    text = scenario_report(out)
+    assert f"including {serial.write_back_s * 1e3:.1f} ms/token of write-back" in text
+    assert "including 0.0 ms/token of write-back" in text
 
 
 def test_scenario_refuses_what_does_not_fit(mixtral_like):
@@ -117,7 +144,7 @@ def test_engine_at_colab_ratios_matches_the_three_level_replay(tmp_path, mixtral
     finally:
         stack.close()
     trace = RoutingTrace(32, 8, 2, selected=[rows[:tokens] for rows in replay.selected], phase=["decode"] * tokens)
-    sim = simulate_hierarchy(trace, 4, 129, stack.tier.stride, exclusive=exclusive)
+    sim = simulate_hierarchy(trace, 4, 129, stack.tier.stride, exclusive=exclusive, host_policy="lru")
     assert (c.hits, c.misses) == (sim.hits, sim.misses)
     assert (c.host_hits, c.disk_reads) == (sim.host_hits, sim.disk_reads)
     if exclusive:  # the scenario's claim: each expert is read from disk once, then moves RAM <-> device

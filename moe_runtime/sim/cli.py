@@ -4,10 +4,17 @@
         [--policies lru,lfu,lfru,belady] [--hardware t4-pcie3,a100] [--json OUT] [--markdown OUT] [--html OUT]
     python -m moe_runtime.sim synth --out TRACE [--tokens 577] [--generations 4] [--seed 0]
         a Mixtral-like synthetic trace, from real Mixtral-8x7B-Instruct routing statistics (synth.py)
-    python -m moe_runtime.sim scenario colab-t4 [--trace TRACE] [--cache-size 4] [--inclusive] [--json OUT]
+    python -m moe_runtime.sim scenario colab-t4 [--trace TRACE] [--cache-size 4] [--inclusive] [--host-policy P]
+        [--json OUT]
         device slots <- host-RAM cache <- disk under a machine's budgets (scenario.py)
+    python -m moe_runtime.sim host-policy [--trace TRACE] [--budgets 25,50,75,100] [--cache-size 4]
+        [--levels exclusive,inclusive,single] [--host-policies quota-lfru,lru,belady] [--half-lives 16,64]
+        [--json OUT] [--markdown OUT]
+        host hit rates of the host-level policies against Belady and LRU (hierarchy.py)
     python -m moe_runtime.sim calibrate
         the throughput model against every row of the paper's Table 2
+    python -m moe_runtime.sim fits [--hardware t4-pcie3,rtx3060,cpu-space] [--bits 2,4]
+        which hub models fit where, as the engine builds them by default (predictions)
 """
 
 from __future__ import annotations
@@ -18,12 +25,24 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..config import OffloadConfig
+from ..policies import LayerClockFrequency, LayerQuota
 from ..stats import RoutingTrace
+from .hierarchy import HOST_SIM_POLICIES, LEVELS, host_policy_sweep
 from .replay import SIM_POLICIES, check_trace, predict_throughput, sweep
-from .report import hit_rate_figure, markdown_report, throughput_rows
+from .report import fits_report, hit_rate_figure, host_policy_report, markdown_report, throughput_rows
 from .scenario import SCENARIOS, run_scenario, scenario_report
 from .synth import RoutingStats, synthesize
-from .throughput import HARDWARE, LAYER_OVERHEAD_S, MIXTRAL_LRU_HIT_RATES, MODELS, PAPER_TABLE2, paper_errors
+from .throughput import (
+    HARDWARE,
+    LAYER_OVERHEAD_S,
+    MIXTRAL_LRU_HIT_RATES,
+    MODELS,
+    PAPER_PATH,
+    PAPER_TABLE2,
+    PATHS,
+    paper_errors,
+)
 
 
 def _int_list(text: str) -> list[int]:
@@ -139,7 +158,9 @@ def _scenario_parser() -> argparse.ArgumentParser:
     ap.add_argument("name", choices=list(SCENARIOS))
     ap.add_argument("--trace", help="routing trace JSON (default: a Mixtral-like synthetic trace, seed 0)")
     ap.add_argument("--cache-size", type=int, help="device slots per layer (default: the scenario's)")
-    ap.add_argument("--inclusive", action="store_true", help="host keeps what it sends to the device (CPU engine)")
+    ap.add_argument("--inclusive", action="store_true", help="host keeps what it sends to the device")
+    ap.add_argument("--host-policy", choices=list(HOST_SIM_POLICIES),
+                    help="the host level's policy (default: OffloadConfig's)")
     ap.add_argument("--json", type=Path, help="write the counters here")
     return ap
 
@@ -149,23 +170,96 @@ def scenario(args: argparse.Namespace) -> str:
         trace = _load_trace(args.trace, include_prefill=False)
     else:
         trace = synthesize(RoutingStats.load())
-    out = run_scenario(args.name, trace, cache_size=args.cache_size, exclusive=not args.inclusive)
+    out = run_scenario(args.name, trace, cache_size=args.cache_size, exclusive=not args.inclusive,
+                       host_policy=args.host_policy)
     if args.json:
         r = out.result
         args.json.write_text(json.dumps({
             **asdict(r), "peak_host_bytes": out.peak_host_bytes, "host_budget_bytes": out.host_budget_bytes,
             "device_free_bytes": out.device_free_bytes, "fits_cache_size": out.fits_cache_size,
             "tokens_per_second": out.tokens_per_second, "cold_tokens_per_second": out.cold_tokens_per_second,
+            "predictions": {name: asdict(p) for name, p in out.predictions.items()},
+            "paths": {name: asdict(PATHS[name]) for name in out.predictions},
+            "model": {**asdict(out.model), "expert_bytes": out.model.expert_bytes},
             "scenario": asdict(out.scenario), "trace": out.trace_name}, indent=1))
     return scenario_report(out)
+
+
+def _host_policy_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m moe_runtime.sim host-policy",
+                                 description="Host hit rates of the host-level eviction policies against Belady.")
+    ap.add_argument("--trace", help="routing trace JSON (default: a Mixtral-like synthetic trace, seed 0)")
+    ap.add_argument("--budgets", type=_int_list, default=[25, 50, 75, 100],
+                    help="host budgets, in %% of all L x E experts")
+    ap.add_argument("--cache-size", type=int, default=4, help="device slots per layer above the host level")
+    ap.add_argument("--levels", type=_name_list, default=list(LEVELS), help=", ".join(LEVELS))
+    ap.add_argument("--host-policies", type=_name_list, default=list(HOST_SIM_POLICIES),
+                    help=", ".join(HOST_SIM_POLICIES))
+    ap.add_argument("--half-lives", type=_int_list, default=[],
+                    help="also quota-lfru with these half-lives (events of a layer), as quota-lfru/hN")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    ap.add_argument("--markdown", type=Path, help="write the printed tables here")
+    return ap
+
+
+def host_policy(args: argparse.Namespace) -> str:
+    trace = _load_trace(args.trace, include_prefill=False) if args.trace else synthesize(RoutingStats.load())
+    for level in args.levels:
+        if level not in LEVELS:
+            raise ValueError(f"level={level!r} is not allowed: use one of {', '.join(LEVELS)}")
+    if args.levels != ["single"] and not 1 <= args.cache_size <= trace.num_experts:
+        raise ValueError(f"--cache-size {args.cache_size} is not allowed: use 1..{trace.num_experts}")
+    extra = {f"quota-lfru/h{h}": _quota_lfru_factory(h) for h in args.half_lives}
+    rows = host_policy_sweep(trace, [b / 100 for b in args.budgets], [*args.host_policies, *extra],
+                             levels=args.levels, cache_size=args.cache_size, extra_policies=extra)
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(r), "hit_rate": r.hit_rate} for r in rows], indent=1))
+    source = Path(args.trace).name if args.trace else "Mixtral-like synthetic routing (seed 0)"
+    report = host_policy_report(rows, trace, args.cache_size, source)
+    if args.markdown:
+        args.markdown.write_text(report)
+    return report
+
+
+def _quota_lfru_factory(half_life: int):
+    if half_life < 1:
+        raise ValueError(f"--half-lives {half_life} is not allowed: use integers >= 1")
+
+    def factory(num_layers: int, num_experts: int, slots: int):
+        return LayerQuota(num_layers, slots, LayerClockFrequency(num_layers, float(half_life), insert_weight=1.0))
+
+    return factory
+
+
+def _fits_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m moe_runtime.sim fits",
+                                 description="Which hub models fit where, as the engine builds them by default.")
+    ap.add_argument("--hardware", type=_name_list, default=["t4-pcie3", "rtx3060", "cpu-space"],
+                    help=", ".join(HARDWARE))
+    ap.add_argument("--bits", type=_int_list, default=[2, 4], help="expert bits (attention: 4-bit)")
+    return ap
+
+
+def fits(args: argparse.Namespace) -> str:
+    unknown = [h for h in args.hardware if h not in HARDWARE]
+    if unknown:
+        raise ValueError(f"hardware={unknown[0]!r} is not allowed: use one of {', '.join(HARDWARE)}")
+    shapes = []
+    for name in MODELS:
+        for bits in args.bits:
+            config = OffloadConfig(expert_bits=bits, attn_bits=4)  # ValueError names the allowed bits
+            shapes.append(replace(MODELS[name], expert_bits=bits, expert_group_size=config.expert_group, attn_bits=4,
+                                  attn_group_size=config.attn_group_size))
+    return fits_report(shapes, [HARDWARE[h] for h in args.hardware])
 
 
 def calibrate(_args) -> str:
     model = MODELS["mixtral-8x7b"]
     lines = ["## Throughput model against the paper's Table 2 (Mixtral-8x7B, 2-bit experts, 4-bit attention)", "",
-             f"Per-layer overhead fitted to the T4 full-method row: {LAYER_OVERHEAD_S * 1e3:.2f} ms. Loads per "
-             f"layer: accelerate moves all {model.num_experts} experts; the full method misses 2 x (1 - LRU hit rate "
-             "of real Mixtral routing at its cache size); speculative prefetch is not modelled.", "",
+             f"Per-layer overhead fitted to the T4 full-method row: {LAYER_OVERHEAD_S * 1e3:.2f} ms, on the paper's "
+             f"own path ({PAPER_PATH.source}). Loads per layer: accelerate moves all {model.num_experts} experts; the "
+             "full method misses 2 x (1 - LRU hit rate of real Mixtral routing at its cache size) and writes each "
+             "evicted expert back in series; speculative prefetch is not modelled.", "",
              "| hardware | method | cache | paper tok/s | predicted | error |", "|---|---|---:|---:|---:|---:|"]
     for r in paper_errors(model, MIXTRAL_LRU_HIT_RATES):
         error = "fitted" if r["fitted"] else f"{r['error']:+.0%}"
@@ -175,6 +269,7 @@ def calibrate(_args) -> str:
 
 
 SUBCOMMANDS = {"synth": (_synth_parser, synth), "scenario": (_scenario_parser, scenario),
+               "host-policy": (_host_policy_parser, host_policy), "fits": (_fits_parser, fits),
                "calibrate": (lambda: argparse.ArgumentParser(prog="python -m moe_runtime.sim calibrate"), calibrate)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..stats import RoutingTrace
+from .hierarchy import HostPolicyRow
 from .replay import SIM_POLICIES, SimResult, predict_throughput
 from .throughput import (
     GB,
@@ -99,10 +100,11 @@ def markdown_report(trace: RoutingTrace, results: list[SimResult], model: ModelS
               "dense weights. Assumed bandwidths (link = host/disk to device, device = resident weights): "
               + "; ".join(f"{h.name} {h.link_gbs:g} / {h.device_gbs:g} GB/s, {h.memory_gb:g} GB ({h.notes})"
                           for h in hardware) + ".",
-              ("Time per token = per layer, device traffic (dense + active experts, HQQ dequantization "
-               "included) / device bandwidth + a fitted per-layer overhead "
-               f"({LAYER_OVERHEAD_S * 1e3:.2f} ms, from the paper's T4 row), + misses x expert bytes / link "
-               "bandwidth; prefetch loads are hidden up to one layer's compute. The trace's per-layer hit "
+              ("Time per token = per layer, device traffic on the engine's path (dense + active experts, the "
+               "fused kernel reading each record, nothing converted per load or use) / device bandwidth + a fitted "
+               f"per-layer overhead ({LAYER_OVERHEAD_S * 1e3:.2f} ms, from the paper's T4 row on the paper's path), "
+               "+ misses x expert bytes / link bandwidth; prefetch loads are hidden up to one layer's compute; "
+               "write-backs are not counted here (overlapped, they hide behind the loads: `scenario` counts them). The trace's per-layer hit "
                "rates are applied to the model's layers. Paper, Table 2 values were measured by its authors, "
                "not by us; they are shown only on the row of the paper's setting (method and cache size)."), "",
               "| hardware | C (fits) | configuration | predicted tok/s | stall s/token | paper, Table 2 tok/s |",
@@ -139,3 +141,57 @@ def hit_rate_figure(results: list[SimResult]):
     fig.update_yaxes(title_text="hit rate", range=[0, 1], row=1, col=1)
     fig.update_layout(title="Expert cache hit rate by policy (Belady's MIN dashed)", template="plotly_white")
     return fig
+
+
+LEVEL_TITLES = {
+    "exclusive": "exclusive under {c} device slots per layer (the engine on CUDA: a host hit moves to the device, "
+                 "device evictions are written back)",
+    "inclusive": "inclusive under {c} device slots per layer (the host keeps what it sends; device evictions are "
+                 "dropped)",
+    "single": "single RAM level (the engine on a CPU-only machine: experts compute in place from the host arena)",
+}
+
+
+def host_policy_report(rows: list[HostPolicyRow], trace: RoutingTrace, cache_size: int, source: str = "") -> str:
+    """Per level: host hit rate by budget and policy (ratio to Belady in brackets), and the steady-state
+    disk reads per token."""
+    lines = [f"## Host-level policies: {source or trace.model or 'trace'}", "",
+             f"{trace.num_tokens} tokens, L={trace.num_layers} layers x E={trace.num_experts} experts, "
+             f"top-{trace.top_k}. Host hit rate = host hits / host requests (loads from the device level; on a "
+             "single level, every use); Belady = MIN over the host's own requests. In brackets: disk reads per "
+             "token in the trace's second half (steady state).", ""]
+    budgets = sorted({r.budget for r in rows})
+    for level in dict.fromkeys(r.level for r in rows):
+        table = {(r.host_policy, r.budget): r for r in rows if r.level == level}
+        policies = list(dict.fromkeys(r.host_policy for r in rows if r.level == level))
+        slots = {r.budget: r.slots for r in rows if r.level == level}
+        lines += [f"### {LEVEL_TITLES[level].format(c=cache_size)}", "",
+                  "| host policy | " + " | ".join(f"{b:.0%} ({slots[b]} records)" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for name in policies:
+            cells = []
+            for b in budgets:
+                r = table[name, b]
+                cells.append(f"{r.hit_rate:.3f} ({r.late_disk_reads / max(1, r.num_tokens):.1f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def fits_report(models: list[ModelShape], hardware: list[HardwareProfile]) -> str:
+    """Per model shape: the store's size, the resident dense part, and per machine the experts per
+    layer that fit beside it and, where every expert fits, the predicted decode tok/s with nothing to
+    load (the engine's path, spec-sheet bandwidths: an optimistic bound)."""
+    lines = ["| model (bits: experts/attention, expert group) | all experts | resident dense | "
+             + " | ".join(f"{h.name}: cache / tok/s" for h in hardware) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in hardware) + " |"]
+    for m in models:
+        cells = []
+        for h in hardware:
+            fit = fitting_cache_size(m, h)
+            speed = f"{predict_from_loads(m, h, 0.0).tokens_per_second:.1f}" if fit >= m.num_experts else "offloaded"
+            cells.append(f"{fit}/{m.num_experts} / {speed}")
+        lines.append(f"| {m.name} ({m.expert_bits}/{m.attn_bits}, g{m.expert_group_size}) | "
+                     f"{m.num_layers * m.num_experts * m.expert_bytes / GB:.1f} GB | "
+                     f"{m.resident_dense_bytes / GB:.2f} GB | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -5,15 +5,41 @@ host RAM, a disk), Mixtral-8x7B with 2-bit experts and 4-bit attention. The devi
 the GPU has minus the dense weights (attention, embeddings, LM head), the KV cache and a reserve;
 the host budget is the RAM minus the process. The routing comes from a trace: by default a
 Mixtral-like synthetic one (synth.py, from real Mixtral-8x7B-Instruct routing statistics).
+
+The model is what the engine builds by default (OffloadConfig: 2-bit experts at its default group
+size, 8-bit scales/zeros, the default host policy), and the prediction is for the engine's GPU path
+(throughput.ENGINE_PATH: the fused kernel reads the record, nothing is converted per load or use,
+exclusive levels with the write-back overlapped on its own stream); the same run on the serial
+write-back (`engine-serial`) and on main's path before issue 16 (`main`) is printed beside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+from ..config import OffloadConfig
 from ..stats import RoutingTrace
 from .hierarchy import HierarchyResult, simulate_hierarchy
-from .throughput import GB, HARDWARE, LAYER_OVERHEAD_S, MODELS, PAPER_TABLE2, ModelShape, predict_from_loads
+from .throughput import (
+    GB,
+    HARDWARE,
+    LAYER_OVERHEAD_S,
+    MODELS,
+    PAPER_TABLE2,
+    PATHS,
+    ModelShape,
+    predict_from_loads,
+)
+
+ENGINE_DEFAULTS = OffloadConfig(expert_bits=2, attn_bits=4)
+SCENARIO_PATHS = ("engine", "engine-serial", "main")  # the first is the headline prediction
+
+
+def engine_model(name: str = "mixtral-8x7b") -> ModelShape:
+    """`name`'s shape as the engine builds it by default: 2-bit experts at OffloadConfig's group size."""
+    return replace(MODELS[name], expert_bits=2, expert_group_size=ENGINE_DEFAULTS.expert_group, attn_bits=4,
+                   attn_group_size=ENGINE_DEFAULTS.attn_group_size, meta_bits=8 if ENGINE_DEFAULTS.quantize_meta
+                   else 16)
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,17 @@ def kv_cache_bytes(model: ModelShape, tokens: int) -> int:
     return 2 * model.num_layers * model.num_key_value_heads * head_dim * 2 * tokens
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """Decode tokens/s on one GpuPath: steady state (the trace's second half) and over the whole trace,
+    and the seconds per token of write-back the steady figure includes."""
+
+    path: str
+    tokens_per_second: float
+    cold_tokens_per_second: float
+    write_back_s: float
+
+
 @dataclass
 class ScenarioResult:
     scenario: Scenario
@@ -55,9 +92,18 @@ class ScenarioResult:
     host_budget_bytes: int
     host_slots: int
     result: HierarchyResult
-    tokens_per_second: float  # steady state (second half of the trace), from the calibrated model
-    cold_tokens_per_second: float  # whole trace, first disk reads included
+    predictions: dict[str, Prediction]  # by path name, SCENARIO_PATHS order
     trace_name: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """The engine's path, steady state."""
+        return self.predictions[SCENARIO_PATHS[0]].tokens_per_second
+
+    @property
+    def cold_tokens_per_second(self) -> float:
+        return self.predictions[SCENARIO_PATHS[0]].cold_tokens_per_second
 
     @property
     def peak_host_bytes(self) -> int:
@@ -65,11 +111,13 @@ class ScenarioResult:
 
 
 def run_scenario(name: str, trace: RoutingTrace, model: ModelShape | None = None,
-                 cache_size: int | None = None, exclusive: bool = True) -> ScenarioResult:
+                 cache_size: int | None = None, exclusive: bool = True,
+                 host_policy: str | None = None) -> ScenarioResult:
     if name not in SCENARIOS:
         raise ValueError(f"scenario={name!r} is not allowed: use one of {', '.join(SCENARIOS)}")
     scenario = SCENARIOS[name]
-    model = model or MODELS["mixtral-8x7b"]
+    model = model or engine_model()
+    host_policy = host_policy or ENGINE_DEFAULTS.host_policy
     if (trace.num_layers, trace.num_experts, trace.top_k) != (model.num_layers, model.num_experts, model.top_k):
         raise ValueError(f"the trace has L={trace.num_layers}, E={trace.num_experts}, top-{trace.top_k}; "
                          f"{model.name} has L={model.num_layers}, E={model.num_experts}, top-{model.top_k}")
@@ -83,31 +131,38 @@ def run_scenario(name: str, trace: RoutingTrace, model: ModelShape | None = None
                          f"holds {fits} experts per layer")
     host_budget = int((scenario.host_ram_gb - scenario.process_gb) * GB)
     host_slots = max(0, host_budget // model.expert_bytes - 1)  # one record of the arena stages disk reads
-    result = simulate_hierarchy(trace, cache_size, host_slots, model.expert_bytes, exclusive=exclusive)
-    late_tokens = trace.num_tokens - trace.num_tokens // 2
-    steady = _predict(model, scenario, result, result.per_token(result.misses) / model.num_layers,
-                      result.late_disk_reads / late_tokens if late_tokens else 0.0)
-    cold = _predict(model, scenario, result, result.per_token(result.misses) / model.num_layers,
-                    result.per_token(result.disk_reads))
-    return ScenarioResult(scenario, model, device_free, fits, host_budget, host_slots, result, steady, cold,
+    result = simulate_hierarchy(trace, cache_size, host_slots, model.expert_bytes, exclusive=exclusive,
+                                host_policy=host_policy)
+    predictions = {path: _predict(model, scenario, result, PATHS[path]) for path in SCENARIO_PATHS}
+    return ScenarioResult(scenario, model, device_free, fits, host_budget, host_slots, result, predictions,
                           trace.model)
 
 
-def _predict(model, scenario, result, misses_per_layer: float, disk_reads_per_token: float) -> float:
-    """Calibrated time per token (throughput.py) plus the disk reads, which stall at the disk's bandwidth."""
-    tp = predict_from_loads(model, HARDWARE[scenario.hardware], misses_per_layer)
-    return 1.0 / (tp.token_s + disk_reads_per_token * model.expert_bytes / (scenario.disk_gbs * GB))
+def _predict(model: ModelShape, scenario: Scenario, result: HierarchyResult, path) -> Prediction:
+    """Calibrated time per token (throughput.py) on `path`, plus the disk reads, which stall at the
+    disk's bandwidth: steady state (disk reads of the trace's second half) and the whole trace."""
+    layers = model.num_layers
+    tp = predict_from_loads(model, HARDWARE[scenario.hardware], result.per_token(result.misses) / layers,
+                            path=path, write_backs_per_layer=result.per_token(result.write_backs) / layers)
+    disk_s = model.expert_bytes / (scenario.disk_gbs * GB)
+    late_tokens = result.num_tokens - result.num_tokens // 2
+    steady = tp.token_s + (result.late_disk_reads / late_tokens if late_tokens else 0.0) * disk_s
+    cold = tp.token_s + result.per_token(result.disk_reads) * disk_s
+    return Prediction(path.name, 1.0 / steady, 1.0 / cold, tp.write_back_s)
 
 
 def scenario_report(s: ScenarioResult) -> str:
     r, m, sc = s.result, s.model, s.scenario
     paper = [f for f in PAPER_TABLE2 if f.hardware == sc.hardware and f.cache_size == r.cache_size]
     mb = m.expert_bytes / 1e6
+    hw = HARDWARE[sc.hardware]
+    engine, serial, main = (s.predictions[p] for p in SCENARIO_PATHS)
     lines = [
-        f"## Scenario {sc.name}: {m.name}, {m.expert_bits}-bit experts ({mb:.1f} MB each), "
-        f"{m.attn_bits}-bit attention; routing: {s.trace_name}, {r.num_tokens} tokens", "",
+        f"## Scenario {sc.name}: {m.name}, {m.expert_bits}-bit experts (group {m.expert_group_size}, "
+        f"{m.meta_bits}-bit scales/zeros: {mb:.1f} MB each), {m.attn_bits}-bit attention; routing: {s.trace_name}, "
+        f"{r.num_tokens} tokens; host policy {r.host_policy}", "",
         f"Assumptions: {sc.source}.", "",
-        f"- device: {HARDWARE[sc.hardware].memory_gb:g} GB - {HARDWARE[sc.hardware].reserve_gb:g} GB reserve - "
+        f"- device: {hw.memory_gb:g} GB - {hw.reserve_gb:g} GB reserve - "
         f"{m.resident_dense_bytes / GB:.2f} GB dense weights - {kv_cache_bytes(m, sc.context_tokens) / GB:.2f} GB KV "
         f"cache ({sc.context_tokens} tokens) = {s.device_free_bytes / GB:.2f} GB for experts: {s.fits_cache_size} "
         f"per layer fit; {r.cache_size} per layer used ({r.cache_size * m.num_layers * m.expert_bytes / GB:.2f} GB)",
@@ -128,10 +183,17 @@ def scenario_report(s: ScenarioResult) -> str:
         f"- peak host memory: {r.peak_host_records + 1} records x {mb:.1f} MB = {r.peak_host_bytes / GB:.2f} GB "
         f"+ {sc.process_gb:g} GB process = {s.peak_host_bytes / GB:.2f} GB (of {sc.host_ram_gb:g} GB)",
         f"- device hit rate {sum(r.hits) / max(1, sum(r.hits) + sum(r.misses)):.3f}",
-        f"- predicted decode tok/s ({HARDWARE[sc.hardware].notes}, calibrated model, per-layer overhead "
-        f"{LAYER_OVERHEAD_S * 1e3:.2f} ms fitted to the paper's T4 row): steady state {s.tokens_per_second:.2f}; "
-        f"over the whole trace, first disk reads included, {s.cold_tokens_per_second:.2f}"
+        f"- predicted decode tok/s on the engine's path ({hw.notes}; fused Triton kernel reading the record, no "
+        f"conversion per load or use, write-back overlapped with the load on its own stream; per-layer overhead "
+        f"{LAYER_OVERHEAD_S * 1e3:.2f} ms fitted to the paper's T4 row on the paper's path): steady state "
+        f"{engine.tokens_per_second:.2f}, including {engine.write_back_s * 1e3:.1f} ms/token of write-back; over "
+        f"the whole trace, first disk reads included, {engine.cold_tokens_per_second:.2f}"
         + (f"; paper, Table 2 ({paper[0].method}, cache {paper[0].cache_size}): {paper[0].tokens_per_second:.2f}"
            if paper else ""),
+        f"- the same with the write-back in series before each load (HostCache.exchange on main): steady state "
+        f"{serial.tokens_per_second:.2f}, including {serial.write_back_s * 1e3:.1f} ms/token of write-back",
+        f"- main before issue 16 (the record re-packed on every use, ~5.6 GB of traffic per expert; serial "
+        f"write-back): steady state {main.tokens_per_second:.2f}, including {main.write_back_s * 1e3:.1f} ms/token "
+        "of write-back",
     ]
     return "\n".join(lines) + "\n"

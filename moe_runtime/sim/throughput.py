@@ -2,15 +2,23 @@
 
 A model's shape (bytes of an expert and of the dense part, from its dimensions and quantization)
 and a machine's assumed bandwidths (slow tier -> device, and device memory) turn mean expert loads
-per layer and token — from a simulated or measured run — into a time per token, split by cause.
+and write-backs per layer and token — from a simulated or measured run — into a time per token,
+split by cause.
 
-Compute per layer is what the engine's GPU path does, in device-memory traffic: HQQ dequantizes each
-quantized matrix to fp16 (reads the record, writes the fp16 matrix) and the matmul reads that matrix
-back, so an active 2-bit Mixtral expert costs its 66 MB record plus 2 x 352 MB of fp16 traffic, not
-66 MB; 4-bit attention likewise. Bandwidths are spec-sheet peaks (sources beside `HARDWARE`). What
-traffic does not explain — kernel launches, Python dispatch, synchronisation, per layer — is one
-constant, `LAYER_OVERHEAD_S`, fitted to ONE paper figure (Table 2, T4, full method) and then checked
-against every other row of Table 2 (`paper_errors`, printed by `python -m moe_runtime.sim calibrate`).
+Compute per layer is device-memory traffic at the device's bandwidth, and the traffic depends on the
+code path (`GpuPath`, each with its source): the engine's path (`ENGINE_PATH`: the fused Triton kernel
+reads an expert's record — codes and 8-bit scales/zeros — and dequantizes in registers; no
+conversion per load or use, issue 16) moves the record's bytes only; the paper's code
+(`PAPER_PATH`) runs its Triton kernel too but first dequantizes each matrix's 8-bit scales and zeros
+to fp16 per call (written, then read by the kernel); the engine on main before issue 16
+(`MAIN_PATH`) re-packs a 2-bit expert's record on every use. A miss moves an expert over the link;
+with exclusive levels the evicted expert is written back device -> host, either after the load on
+the same stream (`serial`: the paper's `_swap` and main's `exchange`) or on its own stream while the
+load runs (`overlapped`: issue 17; the link is full duplex). Bandwidths are spec-sheet peaks (sources
+beside `HARDWARE`). What traffic does not explain — kernel launches, Python dispatch,
+synchronisation, per layer — is one constant, `LAYER_OVERHEAD_S`, fitted to ONE paper figure
+(Table 2, T4, full method, on the paper's own path) and then checked against every other row of
+Table 2 (`paper_errors`, printed by `python -m moe_runtime.sim calibrate`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,52 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1e9  # bandwidths and sizes are decimal, as spec sheets give them
+
+
+WRITE_BACKS = ("serial", "overlapped")
+
+
+@dataclass(frozen=True)
+class GpuPath:
+    """What a code path moves in device memory to compute one quantized matrix for one token, and
+    how it orders an exclusive miss's write-back against its load."""
+
+    name: str
+    dequantize_weights: bool  # the matrix is dequantized to fp16 (written) and read back by F.linear
+    dequantize_meta: bool  # 8-bit scales/zeros dequantized to fp16 per call (written, then read by the kernel)
+    convert_bytes_per_weight: float  # traffic of re-packing an expert's record before each use, per weight
+    write_back: str  # one of WRITE_BACKS
+    source: str
+
+    def matrix_traffic(self, params: int, bits: int, group_size: int, meta_bits: int) -> float:
+        if bits >= 16:
+            return 2.0 * params
+        record = params * (bits + 2 * meta_bits / group_size) / 8
+        weights = 2 * 2 * params if self.dequantize_weights else 0  # fp16 written, then read
+        meta = 2 * 2 * 2 * params / group_size if self.dequantize_meta and meta_bits < 16 else 0  # fp16 scale, zero
+        return record + weights + meta
+
+
+PATHS = {p.name: p for p in (
+    GpuPath("engine", False, False, 0.0, "overlapped",
+            "issues 16 and 17 as built: the Triton kernel reads the record (codes packed as it wants them, "
+            "8-bit scales/zeros dequantized in registers, kernels/triton_hqq.py), nothing converted per load or "
+            "use; the write-back on its own stream while the load runs (into a spare device buffer, as the "
+            "paper's cache does, so the two copies do not touch the same slot)"),
+    GpuPath("engine-serial", False, False, 0.0, "serial",
+            "the same kernel with main's write-back: HostCache.exchange copies the evicted expert to the host "
+            "before the load starts"),
+    GpuPath("main", False, False, 5.6e9 / (3 * 4096 * 14336), "serial",
+            "the engine on main before issue 16 (read, not run): TranscodeOnUse re-packs the record on every "
+            "use, about 5.6 GB of memory traffic per 2-bit Mixtral expert (issue 16's reading of hqq_codes + "
+            "triton_pack), then the Triton kernel; serial write-back"),
+    GpuPath("paper", False, True, 0.0, "serial",
+            "dvmazur/mixtral-offloading: experts and attention are HQQLinearTritonSavable, whose forward_triton "
+            "dequantizes scale_q/zero_q to fp16 with hqq's Quantizer per call, then runs triton_matmul2/4_transpose "
+            "(src/custom_layers.py); ExpertCache._swap issues the load and the evicted expert's copy back on one "
+            "stream (src/expert_cache.py)"),
+)}
+ENGINE_PATH, PAPER_PATH = PATHS["engine"], PATHS["paper"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +112,14 @@ class ModelShape:
         params = 3 * self.hidden_size * self.intermediate_size  # w1, w3: D->F; w2: F->D
         return int(params * self._bits_per_weight(self.expert_bits, self.expert_group_size) / 8)
 
-    @property
-    def expert_compute_bytes(self) -> int:
-        """Device traffic of computing one active expert for one token: its record is read; when
-        quantized, each matrix is dequantized to fp16 (written) and read back by the matmul."""
-        if self.expert_bits >= 16:
-            return self.expert_bytes
-        return self.expert_bytes + 2 * 2 * 3 * self.hidden_size * self.intermediate_size
+    def _params(self) -> int:
+        return self.hidden_size * self.intermediate_size  # one of w1, w3 (D->F), w2 (F->D)
+
+    def expert_traffic(self, path: GpuPath) -> float:
+        """Device traffic of computing one active expert for one token on `path`."""
+        params = 3 * self._params()
+        return path.matrix_traffic(params, self.expert_bits, self.expert_group_size, self.meta_bits) \
+            + path.convert_bytes_per_weight * params * (self.expert_bits < 16)
 
     @property
     def _attn_params(self) -> int:
@@ -83,12 +138,11 @@ class ModelShape:
         fp16 = self.hidden_size * (self.num_experts + 2 + 3 * self.shared_intermediate_size)
         return self.attention_bytes + 2 * fp16
 
-    @property
-    def layer_dense_compute_bytes(self) -> int:
-        """Device traffic of one MoE layer's dense part for one token (attention dequantized to fp16
-        and read back when quantized, as for experts)."""
-        fp16_dequant = 0 if self.attn_bits >= 16 else 2 * 2 * self._attn_params
-        return self.layer_dense_bytes + fp16_dequant
+    def layer_dense_traffic(self, path: GpuPath) -> float:
+        """Device traffic of one MoE layer's dense part for one token on `path` (the attention
+        projections through the same kernel as the experts, router, norms and shared experts fp16)."""
+        attention = path.matrix_traffic(self._attn_params, self.attn_bits, self.attn_group_size, self.meta_bits)
+        return self.layer_dense_bytes - self.attention_bytes + attention
 
     @property
     def dense_layers_bytes(self) -> int:
@@ -211,43 +265,56 @@ class Throughput:
     """Predicted decode time per token, split by cause."""
 
     hardware: str
-    compute_s: float  # device traffic (dense part + K active experts, dequantization included) / bandwidth + overhead
+    compute_s: float  # device traffic of the path (dense part + K active experts) / bandwidth + overhead
     demand_stall_s: float  # misses x expert bytes / link bandwidth
     prefetch_stall_s: float  # prefetch load time not hidden behind one layer's compute
+    write_back_s: float = 0.0  # device -> host copies of evicted experts not hidden behind a load
+    path: str = ENGINE_PATH.name
 
     @property
     def token_s(self) -> float:
-        return self.compute_s + self.demand_stall_s + self.prefetch_stall_s
+        return self.compute_s + self.demand_stall_s + self.prefetch_stall_s + self.write_back_s
 
     @property
     def tokens_per_second(self) -> float:
         return 1.0 / self.token_s
 
 
-def layer_compute_s(model: ModelShape, hardware: HardwareProfile, overhead_s: float | None = None) -> float:
-    """One layer's compute for one token: its device traffic at the device's bandwidth, plus the
-    fixed per-layer overhead (LAYER_OVERHEAD_S unless given)."""
-    traffic = model.layer_dense_compute_bytes + model.top_k * model.expert_compute_bytes
+def layer_compute_s(model: ModelShape, hardware: HardwareProfile, overhead_s: float | None = None,
+                    path: GpuPath = ENGINE_PATH) -> float:
+    """One layer's compute for one token: its device traffic on `path` at the device's bandwidth,
+    plus the fixed per-layer overhead (LAYER_OVERHEAD_S unless given)."""
+    traffic = model.layer_dense_traffic(path) + model.top_k * model.expert_traffic(path)
     return traffic / (hardware.device_gbs * GB) + (LAYER_OVERHEAD_S if overhead_s is None else overhead_s)
 
 
 def predict_from_loads(model: ModelShape, hardware: HardwareProfile, misses_per_layer: float,
-                       prefetch_loads_per_layer: float = 0.0, overhead_s: float | None = None) -> Throughput:
-    """Time per token from mean loads per layer and token.
+                       prefetch_loads_per_layer: float = 0.0, overhead_s: float | None = None,
+                       path: GpuPath = ENGINE_PATH, write_backs_per_layer: float = 0.0) -> Throughput:
+    """Time per token from mean loads and write-backs per layer and token.
 
     A layer computes for `layer_compute_s`; its misses stall on the link; the next layer's prefetch
-    loads overlap with that compute and only the excess stalls. Using means (not per-token values)
-    makes this a mean-field estimate.
+    loads overlap with that compute and only the excess stalls. A write-back (exclusive levels: the
+    evicted expert goes device -> host) adds its whole copy when `path.write_back` is "serial"; when
+    "overlapped" it runs in the other direction of the full-duplex link during a load and only the
+    write-backs beyond the layer's loads add time. Using means (not per-token values) makes this a
+    mean-field estimate.
     """
-    layer_compute = layer_compute_s(model, hardware, overhead_s)
+    if path.write_back not in WRITE_BACKS:
+        raise ValueError(f"write_back={path.write_back!r} is not allowed: use one of {', '.join(WRITE_BACKS)}")
+    layer_compute = layer_compute_s(model, hardware, overhead_s, path)
     load = model.expert_bytes / (hardware.link_gbs * GB)
     prefetch_excess = max(0.0, prefetch_loads_per_layer * load - layer_compute)
+    loads = misses_per_layer + prefetch_loads_per_layer
+    unhidden = write_backs_per_layer if path.write_back == "serial" else max(0.0, write_backs_per_layer - loads)
     return Throughput(
         hardware.name,
         compute_s=model.num_layers * layer_compute
         + (model.head_bytes + model.dense_layers_bytes) / (hardware.device_gbs * GB),
         demand_stall_s=model.num_layers * misses_per_layer * load,
         prefetch_stall_s=model.num_layers * prefetch_excess,
+        write_back_s=model.num_layers * unhidden * load,
+        path=path.name,
     )
 
 
@@ -257,30 +324,38 @@ def fitting_cache_size(model: ModelShape, hardware: HardwareProfile) -> int:
     return max(0, min(model.num_experts, int(free // (model.num_layers * model.expert_bytes))))
 
 
-def _paper_loads(model: ModelShape, figure: PaperFigure, lru_hit_rates: dict) -> float:
-    """Mean experts moved per layer and token in a paper row's setting: accelerate moves all E;
-    the full method misses (1 - LRU hit rate at its cache size) of its K experts."""
+def _paper_loads(model: ModelShape, figure: PaperFigure, lru_hit_rates: dict) -> tuple[float, float]:
+    """Mean experts moved per layer and token in a paper row's setting, and the write-backs among them:
+    accelerate moves all E (nothing is written back); the full method misses (1 - LRU hit rate at its
+    cache size) of its K experts, and each miss swaps the evicted expert back to the host."""
     if not figure.cache_size:
-        return float(model.num_experts)
-    return model.top_k * (1.0 - lru_hit_rates[str(figure.cache_size)])
+        return float(model.num_experts), 0.0
+    misses = model.top_k * (1.0 - lru_hit_rates[str(figure.cache_size)])
+    return misses, misses
+
+
+def _predict_paper_row(model: ModelShape, figure: PaperFigure, lru_hit_rates: dict,
+                       overhead_s: float | None) -> Throughput:
+    misses, write_backs = _paper_loads(model, figure, lru_hit_rates)
+    return predict_from_loads(model, HARDWARE[figure.hardware], misses, overhead_s=overhead_s, path=PAPER_PATH,
+                              write_backs_per_layer=write_backs)
 
 
 def fit_layer_overhead(model: ModelShape, lru_hit_rates: dict, figure: PaperFigure = CALIBRATION_FIGURE) -> float:
-    """The per-layer overhead (s) that makes the model reproduce `figure` exactly, given the LRU hit
-    rates of real Mixtral routing by cache size ({"4": 0.612, ...})."""
-    hardware = HARDWARE[figure.hardware]
-    without = predict_from_loads(model, hardware, _paper_loads(model, figure, lru_hit_rates), overhead_s=0.0)
+    """The per-layer overhead (s) that makes the model reproduce `figure` exactly on the paper's own
+    path (PAPER_PATH, serial write-backs), given the LRU hit rates of real Mixtral routing by cache
+    size ({"4": 0.612, ...})."""
+    without = _predict_paper_row(model, figure, lru_hit_rates, overhead_s=0.0)
     return (1.0 / figure.tokens_per_second - without.token_s) / model.num_layers
 
 
 def paper_errors(model: ModelShape, lru_hit_rates: dict, overhead_s: float | None = None) -> list[dict]:
-    """The model against every row of Table 2: predicted tok/s, the paper's, and the relative error.
-    Speculative prefetch is not modelled (its loads are counted as misses), so full-method rows
-    are predicted without what prefetch hides."""
+    """The model against every row of Table 2, on the paper's path: predicted tok/s, the paper's, and
+    the relative error. Speculative prefetch is not modelled (its loads are counted as misses), so
+    full-method rows are predicted without what prefetch hides."""
     rows = []
     for figure in PAPER_TABLE2:
-        hardware = HARDWARE[figure.hardware]
-        tp = predict_from_loads(model, hardware, _paper_loads(model, figure, lru_hit_rates), overhead_s=overhead_s)
+        tp = _predict_paper_row(model, figure, lru_hit_rates, overhead_s)
         rows.append({"hardware": figure.hardware, "method": figure.method, "cache_size": figure.cache_size,
                      "paper": figure.tokens_per_second, "predicted": tp.tokens_per_second,
                      "error": tp.tokens_per_second / figure.tokens_per_second - 1.0,
@@ -291,6 +366,8 @@ def paper_errors(model: ModelShape, lru_hit_rates: dict, overhead_s: float | Non
 # LRU hit rates of real Mixtral-8x7B-Instruct decode routing at 2..6 cached experts of 8 (cold cache per
 # generation; assets/mixtral-routing-stats.json, "reference_hit_rates"): the loads of the paper's rows.
 MIXTRAL_LRU_HIT_RATES = {"2": 0.373, "3": 0.496, "4": 0.612, "5": 0.713, "6": 0.809}
-# Kernel launches, Python dispatch and synchronisation per layer and token, fitted so that the model
-# reproduces the paper's T4 full-method figure (2.09 tok/s, cache 4); every other Table 2 row checks it.
+# Kernel launches, Python dispatch and synchronisation per layer and token, fitted so that the model on
+# the paper's path reproduces its T4 full-method figure (2.09 tok/s, cache 4); every other Table 2 row
+# checks it. The engine's predictions carry it over to the engine's path: an assumption (the engine's
+# launches per layer are of the same kind: one kernel per matrix, Python dispatch), not a measurement.
 LAYER_OVERHEAD_S = fit_layer_overhead(MODELS["mixtral-8x7b"], MIXTRAL_LRU_HIT_RATES)
