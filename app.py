@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+from collections import OrderedDict
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # works offline, sends nothing
 
@@ -35,7 +36,7 @@ import gradio as gr  # noqa: E402
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import POLICIES  # noqa: E402
-from webapp import plots, whatif  # noqa: E402
+from webapp import plots, views, whatif  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import (  # noqa: E402
     EMBEDDED_MODEL,
@@ -53,12 +54,17 @@ CSS = (".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9
        "#cache-map { max-height: 640px; overflow-y: auto; }")  # a map of many layers scrolls
 STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline",
                  "cache_map")
+MAX_TIMELINE_TOKENS = 256  # the Timeline slider's end
+STATS_POLL_SECONDS = 1.0  # the Stats tab's timer, while that tab is open
+MAX_SESSIONS_TRACKED = 4096  # sessions whose last Stats view is remembered (the oldest are forgotten)
+PAGE_VISIBLE_JS = "(tokens, visible) => [tokens, document.visibilityState !== 'hidden']"
 SETTINGS_WIDGETS = 11  # the 9 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
                   "context": "context window full", "time": "time limit reached"}
 LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
+STATS_VIEW = "stats-view"  # concurrency group of every Stats view request: one at a time (webapp.views)
 MAX_UPLOAD = "1mb"  # the only upload is a What-if trace file (webapp.whatif caps it too)
 CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
 WHATIF_SESSION, WHATIF_UPLOAD = "this session's trace", "an uploaded trace file"
@@ -166,6 +172,8 @@ class Handlers:
         self.service = service
         self.operator = operator or Operator()
         self._stops: dict[str, threading.Event] = {}  # browser session -> its running reply
+        self.views = views.StatsViews(service, STATS_FIGURES)  # shared by every tab and /stats
+        self._seen: OrderedDict[str, tuple] = OrderedDict()  # browser session -> key of the view it has
 
     # chat ------------------------------------------------------------------------------------------
     def respond(self, message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
@@ -203,7 +211,7 @@ class Handlers:
 
     def clear(self, request: gr.Request = None):
         self.stop(request)
-        return [], [], "", gr.Timer(active=False)
+        return [], [], ""
 
     def chat_api(self, message: str, history: list[dict] | None = None, system_prompt: str = "",
                  temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 128) -> str:
@@ -219,20 +227,42 @@ class Handlers:
 
     # stats -----------------------------------------------------------------------------------------
     def stats_view(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
-        """(counters, counter table, *figures) of the running engine, from one snapshot without the
-        trace (cheap: polled while a reply streams, and the /stats endpoint); the timeline shows the
-        newest `timeline_tokens` tokens."""
+        """(counters, counter table, *figures) of the running engine: the view every tab shares
+        (`webapp.views`: built once per engine state, not per caller); the timeline shows the newest
+        `timeline_tokens` tokens. Also the /stats endpoint."""
         try:
-            stats = self.service.stats(trace=False)
+            return self._view(timeline_tokens).values
         except ValueError as err:
             gr.Warning(str(err))
             return (gr.skip(),) * (2 + len(STATS_FIGURES))
+
+    def stats_poll(self, timeline_tokens: float = plots.TIMELINE_TOKENS, visible: bool = True,
+                   request: gr.Request = None):
+        """The Stats timer's tick (the Stats tab open and the page visible): the stats view, or
+        nothing (every output skipped) when the page is hidden or this tab already has the newest
+        view, which is what most polls find: they cost well under a millisecond of the server."""
+        skip = (gr.skip(),) * (2 + len(STATS_FIGURES))
+        if visible is False:
+            return skip
         try:
-            tokens = whole_number("timeline tokens", timeline_tokens)
+            view = self._view(timeline_tokens)
+        except ValueError:
+            return skip
+        session = _session(request)
+        if self._seen.get(session) == view.key:
+            return skip
+        self._seen[session] = view.key
+        self._seen.move_to_end(session)
+        while len(self._seen) > MAX_SESSIONS_TRACKED:
+            self._seen.popitem(last=False)
+        return view.values
+
+    def _view(self, timeline_tokens) -> views.View:
+        try:
+            tokens = min(max(whole_number("timeline tokens", timeline_tokens), 1), MAX_TIMELINE_TOKENS)
         except ValueError:
             tokens = plots.TIMELINE_TOKENS
-        figures = plots.dashboard(stats, timeline_tokens=max(tokens, 1), levels=self.service.cache_map())
-        return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
+        return self.views.view(tokens)
 
     def trace_download(self):
         """The routing trace as a JSON file, made on request (a new file at most every
@@ -250,7 +280,7 @@ class Handlers:
             raise gr.Error(str(err)) from None
 
     def after_reply(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
-        return (*self.stats_view(timeline_tokens), gr.Timer(active=False))
+        return self.stats_view(timeline_tokens)
 
     def reset_stats(self, operator_token: str = ""):
         """Zero the shared counters (the operator's, on a public host); returns the stats view."""
@@ -364,9 +394,10 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
     with gr.Blocks(title=TITLE, delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         header = gr.Markdown(h.header())
         history = gr.State([])
-        timer = gr.Timer(1.0, active=False)
+        timer = gr.Timer(STATS_POLL_SECONDS, active=False)  # ticks while the Stats tab is open
+        page_visible = gr.Checkbox(True, visible=False)  # set by PAGE_VISIBLE_JS at each tick
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", buttons=["copy", "copy_all"],
                                      feedback_options=None, placeholder="Replies stream here, with tokens/s "
                                      "and the expert-cache hit rate under each one.")
@@ -385,7 +416,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                         top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
                         max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
                                                    label="Max new tokens", elem_id="max-new-tokens")
-            with gr.Tab("Settings", id="settings", elem_id="settings-tab"):
+            with gr.Tab("Settings", id="settings", elem_id="settings-tab") as settings_tab:
                 with gr.Row():
                     model = gr.Dropdown(service.policy.choices, value=service.model, label="Model",
                                         allow_custom_value=service.policy.allow_local_paths, scale=3,
@@ -420,7 +451,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                 apply = gr.Button("Apply", variant="primary", elem_id="apply", interactive=editable)
                 status = gr.Markdown(elem_id="settings-status")
                 facts = gr.Markdown(h.engine_facts())
-            with gr.Tab("Stats", id="stats"):
+            with gr.Tab("Stats", id="stats") as stats_tab:
                 with gr.Row():
                     refresh = gr.Button("Refresh", elem_id="refresh")
                     reset = gr.Button("Reset stats", elem_id="reset", interactive=editable)
@@ -453,7 +484,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                         figure("bytes_moved", "Bytes moved")
                 figures = [plotted[name] for name in STATS_FIGURES]
 
-            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab"):
+            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab") as whatif_tab:
                 gr.Markdown("Replay the routing trace through the simulator (`moe_runtime.sim`) with other cache "
                             "settings and predict tokens/s on other hardware, beside what this session measured.",
                             elem_classes="caption")
@@ -486,20 +517,27 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
         replies = []
         for trigger in (message.submit, send.click):
-            reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
-                h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
-                show_progress="minimal", **private)
-            reply.then(h.after_reply, timeline_tokens, [*stats_outputs, timer], show_progress="hidden", **private)
+            reply = trigger(h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE,
+                            concurrency_limit=1, show_progress="minimal", **private)
+            reply.then(h.after_reply, timeline_tokens, stats_outputs, show_progress="hidden",
+                       concurrency_id=STATS_VIEW, concurrency_limit=1, **private)
             replies.append(reply)
         stop.click(h.stop, None, None, queue=False, **private)
-        clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
-        chatbot.clear(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
-        timer.tick(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
+        clear.click(h.clear, None, [chatbot, history, message], cancels=replies, queue=False, **private)
+        chatbot.clear(h.clear, None, [chatbot, history, message], cancels=replies, queue=False, **private)
+        # the timer runs while the Stats tab is open; hidden pages skip; polls share one bounded lane
+        stats_tab.select(lambda: gr.Timer(active=True), None, timer, queue=False, **private)
+        for tab in (chat_tab, settings_tab, whatif_tab):
+            tab.select(lambda: gr.Timer(active=False), None, timer, queue=False, **private)
+        timer.tick(h.stats_poll, [timeline_tokens, page_visible], stats_outputs, js=PAGE_VISIBLE_JS,
+                   show_progress="hidden", concurrency_id=STATS_VIEW, concurrency_limit=1, trigger_mode="once",
+                   **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
-        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_limit=4)
+        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_id=STATS_VIEW,
+                      concurrency_limit=1)
         timeline_tokens.release(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden",
-                                concurrency_id="stats-view", concurrency_limit=4, **private)
+                                concurrency_id=STATS_VIEW, concurrency_limit=1, **private)
         prepare.click(h.trace_download, None, download, api_name="trace", concurrency_id="trace",
                       concurrency_limit=1)
         prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
@@ -514,10 +552,12 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
         apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
+            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
+            concurrency_limit=1, **private)
 
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
+        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
+                  concurrency_limit=1, **private)
     return demo
 
 
