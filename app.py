@@ -32,11 +32,12 @@ from collections import OrderedDict
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # works offline, sends nothing
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import POLICIES  # noqa: E402
-from webapp import plots, views, whatif  # noqa: E402
+from webapp import limits, plots, redact, views, whatif  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import (  # noqa: E402
     EMBEDDED_MODEL,
@@ -172,6 +173,7 @@ class Handlers:
         self.service = service
         self.operator = operator or Operator()
         self._stops: dict[str, threading.Event] = {}  # browser session -> its running reply
+        self.guard = limits.GuardState()  # the request bounds' shared state (webapp.limits)
         self.views = views.StatsViews(service, STATS_FIGURES)  # shared by every tab and /stats
         self._seen: OrderedDict[str, tuple] = OrderedDict()  # browser session -> key of the view it has
 
@@ -180,13 +182,15 @@ class Handlers:
                 max_new_tokens: int, request: gr.Request = None):
         """Stream a reply. Yields (chatbot, history, textbox); on bad input or a failed reply the
         history is unchanged and the message goes back into the textbox."""
-        history = list(history or [])
+        history = list(history) if isinstance(history, (list, tuple)) else []
+        kept = message if isinstance(message, str) and len(message) <= limits.MAX_MESSAGE_BYTES else ""
         try:
             messages = build_messages(message, history, system_prompt)
             settings = generation_settings(temperature, top_p, max_new_tokens)
+            waited = self._queued(request, "respond")
         except ValueError as err:
-            gr.Warning(str(err))
-            yield chatbot_messages(history), history, message
+            gr.Warning(self.shown(err))
+            yield chatbot_messages(history), history, kept
             return
         session, stop = _session(request), threading.Event()
         self._stops[session] = stop
@@ -194,12 +198,12 @@ class Handlers:
         try:
             new = history + [user, {"role": "assistant", "content": "", "footer": "waiting for the model…"}]
             yield chatbot_messages(new), new, ""
-            for update in self.service.chat(messages, settings, stop):
+            for update in self.service.chat(messages, settings, stop, waited=waited):
                 new = history + [user, {"role": "assistant", "content": update.text, "footer": reply_footer(update)}]
                 yield chatbot_messages(new), new, ""
         except Exception as err:  # the app keeps serving; the user keeps their message
-            gr.Warning(f"The reply failed: {err}")
-            yield chatbot_messages(history), history, message
+            gr.Warning(f"The reply failed: {self.shown(err)}")
+            yield chatbot_messages(history), history, kept
         finally:
             if self._stops.get(session) is stop:
                 del self._stops[session]
@@ -214,16 +218,33 @@ class Handlers:
         return [], [], ""
 
     def chat_api(self, message: str, history: list[dict] | None = None, system_prompt: str = "",
-                 temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 128) -> str:
+                 temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 128,
+                 request: gr.Request = None) -> str:
         """Stream a reply to `message` after `history` (a list of {"role", "content"} dicts); each
         streamed value is the whole reply so far."""
         try:
             messages = build_messages(message, history, system_prompt)
             settings = generation_settings(temperature, top_p, max_new_tokens)
-            for update in self.service.chat(messages, settings):
+            waited = self._queued(request, "chat_api")
+            for update in self.service.chat(messages, settings, waited=waited):
                 yield update.text
         except Exception as err:  # the caller gets the reason; the app keeps serving
-            raise gr.Error(str(err)) from None
+            raise gr.Error(self.shown(err)) from None
+
+    def _queued(self, request: gr.Request | None, fn_name: str) -> float:
+        """Seconds this request waited in gradio's queue (they count toward its deadline);
+        ValueError when nobody listens for its result (queued work of a client that left or never
+        listened is dropped, not run)."""
+        session = getattr(request, "session_hash", None)
+        waited, joined = limits.queue_wait(self.guard.blocks, session, fn_name)
+        if self.guard.abandoned(session, joined):
+            raise ValueError("nobody is listening for this request's result: it was dropped")
+        return waited
+
+    def shown(self, err: BaseException | str) -> str:
+        """An error as a visitor may read it: server paths replaced (the full text goes to the
+        server's log)."""
+        return redact.shown(err, self.service)
 
     # stats -----------------------------------------------------------------------------------------
     def stats_view(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
@@ -233,7 +254,7 @@ class Handlers:
         try:
             return self._view(timeline_tokens).values
         except ValueError as err:
-            gr.Warning(str(err))
+            gr.Warning(self.shown(err))
             return (gr.skip(),) * (2 + len(STATS_FIGURES))
 
     def stats_poll(self, timeline_tokens: float = plots.TIMELINE_TOKENS, visible: bool = True,
@@ -270,14 +291,14 @@ class Handlers:
         try:
             return self.service.trace_file()
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(self.shown(err)) from None
 
     def counters_download(self):
         """The counters as a JSON file, made on request."""
         try:
             return self.service.save_counters(plots.counters(self.service.stats(trace=False)))
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(self.shown(err)) from None
 
     def after_reply(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
         return self.stats_view(timeline_tokens)
@@ -288,7 +309,7 @@ class Handlers:
             self.operator.check(operator_token, "resetting the stats")
             self.service.reset_stats()
         except ValueError as err:
-            gr.Warning(str(err))
+            gr.Warning(self.shown(err))
         return self.stats_view()
 
     # what-if ---------------------------------------------------------------------------------------
@@ -318,8 +339,8 @@ class Handlers:
                                    whole_number("prefetch", prefetch), hardware, model_shape, stats,
                                    self.service.describe()["expert_bytes"], bool(include_prefill))
         except ValueError as err:
-            gr.Warning(f"Not replayed: {err}")
-            return gr.skip(), f"**Not replayed:** {err}"
+            gr.Warning(f"Not replayed: {self.shown(err)}")
+            return gr.skip(), f"**Not replayed:** {self.shown(err)}"
         return whatif.rows(result), whatif.notes(result)
 
     # settings --------------------------------------------------------------------------------------
@@ -329,7 +350,12 @@ class Handlers:
         """Reload the engine; returns (status, engine facts, header). On failure the running engine
         keeps serving and the status says why. On a public host only the operator may."""
         try:
+            for name, value in (("model", model), ("device", device), ("host_cache_gb", host_cache_gb),
+                                ("operator token", operator_token), ("expert_bits", expert_bits),
+                                ("attn_bits", attn_bits), ("offload", offload), ("policy", policy)):
+                limits.check_text(name, value, limits.MAX_FIELD_BYTES)
             self.operator.check(operator_token, "changing the settings")
+            model = self.model_names().get(model, model)  # a display name -> the name to load
             config = self.service.settings(
                 expert_bits=parse_bits("expert_bits", expert_bits), attn_bits=parse_bits("attn_bits", attn_bits),
                 cache_size=whole_number("cache_size", cache_size), prefetch=whole_number("prefetch", prefetch),
@@ -339,15 +365,15 @@ class Handlers:
             progress(0, desc=f"loading {model}")
             self.service.reload(model, config)
         except ValueError as err:
-            gr.Warning(f"Settings not applied: {err}")
-            status = f"**Not applied:** {err}\n\nThe running engine ({self._running()}) keeps serving."
+            gr.Warning(f"Settings not applied: {self.shown(err)}")
+            status = f"**Not applied:** {self.shown(err)}\n\nThe running engine ({self._running()}) keeps serving."
             return status, self.engine_facts(), self.header()
-        return f"**Applied.** Now serving `{self.service.model}`.", self.engine_facts(), self.header()
+        return f"**Applied.** Now serving `{self.display_name(self.service.model)}`.", self.engine_facts(), self.header()
 
     def current_settings(self):
         """Widget values of the running engine's settings (for a page that just opened)."""
         c = self.service.config
-        return (self.service.model, bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
+        return (self.display_name(self.service.model), bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
                 c.offload, c.device, c.policy, str(c.host_cache_gb), self.engine_facts(), self.header())
 
     def unlock(self, operator_token: str):
@@ -357,6 +383,14 @@ class Handlers:
             gr.Warning("That is not the operator token: the settings stay read-only")
         note = "**Unlocked**: you may change the settings." if allowed else "**Read-only.**"
         return (*(gr.update(interactive=allowed) for _ in range(SETTINGS_WIDGETS)), note)
+
+    def display_name(self, model: str) -> str:
+        """A model as this host shows it: a public host never shows a server path."""
+        return public_name(model) if self.operator.public else model
+
+    def model_names(self) -> dict[str, str]:
+        """Display name -> the name to load, for the Settings tab's choices."""
+        return {self.display_name(name): name for name in self.service.policy.choices}
 
     def engine_facts(self) -> str:
         try:
@@ -376,8 +410,7 @@ class Handlers:
             engine = self.service.engine
         except ValueError:
             return "no model"
-        name = public_name(self.service.model) if self.operator.public else self.service.model
-        return f"{name} on {engine.device}"
+        return f"{self.display_name(self.service.model)} on {engine.device}"
 
 
 def _session(request: gr.Request | None) -> str:
@@ -418,7 +451,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                                                    label="Max new tokens", elem_id="max-new-tokens")
             with gr.Tab("Settings", id="settings", elem_id="settings-tab") as settings_tab:
                 with gr.Row():
-                    model = gr.Dropdown(service.policy.choices, value=service.model, label="Model",
+                    model = gr.Dropdown(list(h.model_names()), value=h.display_name(service.model), label="Model",
                                         allow_custom_value=service.policy.allow_local_paths, scale=3,
                                         interactive=editable,
                                         info="Local folders are accepted only with --allow-local-paths"
@@ -558,6 +591,8 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
         demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
                   concurrency_limit=1, **private)
+    demo.request_guard = h.guard  # launch() installs it in front of the server
+    h.guard.blocks = demo
     return demo
 
 
@@ -565,9 +600,12 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
            api: OpenAIServer | None = None):
     """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE), and `api`'s
     OpenAI-compatible routes on the same server (added to gradio's FastAPI app once it runs)."""
-    demo.queue(default_concurrency_limit=1)
+    guard = getattr(demo, "request_guard", None) or limits.GuardState()
+    guard.blocks = demo
+    demo.queue(default_concurrency_limit=1, max_size=limits.MAX_QUEUE)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD)
+                theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD,
+                app_kwargs={"middleware": [Middleware(limits.RequestGuard, guard=guard)]})
     if api is not None:
         api.mount(demo.server_app)
     if block:

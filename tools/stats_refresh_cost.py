@@ -6,15 +6,29 @@ streams): the snapshot, the cache map query, every figure, and the JSON the brow
 
 Also times the two new figures at Mixtral/Qwen3-MoE-like sizes on made-up data (48 layers x 128
 experts, a full timeline ring buffer), the worst case a big model gives them.
+
+    python -m tools.stats_refresh_cost --pollers 0 1 4 6   # decode speed with N visitors polling /stats
+
+`--pollers` launches `python app.py` (the embedded model) on a free 127.0.0.1 port and measures the
+decode speed of streamed /v1 replies while N clients each call the /stats endpoint once a second
+(what an open Stats tab did before the views were shared; a tab now skips polls with nothing new),
+then the server's memory (VmRSS) after a crafted What-if trace and a 10 MB chat message.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 from moe_runtime import GenerationSettings
 from moe_runtime.config import OffloadConfig
@@ -94,11 +108,154 @@ def big_model(repeats: int, layers: int = 48, experts: int = 128, top_k: int = 8
             f"| timeline, whole ring (at most {plots.MAX_DRAWN_SPANS} spans drawn) | {all_ms:.1f} | {all_kib:.0f} |", ""]
 
 
+# --- decode speed with visitors polling, through the running app ----------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _decode_speed(url: str, tokens: int) -> float:
+    """tokens/s between the first and the last streamed piece of one greedy /v1 reply."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "To be, or not to be"}], "max_tokens": tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    stamps, used = [], 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+    if used < 2 or len(stamps) < 2:
+        return float("nan")
+    return (used - 1) / (stamps[-1] - stamps[0])
+
+
+def _poll(url: str, stop: threading.Event, polls: list) -> None:
+    """One visitor: /stats once a second until `stop`; each call's latency goes to `polls`."""
+    from gradio_client import Client
+
+    client = Client(url + "/", verbose=False, analytics_enabled=False)
+    while not stop.is_set():
+        start = time.monotonic()
+        client.predict(api_name="/stats")
+        polls.append(time.monotonic() - start)
+        stop.wait(max(0.0, 1.0 - (time.monotonic() - start)))
+
+
+def with_pollers(counts: list[int], tokens: int, replies: int) -> list[str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "GRADIO_TEMP_DIR": f"{tmp}/gradio"}
+        server = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--store-dir", f"{tmp}/store"],
+                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(url, server)
+            _decode_speed(url, 8)  # warm up
+            rows, alone = [], None
+            for n in counts:
+                stop, polls = threading.Event(), []
+                threads = [threading.Thread(target=_poll, args=(url, stop, polls), daemon=True) for _ in range(n)]
+                for t in threads:
+                    t.start()
+                time.sleep(2.0 if n else 0.0)
+                speeds = [_decode_speed(url, tokens) for _ in range(replies)]
+                stop.set()
+                for t in threads:
+                    t.join(30)
+                speed = statistics.median(speeds)
+                alone = speed if n == 0 else alone
+                ratio = f"{speed / alone:.2f}x" if alone else "—"
+                latency = f"{1e3 * statistics.median(polls):.0f}" if polls else "—"
+                rows.append(f"| {n} | {speed:.1f} | {ratio} | {len(polls)} | {latency} |")
+            rss = _probes(url, server.pid)
+        finally:
+            server.terminate()
+            server.wait(60)
+    load = open("/proc/loadavg").read().split()[:3]
+    return [f"## decode speed through /v1 with N clients polling /stats at 1 Hz ({tokens}-token greedy replies, "
+            f"median of {replies}; load average {' '.join(load)})", "",
+            "| pollers | decode tokens/s | vs alone | polls answered | poll latency ms (median) |",
+            "| ---: | ---: | ---: | ---: | ---: |", *rows, "", *rss, ""]
+
+
+def _wait_for(url: str, server: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit("the app exited before serving")
+        try:
+            if httpx.get(url + "/", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the app did not start serving within 300 s")
+
+
+def _probes(url: str, pid: int) -> list[str]:
+    """The server's RSS after a crafted What-if trace (1 layer, 10**7 experts, Belady) and a 10 MB chat
+    message through the gradio API: both are refused before they cost memory."""
+    import httpx
+    from gradio_client import Client, handle_file
+
+    before = _rss_mib(pid)
+    client = Client(url + "/", verbose=False, analytics_enabled=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        crafted = Path(tmp) / "crafted.json"
+        crafted.write_text(json.dumps({"num_layers": 1, "num_experts": 10**7, "top_k": 1, "model": "x",
+                                       "selected": [[[i] for i in range(15)]], "guess": [[]]}))
+        start = time.monotonic()
+        try:
+            note = client.predict("an uploaded trace file", handle_file(str(crafted)), "belady", 2, 0, "cpu-space",
+                                  "served model", True, api_name="/what_if")[1]
+        except Exception as err:  # noqa: BLE001 - the refusal is the point
+            note = str(err)
+        whatif_s, after_whatif = time.monotonic() - start, _rss_mib(pid)
+    start = time.monotonic()
+    try:
+        client.predict("x" * 10_000_000, [], "", 0.7, 0.95, 8, api_name="/chat")
+        chat = "answered"
+    except Exception as err:  # noqa: BLE001
+        chat = f"refused: {str(err)[:80]}"
+    chat_s, after_chat = time.monotonic() - start, _rss_mib(pid)
+    status = httpx.get(url + "/", timeout=10).status_code
+    return ["| probe | RSS before MiB | RSS after MiB | seconds | outcome |", "| --- | ---: | ---: | ---: | --- |",
+            f"| What-if: 1 layer x 10^7 experts x 15 tokens, belady | {before:.0f} | {after_whatif:.0f} | "
+            f"{whatif_s:.1f} | {' '.join(str(note).split())[:90]} |",
+            f"| /chat with a 10 MB message | {after_whatif:.0f} | {after_chat:.0f} | {chat_s:.1f} | {chat} "
+            f"(the app then answers HTTP {status}) |"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.stats_refresh_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=10, help="timed calls per part (the median is printed)")
     p.add_argument("--tokens", type=int, default=40, help="tokens of the reply before timing")
+    p.add_argument("--pollers", type=int, nargs="*", help="measure decode speed with these numbers of /stats "
+                   "pollers (e.g. 0 1 4 6; 0 first: the ratios are to it) through a launched app.py")
+    p.add_argument("--replies", type=int, default=3, help="replies timed per number of pollers (median)")
     args = p.parse_args(argv)
+    if args.pollers:
+        print("\n".join(with_pollers(args.pollers, max(args.tokens, 8), args.replies)))
+        return
     print("\n".join(served_model(args.repeats, args.tokens) + big_model(max(args.repeats // 2, 1))))
 
 

@@ -29,6 +29,15 @@ from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
 from moe_runtime.loading import load
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
 from moe_runtime.stats import RoutingTrace, Stats
+from webapp.limits import (
+    MAX_CONTENT_PARTS,
+    MAX_HISTORY_BYTES,
+    MAX_HISTORY_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    MAX_SYSTEM_PROMPT_BYTES,
+    check_text,
+    text_bytes,
+)
 
 EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
 # hub checkpoints of every supported family (each adapter lists its own), Mixtral first
@@ -115,6 +124,8 @@ def message_text(content) -> str:
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         return content["text"]
     if isinstance(content, (list, tuple)):
+        if len(content) > MAX_CONTENT_PARTS:
+            raise ValueError(f"a chat message has {len(content)} content parts: at most {MAX_CONTENT_PARTS}")
         texts = []
         for part in content:
             if isinstance(part, str):
@@ -130,9 +141,12 @@ def message_text(content) -> str:
 
 def build_messages(message: str, history: list | None = None, system_prompt: str | None = None) -> list[dict]:
     """Chat messages for the model: optional system prompt, the history (only role and content
-    are kept, so a UI may store extra keys), then the new user message. ValueError on bad input."""
+    are kept, so a UI may store extra keys), then the new user message. ValueError on bad input,
+    sizes included (webapp.limits: checked here, before anything is tokenized)."""
     if not isinstance(message, str):
         raise ValueError(f"the message must be text, not {type(message).__name__}")
+    check_text("the message", message, MAX_MESSAGE_BYTES)
+    check_text("the system prompt", system_prompt, MAX_SYSTEM_PROMPT_BYTES)
     if not message.strip():
         raise ValueError("the message is empty: type something to send")
     if system_prompt is not None and not isinstance(system_prompt, str):
@@ -141,13 +155,21 @@ def build_messages(message: str, history: list | None = None, system_prompt: str
         history = []
     if not isinstance(history, (list, tuple)):
         raise ValueError("history must be a list of {'role', 'content'} messages")
+    if len(history) > MAX_HISTORY_MESSAGES:
+        raise ValueError(f"the history has {len(history)} messages: at most {MAX_HISTORY_MESSAGES} (clear the chat)")
+    history_bytes = 0
     messages = []
     if system_prompt and system_prompt.strip():
         messages.append({"role": "system", "content": system_prompt.strip()})
     for index, item in enumerate(history):
         if not isinstance(item, dict) or item.get("role") not in ROLES or "content" not in item:
             raise ValueError(f"history[{index}] must be a dict with role 'user' or 'assistant' and content")
-        messages.append({"role": item["role"], "content": message_text(item["content"])})
+        text = message_text(item["content"])
+        check_text(f"history[{index}]", text, MAX_MESSAGE_BYTES)
+        history_bytes += text_bytes(text, MAX_MESSAGE_BYTES)
+        if history_bytes > MAX_HISTORY_BYTES:
+            raise ValueError(f"the history is too long: at most {MAX_HISTORY_BYTES >> 10} KiB in all (clear the chat)")
+        messages.append({"role": item["role"], "content": text})
     messages.append({"role": "user", "content": message})
     return messages
 
