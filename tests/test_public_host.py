@@ -232,3 +232,122 @@ def test_sigterm_removes_the_temp_trace_folder(tmp_path):
             process.kill()
             process.wait(10)
     assert not list(tmp.glob("moe-trace-*"))
+
+
+# --- nothing of the server shows, every input bounded, gradio's queue bounded -------------------------
+def _call(url: str, api: str, data: list, timeout: float = 120) -> str:
+    """One call through gradio's REST API (/gradio_api/call/<api>): the raw text of both replies."""
+    posted = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=timeout)
+    if posted.status_code != 200:
+        return posted.text
+    return posted.text + httpx.get(f"{url}gradio_api/call/{api}/{posted.json()['event_id']}", timeout=timeout).text
+
+
+def _without_gradio_file_addresses(text: str) -> str:
+    """`text` without what gradio's file protocol carries: a FileData's "path" and "url" (gradio
+    addresses a file it hands out, or was sent, by its copy under GRADIO_TEMP_DIR)."""
+    import re
+
+    return re.sub(r'"(path|url)": "[^"]*"', '"\\1": ""', text)
+
+
+@pytest.fixture(scope="module")
+def public_by_path(tmp_path_factory):
+    """A public host started with --model as an absolute path (the embedded model's folder), and /v1."""
+    from moe_runtime.paths import EMBEDDED_MODEL_DIR
+    from webapp.openai_api import OpenAIServer
+
+    if not (EMBEDDED_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is missing")
+    service = EngineService(str(EMBEDDED_MODEL_DIR), OffloadConfig(
+        device="cpu", offload="disk", store_dir=str(tmp_path_factory.mktemp("store"))))
+    service.start()
+    port = free_port()
+    demo = app.build_app(service, operator=Operator(public=True, token=TOKEN))
+    app.launch(demo, "127.0.0.1", port, block=False, api=OpenAIServer(service))
+    yield f"http://127.0.0.1:{port}/", service
+    demo.close()
+    service.close()
+
+
+def test_no_response_of_a_public_session_shows_a_server_path(public_by_path, tmp_path, monkeypatch):
+    import tempfile
+
+    url, service = public_by_path
+    crafted = tmp_path / "crafted.json"
+    crafted.write_text('{"format": "moe-routing-trace", "num_layers": 1, "num_experts": 10000000, "top_k": 1}')
+    replies = [httpx.get(url + path, timeout=30).text for path in ("", "config", "gradio_api/info", "v1/models")]
+    replies.append(_call(url, "chat", ["To be", [], "", 0.7, 0.95, 4]))
+    replies.append(_call(url, "stats", []))
+    replies.append(_call(url, "trace", []))
+    uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": ("crafted.json", crafted.read_bytes())}).json()[0]
+    replies.append(_call(url, "what_if", [app.WHATIF_UPLOAD, {"path": uploaded, "meta": {"_type": "gradio.FileData"}},
+                                          "belady", 2, 0, "cpu-space", "served model", True]))
+    replies.append(_call(url, "apply_settings", ["tiny-mixtral", "none", "none", 2, 1, "ram", "cpu", "lru", "auto",
+                                                 "wrong"]))
+    v1 = f"{url}v1/chat/completions"
+    replies.append(httpx.post(v1, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).text)
+    replies.append(httpx.post(v1, content=b"{nope").text)
+    store = str(service.engine.store_path)
+
+    def broken_stream(*args, **kwargs):  # what a damaged store gives: an error naming its file
+        raise OSError(f"cannot read {store}/experts.bin at offset 4096: short read")
+        yield
+
+    monkeypatch.setattr(service.engine, "stream", broken_stream)
+    replies.append(_call(url, "chat", ["To be", [], "", 0.7, 0.95, 4]))
+    replies.append(httpx.post(v1, json={"messages": [{"role": "user", "content": "hi"}]}).text)
+    replies.append(httpx.post(v1, json={"messages": [{"role": "user", "content": "hi"}], "stream": True}).text)
+    monkeypatch.undo()
+    assert "experts.bin" in replies[-1] and "cannot read" in replies[-3]  # the errors did come back
+    forbidden = {"working directory": str(REPO), "model path": service.model, "store": store,
+                 "temp dir": tempfile.gettempdir() + "/", "trace folder": service._trace_dir.name}
+    for reply in map(_without_gradio_file_addresses, replies):
+        for what, path in forbidden.items():
+            assert path not in reply, f"the {what} ({path}) shows in: {reply[:300]}"
+    assert "Not replayed" in replies[7] and "1..65536" in replies[7]  # the limit is stated
+
+
+def test_every_gradio_input_is_bounded_before_tokenization(public_app):
+    url, service, _ = public_app
+    huge = httpx.post(f"{url}gradio_api/call/chat", json={"data": ["x" * 10_000_000, [], "", 0.7, 0.95, 8]},
+                      timeout=60)
+    assert huge.status_code == 413  # refused before it is read whole
+    calls = []
+    original = service.engine.chat_prompt
+    service.engine.chat_prompt = lambda messages: calls.append(messages) or original(messages)
+    try:
+        for data, what in ((["m" * (1 << 20), [], "", 0.7, 0.95, 8], "the message is too long"),
+                           (["hi", [], "s" * (100 << 10), 0.7, 0.95, 8], "the system prompt is too long"),
+                           (["hi", [{"role": "user", "content": "h" * (60 << 10)}] * 12, "", 0.7, 0.95, 8],
+                            "the history is too long")):
+            start = time.monotonic()
+            reply = _call(url, "chat", data)
+            assert what in reply and time.monotonic() - start < 10, reply[-300:]
+    finally:
+        del service.engine.chat_prompt
+    assert calls == []  # nothing was tokenized
+
+
+def test_gradios_queue_is_capped_per_session(public_app, monkeypatch):
+    from webapp import limits
+
+    url, _, _ = public_app
+    session = "flooding-session"
+    body = {"data": ["To be", [], "", 0.7, 0.95, 200], "fn_index": _fn_index(url, "chat"), "session_hash": session}
+    codes = [httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).status_code
+             for _ in range(limits.MAX_EVENTS_PER_SESSION + 3)]
+    assert codes[:limits.MAX_EVENTS_PER_SESSION] == [200] * limits.MAX_EVENTS_PER_SESSION
+    assert set(codes[limits.MAX_EVENTS_PER_SESSION:]) == {429}
+    # nobody listens for that session's results: its work is dropped, not run; a listener is served at once
+    from gradio_client import Client
+
+    start = time.monotonic()
+    text = Client(url, verbose=False, analytics_enabled=False).predict("To be", [], "", 0.7, 0.95, 4,
+                                                                       api_name="/chat")
+    assert isinstance(text, str) and time.monotonic() - start < 4 * limits.LISTEN_GRACE_S + 30
+
+
+def _fn_index(url: str, api_name: str) -> int:
+    config = httpx.get(f"{url}config", timeout=30).json()
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
