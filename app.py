@@ -58,6 +58,7 @@ STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", 
 MAX_TIMELINE_TOKENS = 256  # the Timeline slider's end
 STATS_POLL_SECONDS = 1.0  # the Stats tab's timer, while that tab is open
 MAX_SESSIONS_TRACKED = 4096  # sessions whose last Stats view is remembered (the oldest are forgotten)
+MAX_POLLS_AT_ONCE = 2  # Stats timer ticks served at once; more get nothing this tick (they run outside the queue)
 PAGE_VISIBLE_JS = "(tokens, visible) => [tokens, document.visibilityState !== 'hidden']"
 SETTINGS_WIDGETS = 11  # the 9 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
@@ -176,6 +177,7 @@ class Handlers:
         self.guard = limits.GuardState()  # the request bounds' shared state (webapp.limits)
         self.views = views.StatsViews(service, STATS_FIGURES)  # shared by every tab and /stats
         self._seen: OrderedDict[str, tuple] = OrderedDict()  # browser session -> key of the view it has
+        self._polls = threading.BoundedSemaphore(MAX_POLLS_AT_ONCE)  # Stats ticks at work at once
 
     # chat ------------------------------------------------------------------------------------------
     def respond(self, message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
@@ -263,12 +265,14 @@ class Handlers:
         nothing (every output skipped) when the page is hidden or this tab already has the newest
         view, which is what most polls find: they cost well under a millisecond of the server."""
         skip = (gr.skip(),) * (2 + len(STATS_FIGURES))
-        if visible is False:
+        if visible is False or not self._polls.acquire(blocking=False):  # hidden, or enough polls at work
             return skip
         try:
             view = self._view(timeline_tokens)
         except ValueError:
             return skip
+        finally:
+            self._polls.release()
         session = _session(request)
         if self._seen.get(session) == view.key:
             return skip
@@ -562,9 +566,10 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         stats_tab.select(lambda: gr.Timer(active=True), None, timer, queue=False, **private)
         for tab in (chat_tab, settings_tab, whatif_tab):
             tab.select(lambda: gr.Timer(active=False), None, timer, queue=False, **private)
+        # the tick skips gradio's queue (a poll with nothing new then costs a few ms, not a queued event's
+        # ~15): Handlers.stats_poll bounds it itself (MAX_POLLS_AT_ONCE; builds one at a time in views)
         timer.tick(h.stats_poll, [timeline_tokens, page_visible], stats_outputs, js=PAGE_VISIBLE_JS,
-                   show_progress="hidden", concurrency_id=STATS_VIEW, concurrency_limit=1, trigger_mode="once",
-                   **private)
+                   show_progress="hidden", queue=False, trigger_mode="once", **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
         refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_id=STATS_VIEW,
@@ -602,7 +607,8 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     OpenAI-compatible routes on the same server (added to gradio's FastAPI app once it runs)."""
     guard = getattr(demo, "request_guard", None) or limits.GuardState()
     guard.blocks = demo
-    demo.queue(default_concurrency_limit=1, max_size=limits.MAX_QUEUE)
+    # api_open=False: a queued function cannot be called around the queue (/gradio_api/run/...)
+    demo.queue(default_concurrency_limit=1, max_size=limits.MAX_QUEUE, api_open=False)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
                 theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD,
                 app_kwargs={"middleware": [Middleware(limits.RequestGuard, guard=guard)]})

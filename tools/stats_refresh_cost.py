@@ -118,11 +118,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rss_mib(pid: int) -> float:
+def _rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident memory now (VmRSS), or its peak so far (VmHWM), in MiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _decode_speed(url: str, tokens: int) -> float:
@@ -158,6 +165,25 @@ def _poll(url: str, stop: threading.Event, polls: list) -> None:
         stop.wait(max(0.0, 1.0 - (time.monotonic() - start)))
 
 
+def _poll_tab(url: str, stop: threading.Event, polls: list) -> None:
+    """One open Stats tab: the timer's tick (the app's private stats_poll) once a second, as the
+    browser sends it (outside gradio's queue: /gradio_api/run/predict), until `stop`."""
+    import uuid
+
+    import httpx
+
+    config = httpx.get(f"{url}/config", timeout=30).json()
+    index = next(d["id"] for d in config["dependencies"] if d.get("js") and "visibilityState" in str(d.get("js")))
+    session = uuid.uuid4().hex
+    with httpx.Client(timeout=60) as http:
+        while not stop.is_set():
+            start = time.monotonic()
+            http.post(f"{url}/gradio_api/run/predict", json={"data": [8, True], "fn_index": index,
+                                                             "session_hash": session})
+            polls.append(time.monotonic() - start)
+            stop.wait(max(0.0, 1.0 - (time.monotonic() - start)))
+
+
 def with_pollers(counts: list[int], tokens: int, replies: int) -> list[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -167,8 +193,9 @@ def with_pollers(counts: list[int], tokens: int, replies: int) -> list[str]:
                                   cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_for(url, server)
-            _decode_speed(url, 8)  # warm up
-            rows, alone = [], None
+            for _ in range(3):
+                _decode_speed(url, 64)  # warm up
+            measured = []
             for n in counts:
                 stop, polls = threading.Event(), []
                 threads = [threading.Thread(target=_poll, args=(url, stop, polls), daemon=True) for _ in range(n)]
@@ -179,20 +206,46 @@ def with_pollers(counts: list[int], tokens: int, replies: int) -> list[str]:
                 stop.set()
                 for t in threads:
                     t.join(30)
-                speed = statistics.median(speeds)
-                alone = speed if n == 0 else alone
-                ratio = f"{speed / alone:.2f}x" if alone else "—"
-                latency = f"{1e3 * statistics.median(polls):.0f}" if polls else "—"
-                rows.append(f"| {n} | {speed:.1f} | {ratio} | {len(polls)} | {latency} |")
+                measured.append((n, statistics.median(speeds), polls))
+            alone = statistics.median([speed for n, speed, _ in measured if n == 0] or [float("nan")])
+            rows = [f"| {n} | {speed:.1f} | {speed / alone:.2f}x | {len(polls)} | "
+                    f"{1e3 * statistics.median(polls):.0f} |" if polls else f"| {n} | {speed:.1f} | {speed / alone:.2f}x | 0 | — |"
+                    for n, speed, polls in measured]
+            idle = _idle_poll_cost(url, server.pid, max(counts), _poll) + " " + \
+                _idle_poll_cost(url, server.pid, max(counts), _poll_tab, "open Stats tab's timer tick")
             rss = _probes(url, server.pid)
         finally:
             server.terminate()
             server.wait(60)
     load = open("/proc/loadavg").read().split()[:3]
     return [f"## decode speed through /v1 with N clients polling /stats at 1 Hz ({tokens}-token greedy replies, "
-            f"median of {replies}; load average {' '.join(load)})", "",
+            f"median of {replies}; 'vs alone': to the median of the 0 rows; load average {' '.join(load)})", "",
             "| pollers | decode tokens/s | vs alone | polls answered | poll latency ms (median) |",
-            "| ---: | ---: | ---: | ---: | ---: |", *rows, "", *rss, ""]
+            "| ---: | ---: | ---: | ---: | ---: |", *rows, "", idle, "", *rss, ""]
+
+
+def _idle_poll_cost(url: str, pid: int, pollers: int, poll=_poll, what: str = "/stats poll",
+                    seconds: float = 6.0) -> str:
+    """Server CPU per poll with no reply running: nothing new (a /stats call gets the shared view
+    again; a tab's tick gets nothing)."""
+    stop, polls = threading.Event(), []
+    threads = [threading.Thread(target=poll, args=(url, stop, polls), daemon=True) for _ in range(max(pollers, 1))]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # the clients have connected
+    cpu, start, first = _cpu_seconds(pid), time.monotonic(), len(polls)
+    time.sleep(seconds)
+    used, answered, elapsed = _cpu_seconds(pid) - cpu, len(polls) - first, time.monotonic() - start
+    stop.set()
+    for t in threads:
+        t.join(30)
+    time.sleep(1.0)
+    cpu = _cpu_seconds(pid)  # what the server burns with nobody asking (gradio's own loops), subtracted
+    time.sleep(seconds)
+    idle = (_cpu_seconds(pid) - cpu) / seconds * elapsed
+    return (f"Server CPU per {what} with nothing new ({max(pollers, 1)} pollers, no reply running): "
+            f"{1e3 * (used - idle) / max(answered, 1):.1f} ms ({answered} polls in {elapsed:.0f} s; the server's "
+            f"idle {1e3 * idle / elapsed:.0f} ms/s subtracted).")
 
 
 def _wait_for(url: str, server: subprocess.Popen) -> None:
@@ -217,11 +270,12 @@ def _probes(url: str, pid: int) -> list[str]:
     import httpx
     from gradio_client import Client, handle_file
 
-    before = _rss_mib(pid)
+    before, peak_before = _rss_mib(pid), _rss_mib(pid, "VmHWM")
     client = Client(url + "/", verbose=False, analytics_enabled=False)
     with tempfile.TemporaryDirectory() as tmp:
         crafted = Path(tmp) / "crafted.json"
-        crafted.write_text(json.dumps({"num_layers": 1, "num_experts": 10**7, "top_k": 1, "model": "x",
+        crafted.write_text(json.dumps({"format": "moe-routing-trace", "num_layers": 1, "num_experts": 10**7,
+                                       "top_k": 1, "model": "x", "phase": ["decode"] * 15,
                                        "selected": [[[i] for i in range(15)]], "guess": [[]]}))
         start = time.monotonic()
         try:
@@ -229,20 +283,21 @@ def _probes(url: str, pid: int) -> list[str]:
                                   "served model", True, api_name="/what_if")[1]
         except Exception as err:  # noqa: BLE001 - the refusal is the point
             note = str(err)
-        whatif_s, after_whatif = time.monotonic() - start, _rss_mib(pid)
+        whatif_s, after_whatif, peak_whatif = time.monotonic() - start, _rss_mib(pid), _rss_mib(pid, "VmHWM")
     start = time.monotonic()
     try:
         client.predict("x" * 10_000_000, [], "", 0.7, 0.95, 8, api_name="/chat")
         chat = "answered"
     except Exception as err:  # noqa: BLE001
         chat = f"refused: {str(err)[:80]}"
-    chat_s, after_chat = time.monotonic() - start, _rss_mib(pid)
+    chat_s, after_chat, peak_chat = time.monotonic() - start, _rss_mib(pid), _rss_mib(pid, "VmHWM")
     status = httpx.get(url + "/", timeout=10).status_code
-    return ["| probe | RSS before MiB | RSS after MiB | seconds | outcome |", "| --- | ---: | ---: | ---: | --- |",
+    return ["| probe | RSS before MiB | RSS after MiB | peak RSS so far MiB (before -> after) | seconds | outcome |",
+            "| --- | ---: | ---: | ---: | ---: | --- |",
             f"| What-if: 1 layer x 10^7 experts x 15 tokens, belady | {before:.0f} | {after_whatif:.0f} | "
-            f"{whatif_s:.1f} | {' '.join(str(note).split())[:90]} |",
-            f"| /chat with a 10 MB message | {after_whatif:.0f} | {after_chat:.0f} | {chat_s:.1f} | {chat} "
-            f"(the app then answers HTTP {status}) |"]
+            f"{peak_before:.0f} -> {peak_whatif:.0f} | {whatif_s:.1f} | {' '.join(str(note).split())[:90]} |",
+            f"| /chat with a 10 MB message | {after_whatif:.0f} | {after_chat:.0f} | {peak_whatif:.0f} -> "
+            f"{peak_chat:.0f} | {chat_s:.1f} | {chat} (the app then answers HTTP {status}) |"]
 
 
 def main(argv: list[str] | None = None) -> None:

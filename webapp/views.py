@@ -29,7 +29,7 @@ from gradio.components.plot import PlotData
 
 from webapp import plots
 
-BUSY_FACTOR = 10.0  # while a reply streams: at most one build per this many build durations (<= 10% of a core)
+BUSY_FACTOR = 20.0  # while a reply streams: at most one build per this many build durations (<= 5% of a core)
 MIN_BUSY_INTERVAL_S = 2.0  # ... and at most one per this many seconds
 KEEP_VIEWS = 4  # views kept for this many timeline lengths (the slider's values); the oldest goes first
 
