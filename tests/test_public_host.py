@@ -336,6 +336,8 @@ def test_gradios_queue_is_capped_per_session(public_app, monkeypatch):
     from webapp import limits
 
     url, _, _ = public_app
+    around = httpx.post(f"{url}gradio_api/run/chat", json={"data": ["hi", [], "", 0.7, 0.95, 4]}, timeout=30)
+    assert around.status_code == 404  # a queued function cannot be called around the queue
     session = "flooding-session"
     body = {"data": ["To be", [], "", 0.7, 0.95, 200], "fn_index": _fn_index(url, "chat"), "session_hash": session}
     codes = [httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).status_code
