@@ -153,12 +153,15 @@ def _decode_speed(url: str, tokens: int) -> float:
     return (used - 1) / (stamps[-1] - stamps[0])
 
 
-def _poll(url: str, stop: threading.Event, polls: list) -> None:
-    """One visitor: /stats once a second until `stop`; each call's latency goes to `polls`."""
+def _poll(url: str, stop: threading.Event, polls: list, active: threading.Event | None = None) -> None:
+    """One visitor: /stats once a second until `stop` (only while `active` is set, when given);
+    each call's latency goes to `polls`."""
     from gradio_client import Client
 
     client = Client(url + "/", verbose=False, analytics_enabled=False)
     while not stop.is_set():
+        if active is not None and not active.wait(0.2):
+            continue
         start = time.monotonic()
         client.predict(api_name="/stats")
         polls.append(time.monotonic() - start)
@@ -195,22 +198,29 @@ def with_pollers(counts: list[int], tokens: int, replies: int) -> list[str]:
             _wait_for(url, server)
             for _ in range(3):
                 _decode_speed(url, 64)  # warm up
-            measured = []
-            for n in counts:
-                stop, polls = threading.Event(), []
-                threads = [threading.Thread(target=_poll, args=(url, stop, polls), daemon=True) for _ in range(n)]
+            rows = []
+            for n in counts:  # pairs: a reply alone (pollers paused), then one with them: drift cancels
+                stop, active, polls = threading.Event(), threading.Event(), []
+                threads = [threading.Thread(target=_poll, args=(url, stop, polls, active), daemon=True)
+                           for _ in range(n)]
                 for t in threads:
                     t.start()
-                time.sleep(2.0 if n else 0.0)
-                speeds = [_decode_speed(url, tokens) for _ in range(replies)]
+                alone, crowded = [], []
+                for _ in range(replies):
+                    active.clear()
+                    time.sleep(1.2)  # polls in flight end
+                    alone.append(_decode_speed(url, tokens))
+                    active.set()
+                    time.sleep(1.2 if n else 0.0)
+                    crowded.append(_decode_speed(url, tokens))
                 stop.set()
+                active.set()
                 for t in threads:
                     t.join(30)
-                measured.append((n, statistics.median(speeds), polls))
-            alone = statistics.median([speed for n, speed, _ in measured if n == 0] or [float("nan")])
-            rows = [f"| {n} | {speed:.1f} | {speed / alone:.2f}x | {len(polls)} | "
-                    f"{1e3 * statistics.median(polls):.0f} |" if polls else f"| {n} | {speed:.1f} | {speed / alone:.2f}x | 0 | — |"
-                    for n, speed, polls in measured]
+                ratio = statistics.median(c / a for a, c in zip(alone, crowded))
+                latency = f"{1e3 * statistics.median(polls):.0f}" if polls else "—"
+                rows.append(f"| {n} | {statistics.median(alone):.1f} | {statistics.median(crowded):.1f} | "
+                            f"{ratio:.2f}x | {len(polls)} | {latency} |")
             idle = _idle_poll_cost(url, server.pid, max(counts), _poll) + " " + \
                 _idle_poll_cost(url, server.pid, max(counts), _poll_tab, "open Stats tab's timer tick")
             rss = _probes(url, server.pid)
@@ -219,9 +229,10 @@ def with_pollers(counts: list[int], tokens: int, replies: int) -> list[str]:
             server.wait(60)
     load = open("/proc/loadavg").read().split()[:3]
     return [f"## decode speed through /v1 with N clients polling /stats at 1 Hz ({tokens}-token greedy replies, "
-            f"median of {replies}; 'vs alone': to the median of the 0 rows; load average {' '.join(load)})", "",
-            "| pollers | decode tokens/s | vs alone | polls answered | poll latency ms (median) |",
-            "| ---: | ---: | ---: | ---: | ---: |", *rows, "", idle, "", *rss, ""]
+            f"{replies} pairs: a reply alone, then one with the pollers; load average {' '.join(load)})", "",
+            "| pollers | alone tokens/s (median) | with pollers tokens/s (median) | ratio (median of pairs) | "
+            "polls answered | poll latency ms (median) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |", *rows, "", idle, "", *rss, ""]
 
 
 def _idle_poll_cost(url: str, pid: int, pollers: int, poll=_poll, what: str = "/stats poll",
@@ -306,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=40, help="tokens of the reply before timing")
     p.add_argument("--pollers", type=int, nargs="*", help="measure decode speed with these numbers of /stats "
                    "pollers (e.g. 0 1 4 6; 0 first: the ratios are to it) through a launched app.py")
-    p.add_argument("--replies", type=int, default=3, help="replies timed per number of pollers (median)")
+    p.add_argument("--replies", type=int, default=3, help="pairs of replies (alone, with pollers) per number of "
+                   "pollers (medians)")
     args = p.parse_args(argv)
     if args.pollers:
         print("\n".join(with_pollers(args.pollers, max(args.tokens, 8), args.replies)))
