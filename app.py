@@ -6,8 +6,10 @@
 
 Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache hit rate under
 each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (a table of
-the counters and Plotly figures, each with a line on how to read it, refreshed while a reply streams;
-routing-trace and counters downloads on request, reset).
+the counters and Plotly figures, each with a line on how to read it, refreshed every second while the
+tab is open and the page visible, from views every tab shares (webapp.views); routing-trace and
+counters downloads on request, reset). Every request is bounded before work (webapp.limits) and no
+error shows a server path (webapp.redact).
 API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, counter table,
 figures), /trace (the routing-trace file), /apply_settings, /reset_stats. OpenAI-compatible, on the
 same port: POST /v1/chat/completions, GET /v1/models (webapp.openai_api; --api-key to require a key).
