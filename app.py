@@ -599,6 +599,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
                   concurrency_limit=1, **private)
     demo.request_guard = h.guard  # launch() installs it in front of the server
+    h.guard.public = h.operator.public
     h.guard.blocks = demo
     return demo
 
@@ -611,8 +612,11 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
     guard.blocks = demo
     # api_open=False: a queued function cannot be called around the queue (/gradio_api/run/...)
     demo.queue(default_concurrency_limit=1, max_size=limits.MAX_QUEUE, api_open=False)
+    # a public host shows only the errors the handlers word (gr.Error, already without paths); others
+    # say "Error" and go to the server's log
+    public = getattr(getattr(demo, "request_guard", None), "public", False)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD,
+                theme=THEME, css=CSS, show_error=not public, quiet=not block, max_file_size=MAX_UPLOAD,
                 app_kwargs={"middleware": [Middleware(limits.RequestGuard, guard=guard)]})
     if api is not None:
         api.mount(demo.server_app)

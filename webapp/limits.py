@@ -203,6 +203,7 @@ class GuardState:
     def __init__(self) -> None:
         self.listeners = Listeners()
         self.blocks = None  # gradio.Blocks, set by app.launch
+        self.public = False  # a public host (app.build_app sets it): unworded errors are not shown
 
     def _queue(self):
         return getattr(self.blocks, "_queue", None)
