@@ -6,8 +6,10 @@
 
 Tabs: Chat (streaming replies, stop, system prompt, sampling; tokens/s and cache hit rate under
 each reply), Settings (reload the engine; a bad combination keeps the running one), Stats (a table of
-the counters and Plotly figures, each with a line on how to read it, refreshed while a reply streams;
-routing-trace and counters downloads on request, reset).
+the counters and Plotly figures, each with a line on how to read it, refreshed every second while the
+tab is open and the page visible, from views every tab shares (webapp.views); routing-trace and
+counters downloads on request, reset). Every request is bounded before work (webapp.limits) and no
+error shows a server path (webapp.redact).
 API (gradio_client): /chat (message, history -> streamed reply), /stats (counters, counter table,
 figures), /trace (the routing-trace file), /apply_settings, /reset_stats. OpenAI-compatible, on the
 same port: POST /v1/chat/completions, GET /v1/models (webapp.openai_api; --api-key to require a key).
@@ -27,15 +29,17 @@ import os
 import signal
 import sys
 import threading
+from collections import OrderedDict
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # works offline, sends nothing
 
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
 from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import HOST_POLICIES, POLICIES  # noqa: E402
-from webapp import plots, whatif  # noqa: E402
+from webapp import limits, plots, redact, views, whatif  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
 from webapp.service import (  # noqa: E402
     EMBEDDED_MODEL,
@@ -53,12 +57,18 @@ CSS = (".reply-footer { opacity: 0.7; } .caption { opacity: 0.75; font-size: 0.9
        "#cache-map { max-height: 640px; overflow-y: auto; }")  # a map of many layers scrolls
 STATS_FIGURES = ("experts", "hit_rate", "prefetch_recall", "tokens_per_second", "bytes_moved", "timeline",
                  "cache_map")
+MAX_TIMELINE_TOKENS = 256  # the Timeline slider's end
+STATS_POLL_SECONDS = 1.0  # the Stats tab's timer, while that tab is open
+MAX_SESSIONS_TRACKED = 4096  # sessions whose last Stats view is remembered (the oldest are forgotten)
+MAX_POLLS_AT_ONCE = 2  # Stats timer ticks served at once; more get nothing this tick (they run outside the queue)
+PAGE_VISIBLE_JS = "(tokens, visible) => [tokens, document.visibilityState !== 'hidden']"
 SETTINGS_WIDGETS = 11  # the 9 settings, Apply and Reset stats: what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
                   "context": "context window full", "time": "time limit reached"}
 LOADING_PROGRESS = gr.Progress(track_tqdm=True)  # the engine reports loading through tqdm
 ENGINE = "engine"  # concurrency group of everything that uses or replaces the engine: one at a time
+STATS_VIEW = "stats-view"  # concurrency group of every Stats view request: one at a time (webapp.views)
 MAX_UPLOAD = "1mb"  # the only upload is a What-if trace file (webapp.whatif caps it too)
 CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
 WHATIF_SESSION, WHATIF_UPLOAD = "this session's trace", "an uploaded trace file"
@@ -166,19 +176,25 @@ class Handlers:
         self.service = service
         self.operator = operator or Operator()
         self._stops: dict[str, threading.Event] = {}  # browser session -> its running reply
+        self.guard = limits.GuardState()  # the request bounds' shared state (webapp.limits)
+        self.views = views.StatsViews(service, STATS_FIGURES)  # shared by every tab and /stats
+        self._seen: OrderedDict[str, tuple] = OrderedDict()  # browser session -> key of the view it has
+        self._polls = threading.BoundedSemaphore(MAX_POLLS_AT_ONCE)  # Stats ticks at work at once
 
     # chat ------------------------------------------------------------------------------------------
     def respond(self, message: str, history: list[dict], system_prompt: str, temperature: float, top_p: float,
                 max_new_tokens: int, request: gr.Request = None):
         """Stream a reply. Yields (chatbot, history, textbox); on bad input or a failed reply the
         history is unchanged and the message goes back into the textbox."""
-        history = list(history or [])
+        history = list(history) if isinstance(history, (list, tuple)) else []
+        kept = message if isinstance(message, str) and len(message) <= limits.MAX_MESSAGE_BYTES else ""
         try:
             messages = build_messages(message, history, system_prompt)
             settings = generation_settings(temperature, top_p, max_new_tokens)
+            waited = self._queued(request, "respond")
         except ValueError as err:
-            gr.Warning(str(err))
-            yield chatbot_messages(history), history, message
+            gr.Warning(self.shown(err))
+            yield chatbot_messages(history), history, kept
             return
         session, stop = _session(request), threading.Event()
         self._stops[session] = stop
@@ -186,12 +202,12 @@ class Handlers:
         try:
             new = history + [user, {"role": "assistant", "content": "", "footer": "waiting for the model…"}]
             yield chatbot_messages(new), new, ""
-            for update in self.service.chat(messages, settings, stop):
+            for update in self.service.chat(messages, settings, stop, waited=waited):
                 new = history + [user, {"role": "assistant", "content": update.text, "footer": reply_footer(update)}]
                 yield chatbot_messages(new), new, ""
         except Exception as err:  # the app keeps serving; the user keeps their message
-            gr.Warning(f"The reply failed: {err}")
-            yield chatbot_messages(history), history, message
+            gr.Warning(f"The reply failed: {self.shown(err)}")
+            yield chatbot_messages(history), history, kept
         finally:
             if self._stops.get(session) is stop:
                 del self._stops[session]
@@ -203,36 +219,77 @@ class Handlers:
 
     def clear(self, request: gr.Request = None):
         self.stop(request)
-        return [], [], "", gr.Timer(active=False)
+        return [], [], ""
 
     def chat_api(self, message: str, history: list[dict] | None = None, system_prompt: str = "",
-                 temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 128) -> str:
+                 temperature: float = 0.7, top_p: float = 0.95, max_new_tokens: int = 128,
+                 request: gr.Request = None) -> str:
         """Stream a reply to `message` after `history` (a list of {"role", "content"} dicts); each
         streamed value is the whole reply so far."""
         try:
             messages = build_messages(message, history, system_prompt)
             settings = generation_settings(temperature, top_p, max_new_tokens)
-            for update in self.service.chat(messages, settings):
+            waited = self._queued(request, "chat_api")
+            for update in self.service.chat(messages, settings, waited=waited):
                 yield update.text
         except Exception as err:  # the caller gets the reason; the app keeps serving
-            raise gr.Error(str(err)) from None
+            raise gr.Error(self.shown(err)) from None
+
+    def _queued(self, request: gr.Request | None, fn_name: str) -> float:
+        """Seconds this request waited in gradio's queue (they count toward its deadline);
+        ValueError when nobody listens for its result (queued work of a client that left or never
+        listened is dropped, not run)."""
+        session = getattr(request, "session_hash", None)
+        waited, joined = limits.queue_wait(self.guard.blocks, session, fn_name)
+        if self.guard.abandoned(session, joined):
+            raise ValueError("nobody is listening for this request's result: it was dropped")
+        return waited
+
+    def shown(self, err: BaseException | str) -> str:
+        """An error as a visitor may read it: server paths replaced (the full text goes to the
+        server's log)."""
+        return redact.shown(err, self.service)
 
     # stats -----------------------------------------------------------------------------------------
     def stats_view(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
-        """(counters, counter table, *figures) of the running engine, from one snapshot without the
-        trace (cheap: polled while a reply streams, and the /stats endpoint); the timeline shows the
-        newest `timeline_tokens` tokens."""
+        """(counters, counter table, *figures) of the running engine: the view every tab shares
+        (`webapp.views`: built once per engine state, not per caller); the timeline shows the newest
+        `timeline_tokens` tokens. Also the /stats endpoint."""
         try:
-            stats = self.service.stats(trace=False)
+            return self._view(timeline_tokens).values
         except ValueError as err:
-            gr.Warning(str(err))
+            gr.Warning(self.shown(err))
             return (gr.skip(),) * (2 + len(STATS_FIGURES))
+
+    def stats_poll(self, timeline_tokens: float = plots.TIMELINE_TOKENS, visible: bool = True,
+                   request: gr.Request = None):
+        """The Stats timer's tick (the Stats tab open and the page visible): the stats view, or
+        nothing (every output skipped) when the page is hidden or this tab already has the newest
+        view, which is what most polls find: they cost well under a millisecond of the server."""
+        skip = (gr.skip(),) * (2 + len(STATS_FIGURES))
+        if visible is False or not self._polls.acquire(blocking=False):  # hidden, or enough polls at work
+            return skip
         try:
-            tokens = whole_number("timeline tokens", timeline_tokens)
+            view = self._view(timeline_tokens)
+        except ValueError:
+            return skip
+        finally:
+            self._polls.release()
+        session = _session(request)
+        if self._seen.get(session) == view.key:
+            return skip
+        self._seen[session] = view.key
+        self._seen.move_to_end(session)
+        while len(self._seen) > MAX_SESSIONS_TRACKED:
+            self._seen.popitem(last=False)
+        return view.values
+
+    def _view(self, timeline_tokens) -> views.View:
+        try:
+            tokens = min(max(whole_number("timeline tokens", timeline_tokens), 1), MAX_TIMELINE_TOKENS)
         except ValueError:
             tokens = plots.TIMELINE_TOKENS
-        figures = plots.dashboard(stats, timeline_tokens=max(tokens, 1), levels=self.service.cache_map())
-        return (plots.counters(stats), plots.counter_rows(stats), *(figures[name] for name in STATS_FIGURES))
+        return self.views.view(tokens)
 
     def trace_download(self):
         """The routing trace as a JSON file, made on request (a new file at most every
@@ -240,17 +297,17 @@ class Handlers:
         try:
             return self.service.trace_file()
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(self.shown(err)) from None
 
     def counters_download(self):
         """The counters as a JSON file, made on request."""
         try:
             return self.service.save_counters(plots.counters(self.service.stats(trace=False)))
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(self.shown(err)) from None
 
     def after_reply(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
-        return (*self.stats_view(timeline_tokens), gr.Timer(active=False))
+        return self.stats_view(timeline_tokens)
 
     def reset_stats(self, operator_token: str = ""):
         """Zero the shared counters (the operator's, on a public host); returns the stats view."""
@@ -258,7 +315,7 @@ class Handlers:
             self.operator.check(operator_token, "resetting the stats")
             self.service.reset_stats()
         except ValueError as err:
-            gr.Warning(str(err))
+            gr.Warning(self.shown(err))
         return self.stats_view()
 
     # what-if ---------------------------------------------------------------------------------------
@@ -288,8 +345,8 @@ class Handlers:
                                    whole_number("prefetch", prefetch), hardware, model_shape, stats,
                                    self.service.describe()["expert_bytes"], bool(include_prefill))
         except ValueError as err:
-            gr.Warning(f"Not replayed: {err}")
-            return gr.skip(), f"**Not replayed:** {err}"
+            gr.Warning(f"Not replayed: {self.shown(err)}")
+            return gr.skip(), f"**Not replayed:** {self.shown(err)}"
         return whatif.rows(result), whatif.notes(result)
 
     # settings --------------------------------------------------------------------------------------
@@ -299,7 +356,12 @@ class Handlers:
         """Reload the engine; returns (status, engine facts, header). On failure the running engine
         keeps serving and the status says why. On a public host only the operator may."""
         try:
+            for name, value in (("model", model), ("device", device), ("host_cache_gb", host_cache_gb),
+                                ("operator token", operator_token), ("expert_bits", expert_bits),
+                                ("attn_bits", attn_bits), ("offload", offload), ("policy", policy)):
+                limits.check_text(name, value, limits.MAX_FIELD_BYTES)
             self.operator.check(operator_token, "changing the settings")
+            model = self.model_names().get(model, model)  # a display name -> the name to load
             config = self.service.settings(
                 expert_bits=parse_bits("expert_bits", expert_bits), attn_bits=parse_bits("attn_bits", attn_bits),
                 cache_size=whole_number("cache_size", cache_size), prefetch=whole_number("prefetch", prefetch),
@@ -309,15 +371,15 @@ class Handlers:
             progress(0, desc=f"loading {model}")
             self.service.reload(model, config)
         except ValueError as err:
-            gr.Warning(f"Settings not applied: {err}")
-            status = f"**Not applied:** {err}\n\nThe running engine ({self._running()}) keeps serving."
+            gr.Warning(f"Settings not applied: {self.shown(err)}")
+            status = f"**Not applied:** {self.shown(err)}\n\nThe running engine ({self._running()}) keeps serving."
             return status, self.engine_facts(), self.header()
-        return f"**Applied.** Now serving `{self.service.model}`.", self.engine_facts(), self.header()
+        return f"**Applied.** Now serving `{self.display_name(self.service.model)}`.", self.engine_facts(), self.header()
 
     def current_settings(self):
         """Widget values of the running engine's settings (for a page that just opened)."""
         c = self.service.config
-        return (self.service.model, bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
+        return (self.display_name(self.service.model), bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
                 c.offload, c.device, c.policy, str(c.host_cache_gb), self.engine_facts(), self.header())
 
     def unlock(self, operator_token: str):
@@ -327,6 +389,14 @@ class Handlers:
             gr.Warning("That is not the operator token: the settings stay read-only")
         note = "**Unlocked**: you may change the settings." if allowed else "**Read-only.**"
         return (*(gr.update(interactive=allowed) for _ in range(SETTINGS_WIDGETS)), note)
+
+    def display_name(self, model: str) -> str:
+        """A model as this host shows it: a public host never shows a server path."""
+        return public_name(model) if self.operator.public else model
+
+    def model_names(self) -> dict[str, str]:
+        """Display name -> the name to load, for the Settings tab's choices."""
+        return {self.display_name(name): name for name in self.service.policy.choices}
 
     def engine_facts(self) -> str:
         try:
@@ -346,8 +416,7 @@ class Handlers:
             engine = self.service.engine
         except ValueError:
             return "no model"
-        name = public_name(self.service.model) if self.operator.public else self.service.model
-        return f"{name} on {engine.device}"
+        return f"{self.display_name(self.service.model)} on {engine.device}"
 
 
 def _session(request: gr.Request | None) -> str:
@@ -364,9 +433,10 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
     with gr.Blocks(title=TITLE, delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
         header = gr.Markdown(h.header())
         history = gr.State([])
-        timer = gr.Timer(1.0, active=False)
+        timer = gr.Timer(STATS_POLL_SECONDS, active=False)  # ticks while the Stats tab is open
+        page_visible = gr.Checkbox(True, visible=False)  # set by PAGE_VISIBLE_JS at each tick
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat"):
+            with gr.Tab("Chat", id="chat") as chat_tab:
                 chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", buttons=["copy", "copy_all"],
                                      feedback_options=None, placeholder="Replies stream here, with tokens/s "
                                      "and the expert-cache hit rate under each one.")
@@ -385,9 +455,9 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                         top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
                         max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
                                                    label="Max new tokens", elem_id="max-new-tokens")
-            with gr.Tab("Settings", id="settings", elem_id="settings-tab"):
+            with gr.Tab("Settings", id="settings", elem_id="settings-tab") as settings_tab:
                 with gr.Row():
-                    model = gr.Dropdown(service.policy.choices, value=service.model, label="Model",
+                    model = gr.Dropdown(list(h.model_names()), value=h.display_name(service.model), label="Model",
                                         allow_custom_value=service.policy.allow_local_paths, scale=3,
                                         interactive=editable,
                                         info="Local folders are accepted only with --allow-local-paths"
@@ -420,7 +490,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                 apply = gr.Button("Apply", variant="primary", elem_id="apply", interactive=editable)
                 status = gr.Markdown(elem_id="settings-status")
                 facts = gr.Markdown(h.engine_facts())
-            with gr.Tab("Stats", id="stats"):
+            with gr.Tab("Stats", id="stats") as stats_tab:
                 with gr.Row():
                     refresh = gr.Button("Refresh", elem_id="refresh")
                     reset = gr.Button("Reset stats", elem_id="reset", interactive=editable)
@@ -453,7 +523,7 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
                         figure("bytes_moved", "Bytes moved")
                 figures = [plotted[name] for name in STATS_FIGURES]
 
-            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab"):
+            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab") as whatif_tab:
                 gr.Markdown("Replay the routing trace through the simulator (`moe_runtime.sim`) with other cache "
                             "settings and predict tokens/s on other hardware, beside what this session measured.",
                             elem_classes="caption")
@@ -486,20 +556,28 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
         replies = []
         for trigger in (message.submit, send.click):
-            reply = trigger(lambda: gr.Timer(active=True), None, timer, queue=False, **private).then(
-                h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE, concurrency_limit=1,
-                show_progress="minimal", **private)
-            reply.then(h.after_reply, timeline_tokens, [*stats_outputs, timer], show_progress="hidden", **private)
+            reply = trigger(h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE,
+                            concurrency_limit=1, show_progress="minimal", **private)
+            reply.then(h.after_reply, timeline_tokens, stats_outputs, show_progress="hidden",
+                       concurrency_id=STATS_VIEW, concurrency_limit=1, **private)
             replies.append(reply)
         stop.click(h.stop, None, None, queue=False, **private)
-        clear.click(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
-        chatbot.clear(h.clear, None, [chatbot, history, message, timer], cancels=replies, queue=False, **private)
-        timer.tick(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_limit=None, **private)
+        clear.click(h.clear, None, [chatbot, history, message], cancels=replies, queue=False, **private)
+        chatbot.clear(h.clear, None, [chatbot, history, message], cancels=replies, queue=False, **private)
+        # the timer runs while the Stats tab is open; hidden pages skip; polls share one bounded lane
+        stats_tab.select(lambda: gr.Timer(active=True), None, timer, queue=False, **private)
+        for tab in (chat_tab, settings_tab, whatif_tab):
+            tab.select(lambda: gr.Timer(active=False), None, timer, queue=False, **private)
+        # the tick skips gradio's queue (a poll with nothing new then costs a few ms, not a queued event's
+        # ~15): Handlers.stats_poll bounds it itself (MAX_POLLS_AT_ONCE; builds one at a time in views)
+        timer.tick(h.stats_poll, [timeline_tokens, page_visible], stats_outputs, js=PAGE_VISIBLE_JS,
+                   show_progress="hidden", queue=False, trigger_mode="once", **private)
         gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
 
-        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_limit=4)
+        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_id=STATS_VIEW,
+                      concurrency_limit=1)
         timeline_tokens.release(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden",
-                                concurrency_id="stats-view", concurrency_limit=4, **private)
+                                concurrency_id=STATS_VIEW, concurrency_limit=1, **private)
         prepare.click(h.trace_download, None, download, api_name="trace", concurrency_id="trace",
                       concurrency_limit=1)
         prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
@@ -514,10 +592,15 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
         apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
                     concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
+            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
+            concurrency_limit=1, **private)
 
         demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", **private)
+        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
+                  concurrency_limit=1, **private)
+    demo.request_guard = h.guard  # launch() installs it in front of the server
+    h.guard.public = h.operator.public
+    h.guard.blocks = demo
     return demo
 
 
@@ -525,9 +608,16 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
            api: OpenAIServer | None = None):
     """Serve `demo` behind Gradio's queue (replies run one at a time: see ENGINE), and `api`'s
     OpenAI-compatible routes on the same server (added to gradio's FastAPI app once it runs)."""
-    demo.queue(default_concurrency_limit=1)
+    guard = getattr(demo, "request_guard", None) or limits.GuardState()
+    guard.blocks = demo
+    # api_open=False: a queued function cannot be called around the queue (/gradio_api/run/...)
+    demo.queue(default_concurrency_limit=1, max_size=limits.MAX_QUEUE, api_open=False)
+    # a public host shows only the errors the handlers word (gr.Error, already without paths); others
+    # say "Error" and go to the server's log
+    public = getattr(getattr(demo, "request_guard", None), "public", False)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
-                theme=THEME, css=CSS, show_error=True, quiet=not block, max_file_size=MAX_UPLOAD)
+                theme=THEME, css=CSS, show_error=not public, quiet=not block, max_file_size=MAX_UPLOAD,
+                app_kwargs={"middleware": [Middleware(limits.RequestGuard, guard=guard)]})
     if api is not None:
         api.mount(demo.server_app)
     if block:

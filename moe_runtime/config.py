@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from .policies import HOST_POLICIES, POLICIES
 
@@ -18,6 +19,7 @@ EXPERT_BITS = (None, 2, 3, 4, 8)
 ATTN_BITS = (None, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the compute dtypes, by their torch names
 DTYPES = ("auto", *DTYPE_NAMES)
+MAX_HOST_CACHE_GB = 1e6  # host_cache_gb above this is refused (a petabyte; larger overflows a byte count)
 
 
 def torch_dtype(name: str):
@@ -111,9 +113,9 @@ class OffloadConfig:
         _check_int("prefetch", self.prefetch, minimum=0)
         _check_int("disk_prefetch_layers", self.disk_prefetch_layers, minimum=0)
         if self.host_cache_gb != "auto" and (isinstance(self.host_cache_gb, bool) or not isinstance(
-                self.host_cache_gb, (int, float)) or not 0 <= self.host_cache_gb < float("inf")):
-            raise ValueError(f"host_cache_gb={self.host_cache_gb!r} is not allowed: use a number of GB >= 0 "
-                             "(0: no host cache) or \"auto\"")
+                self.host_cache_gb, (int, float)) or not 0 <= self.host_cache_gb <= MAX_HOST_CACHE_GB):
+            raise ValueError(f"host_cache_gb={self.host_cache_gb!r} is not allowed: use a number of GB in "
+                             f"0..{MAX_HOST_CACHE_GB:g} (0: no host cache) or \"auto\"")
         for name in ("expert_group_size", "attn_group_size"):
             value = getattr(self, name)
             if value is None and name == "expert_group_size":
@@ -123,11 +125,18 @@ class OffloadConfig:
                 raise ValueError(f"{name}={value!r} is not allowed: use a power of two (8, 16, 32, 64, 128...)")
         if not isinstance(self.store_dir, str) or not self.store_dir:
             raise ValueError(f"store_dir={self.store_dir!r} is not allowed: give a folder path")
+        try:
+            Path(self.store_dir).expanduser()  # "~/x" is the home folder's x (store.store_folder expands it)
+        except RuntimeError:
+            raise ValueError(f"store_dir={self.store_dir!r} is not allowed: its home folder does not exist") from None
         for name in ("delete_shards", "quantize_meta", "hqq_optimize", "record_trace"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use True or False")
 
     def validate_for_model(self, num_experts: int, top_k: int) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"the model's config.json has num_experts_per_tok={top_k!r} with {num_experts} experts "
+                             f"per layer: a token's experts must be 1..{num_experts}; config.json is wrong")
         if not 1 <= self.cache_size <= num_experts:
             raise ValueError(
                 f"cache_size={self.cache_size} is not allowed for this model: "

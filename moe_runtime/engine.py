@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .arch.base import MoEShape
 from .config import OffloadConfig
+from .sampling import MAX_SEED, OwnGeneratorSampler, own_generator
 from .stats import Counters, Stats, StatsCollector
 from .store import level_of
 
@@ -40,6 +41,10 @@ class GenerationSettings:
             raise ValueError(f"temperature={self.temperature!r} is not allowed: use a number in 0..5 (0 = greedy)")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p!r} is not allowed: use a number in (0, 1]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            shown = repr(self.seed) if len(repr(self.seed)) <= 30 else repr(self.seed)[:27] + "..."
+            raise ValueError(f"seed={shown} is not allowed: use an integer in 0..2**63-1")
         if self.max_seconds is not None and (isinstance(self.max_seconds, bool)
                                              or not isinstance(self.max_seconds, (int, float))
                                              or not 0 < self.max_seconds <= 86400):
@@ -242,13 +247,13 @@ class Engine:
                       max_new_tokens=settings.max_new_tokens, streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([stopper]),
                       pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        # sampling draws from this reply's own generator (moe_runtime.sampling); generate runs greedy
+        # over the drawn token, so no reply touches (or is touched by) the process-wide RNG
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p),
-                          top_k=0)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
+            generator = own_generator(self.device, settings.seed)
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [OwnGeneratorSampler(settings.temperature, settings.top_p, generator)])
         return kwargs
 
     def _generate_into(self, kwargs: dict, errors: list) -> None:

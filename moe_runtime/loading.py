@@ -324,6 +324,30 @@ def _block_or_none(adapter, layer):
         return None
 
 
+def _check_dense_shapes(weights: WeightMap, model, adapter, hf_config) -> None:
+    """Refuse dense tensors of the wrong shape from the shards' headers (no tensor data is read),
+    before a store is built from them. Shards not on disk yet (a hub download in progress) are
+    checked as they are read (`_load_dense`)."""
+    targets = dict(model.named_parameters())
+    by_file: dict[str, list[str]] = {}
+    for key, file in weights.key_to_file.items():
+        if not adapter.is_expert_key(key, hf_config) and adapter.dense_key(key) in targets:
+            by_file.setdefault(file, []).append(key)
+    wrong = []
+    for file, keys in by_file.items():
+        path = weights.folder / file
+        if not path.exists():
+            continue
+        handle = open_safetensors(path)
+        for key in keys:
+            found, expected = tuple(handle.get_slice(key).get_shape()), tuple(targets[adapter.dense_key(key)].shape)
+            if found != expected:
+                wrong.append(f"{adapter.dense_key(key)} {found} (expected {expected})")
+    if wrong:
+        raise ValueError(f"checkpoint {weights.folder} has tensors of the wrong shape: {_listed(sorted(wrong))}; "
+                         "config.json and weights do not match")
+
+
 def _load_dense(model, tensors: dict, where: Path, device) -> None:
     """Fill the model's dense parameters from `tensors` (parameter name -> reader), one at a time."""
     params = dict(model.named_parameters())
@@ -431,6 +455,7 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
 
     hf_model = _build_model(hf_config, dtype, adapter.attn_implementation)  # meta device: names and shapes only
     _check_weight_names(weights, hf_model, adapter, shape, hf_config)
+    _check_dense_shapes(weights, hf_model, adapter, hf_config)  # before any store is written
     tier, store_path, dense = _slow_tier(config, host.offload, codec, shape, adapter, hf_config, source, weights,
                                          model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,

@@ -251,3 +251,78 @@ def test_requests_beyond_the_pending_limit_get_429_until_a_place_frees():
         waiting.join(30)
         assert first["r"].status_code == 200 and first["r"].json()["usage"]["total_tokens"] == 4
         assert http.post("/v1/chat/completions", json={"messages": USER}).status_code == 200  # the place is free
+
+
+# --- edge cases: bounded before work, errors short and clean, a client that leaves stops its reply ---------
+class SlowService:
+    """Stands in for EngineService: a reply grows a word every 20 ms until its stop event is set."""
+
+    model = EMBEDDED_MODEL
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+
+    def chat(self, messages, settings, stop):
+        text = ""
+        for _ in range(3000):  # at most 60 s
+            if stop.is_set():
+                self.stopped.set()
+                return
+            text += " word"
+            yield StreamUpdate(text, len(text) // 5, 50.0, 1.0, prompt_tokens=3)
+            time.sleep(0.02)
+
+
+@pytest.fixture()
+def slow_server():
+    import uvicorn
+    from fastapi import FastAPI
+
+    service, api = SlowService(), FastAPI()
+    OpenAIServer(service).mount(api)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", service
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_non_streaming_client_that_leaves_stops_its_reply(slow_server):
+    url, service = slow_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json={"messages": USER}, timeout=httpx.Timeout(5, read=0.5))
+    assert service.stopped.wait(10), "the reply kept generating after its client left"
+
+
+@pytest.mark.parametrize("body, status, names", [
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", 400, "number too long"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', 400, "0..2**63-1"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', 400, "0..2**63-1"),
+])
+def test_odd_json_gets_a_clean_400(body, status, names):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    api = FastAPI()
+    OpenAIServer(BlockedService()).mount(api)
+    with TestClient(api) as http:
+        response = http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status and names in response.json()["error"]["message"]
+
+
+def test_errors_never_echo_a_whole_submitted_value():
+    for stop in (["x" * 100_000] * 5, {"deep": "y" * 100_000}, ["z" * 100_000]):
+        with pytest.raises(APIError) as info:
+            parse_chat_request({"messages": USER, "stop": stop})
+        assert info.value.status == 400 and len(info.value.message) < 300, info.value.message
+    with pytest.raises(APIError) as info:
+        parse_chat_request({"messages": USER, "temperature": "w" * 100_000})
+    assert len(info.value.message) < 300
+    with pytest.raises(APIError, match="the message is too long"):
+        parse_chat_request({"messages": [{"role": "user", "content": "m" * (65 << 10)}]})

@@ -1,6 +1,9 @@
 """Public-host mode: only the operator changes the shared engine, visitors see the settings read-only,
-trace files are made on request with bounded size and disk; and a load test on the embedded model
-(8 chatting clients, one hammering /stats, one trying /apply_settings without the operator token)."""
+trace files are made on request with bounded size and disk; nothing of the server shows in any
+response, every input and gradio's queue are bounded; and two load tests on the embedded model (8
+chatting clients, one hammering /stats, one trying /apply_settings without the operator token; and
+issue 19's: Stats pollers, gradio and /v1 chatters, a What-if uploader of crafted traces and a queue
+flooder at once)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from servers import free_port
 import app
 from moe_runtime import GenerationSettings, OffloadConfig, RoutingTrace
 from webapp import service as service_module
+from webapp.openai_api import OpenAIServer
 from webapp.service import EMBEDDED_MODEL, EngineService, Operator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,7 +128,7 @@ def public_app(tmp_path_factory):
     service.start()
     port = free_port()
     demo = app.build_app(service, operator=Operator(public=True, token=TOKEN))
-    app.launch(demo, "127.0.0.1", port, block=False)
+    app.launch(demo, "127.0.0.1", port, block=False, api=OpenAIServer(service))
     yield f"http://127.0.0.1:{port}/", service, gradio_tmp
     demo.close()
     service.close()
@@ -232,3 +236,219 @@ def test_sigterm_removes_the_temp_trace_folder(tmp_path):
             process.kill()
             process.wait(10)
     assert not list(tmp.glob("moe-trace-*"))
+
+
+# --- nothing of the server shows, every input bounded, gradio's queue bounded -------------------------
+def _call(url: str, api: str, data: list, timeout: float = 120) -> str:
+    """One call through gradio's REST API (/gradio_api/call/<api>): the raw text of both replies."""
+    posted = httpx.post(f"{url}gradio_api/call/{api}", json={"data": data}, timeout=timeout)
+    if posted.status_code != 200:
+        return posted.text
+    return posted.text + httpx.get(f"{url}gradio_api/call/{api}/{posted.json()['event_id']}", timeout=timeout).text
+
+
+def _without_gradio_file_addresses(text: str) -> str:
+    """`text` without what gradio's file protocol carries: a FileData's "path" and "url" (gradio
+    addresses a file it hands out, or was sent, by its copy under GRADIO_TEMP_DIR)."""
+    import re
+
+    return re.sub(r'"(path|url)": "[^"]*"', '"\\1": ""', text)
+
+
+@pytest.fixture(scope="module")
+def public_by_path(tmp_path_factory):
+    """A public host started with --model as an absolute path (the embedded model's folder), and /v1."""
+    from moe_runtime.paths import EMBEDDED_MODEL_DIR
+
+    if not (EMBEDDED_MODEL_DIR / "config.json").exists():
+        pytest.skip("the embedded model is missing")
+    service = EngineService(str(EMBEDDED_MODEL_DIR), OffloadConfig(
+        device="cpu", offload="disk", store_dir=str(tmp_path_factory.mktemp("store"))))
+    service.start()
+    port = free_port()
+    demo = app.build_app(service, operator=Operator(public=True, token=TOKEN))
+    app.launch(demo, "127.0.0.1", port, block=False, api=OpenAIServer(service))
+    yield f"http://127.0.0.1:{port}/", service
+    demo.close()
+    service.close()
+
+
+def test_no_response_of_a_public_session_shows_a_server_path(public_by_path, tmp_path, monkeypatch):
+    import tempfile
+
+    url, service = public_by_path
+    crafted = tmp_path / "crafted.json"
+    crafted.write_text('{"format": "moe-routing-trace", "num_layers": 1, "num_experts": 10000000, "top_k": 1}')
+    replies = [httpx.get(url + path, timeout=30).text for path in ("", "config", "gradio_api/info", "v1/models")]
+    replies.append(_call(url, "chat", ["To be", [], "", 0.7, 0.95, 4]))
+    replies.append(_call(url, "stats", []))
+    replies.append(_call(url, "trace", []))
+    uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": ("crafted.json", crafted.read_bytes())}).json()[0]
+    replies.append(_call(url, "what_if", [app.WHATIF_UPLOAD, {"path": uploaded, "meta": {"_type": "gradio.FileData"}},
+                                          "belady", 2, 0, "cpu-space", "served model", True]))
+    replies.append(_call(url, "apply_settings", ["tiny-mixtral", "none", "none", 2, 1, "ram", "cpu", "lru", "auto",
+                                                 "wrong"]))
+    v1 = f"{url}v1/chat/completions"
+    replies.append(httpx.post(v1, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).text)
+    replies.append(httpx.post(v1, content=b"{nope").text)
+    store = str(service.engine.store_path)
+
+    def broken_stream(*args, **kwargs):  # what a damaged store gives: an error naming its file
+        raise OSError(f"cannot read {store}/experts.bin at offset 4096: short read")
+        yield
+
+    monkeypatch.setattr(service.engine, "stream", broken_stream)
+    replies.append(_call(url, "chat", ["To be", [], "", 0.7, 0.95, 4]))
+    replies.append(httpx.post(v1, json={"messages": [{"role": "user", "content": "hi"}]}).text)
+    replies.append(httpx.post(v1, json={"messages": [{"role": "user", "content": "hi"}], "stream": True}).text)
+    monkeypatch.undo()
+    assert "experts.bin" in replies[-1] and "cannot read" in replies[-3]  # the errors did come back
+    forbidden = {"working directory": str(REPO), "model path": service.model, "store": store,
+                 "temp dir": tempfile.gettempdir() + "/", "trace folder": service._trace_dir.name}
+    for reply in map(_without_gradio_file_addresses, replies):
+        for what, path in forbidden.items():
+            assert path not in reply, f"the {what} ({path}) shows in: {reply[:300]}"
+    assert "Not replayed" in replies[7] and "1..65536" in replies[7]  # the limit is stated
+
+
+def test_every_gradio_input_is_bounded_before_tokenization(public_app):
+    url, service, _ = public_app
+    huge = httpx.post(f"{url}gradio_api/call/chat", json={"data": ["x" * 10_000_000, [], "", 0.7, 0.95, 8]},
+                      timeout=60)
+    assert huge.status_code == 413  # refused before it is read whole
+    calls = []
+    original = service.engine.chat_prompt
+    service.engine.chat_prompt = lambda messages: calls.append(messages) or original(messages)
+    try:
+        for data, what in ((["m" * (1 << 20), [], "", 0.7, 0.95, 8], "the message is too long"),
+                           (["hi", [], "s" * (100 << 10), 0.7, 0.95, 8], "the system prompt is too long"),
+                           (["hi", [{"role": "user", "content": "h" * (60 << 10)}] * 12, "", 0.7, 0.95, 8],
+                            "the history is too long")):
+            start = time.monotonic()
+            reply = _call(url, "chat", data)
+            assert what in reply and time.monotonic() - start < 10, reply[-300:]
+    finally:
+        del service.engine.chat_prompt
+    assert calls == []  # nothing was tokenized
+
+
+def test_gradios_queue_is_capped_per_session(public_app, monkeypatch):
+    from webapp import limits
+
+    url, _, _ = public_app
+    around = httpx.post(f"{url}gradio_api/run/chat", json={"data": ["hi", [], "", 0.7, 0.95, 4]}, timeout=30)
+    assert around.status_code == 404  # a queued function cannot be called around the queue
+    session = "flooding-session"
+    body = {"data": ["To be", [], "", 0.7, 0.95, 200], "fn_index": _fn_index(url, "chat"), "session_hash": session}
+    codes = [httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).status_code
+             for _ in range(limits.MAX_EVENTS_PER_SESSION + 3)]
+    assert codes[:limits.MAX_EVENTS_PER_SESSION] == [200] * limits.MAX_EVENTS_PER_SESSION
+    assert set(codes[limits.MAX_EVENTS_PER_SESSION:]) == {429}
+    # nobody listens for that session's results: its work is dropped, not run; a listener is served at once
+    from gradio_client import Client
+
+    start = time.monotonic()
+    text = Client(url, verbose=False, analytics_enabled=False).predict("To be", [], "", 0.7, 0.95, 4,
+                                                                       api_name="/chat")
+    assert isinstance(text, str) and time.monotonic() - start < 4 * limits.LISTEN_GRACE_S + 30
+
+
+def _fn_index(url: str, api_name: str) -> int:
+    config = httpx.get(f"{url}config", timeout=30).json()
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == api_name)
+
+
+# --- the load test of issue 19: every kind of visitor at once, through every door --------------------------
+RSS_GROWTH_BOUND = 600 * 2**20  # the server (this process) may grow by at most this much during the load test
+
+
+def test_load_pollers_chatters_api_clients_a_what_if_uploader_and_a_queue_flooder(public_app, tmp_path):
+    """6 visitors polling Stats once a second, 4 chatting through gradio, 4 through /v1, 1 uploading
+    crafted What-if traces, 1 flooding gradio's queue with work it never listens for. Not timed:
+    every legitimate reply arrives and equals transformers' greedy reply, crafted traces are refused
+    with their limit, and the server's RSS stays under a stated bound. Loopback only; every loop is
+    bounded."""
+    from gradio_client import Client, handle_file
+    from servers import rss_bytes, transformers_greedy
+
+    from moe_runtime.paths import EMBEDDED_MODEL_DIR
+    from webapp import limits
+
+    url, service, _ = public_app
+    greedy = transformers_greedy(EMBEDDED_MODEL_DIR)
+    prompts = [f"Visitor {i}: to be, or not to be?" for i in range(8)]
+    expected = {p: greedy([{"role": "user", "content": p}], 10)[0] for p in prompts}
+    rss_before = rss_bytes()
+    done, problems, got, polls, refusals, flood_codes = threading.Event(), [], {}, [], [], []
+
+    def poller(i):
+        c = Client(url, verbose=False, analytics_enabled=False)
+        for _ in range(120):  # at most two minutes
+            if done.is_set():
+                return
+            counters, *_ = c.predict(api_name="/stats")
+            polls.append(counters["cache_hits"] + counters["cache_misses"] == counters["expert_selections"])
+            done.wait(1.0)
+
+    def gradio_chatter(i):
+        c = Client(url, verbose=False, analytics_enabled=False)
+        for p in prompts[2 * (i % 4):2 * (i % 4) + 2]:
+            got[f"gradio {i} {p}"] = (p, c.predict(p, [], "", 0, 1, 10, api_name="/chat"))
+
+    def api_client(i):
+        for p in prompts[2 * (i % 4):2 * (i % 4) + 2]:
+            r = httpx.post(f"{url}v1/chat/completions", timeout=240,
+                           json={"messages": [{"role": "user", "content": p}], "max_tokens": 10, "temperature": 0})
+            got[f"api {i} {p}"] = (p, r.json()["choices"][0]["message"]["content"])
+
+    def what_if_uploader():
+        c = Client(url, verbose=False, analytics_enabled=False)
+        head = '{"format": "moe-routing-trace", '
+        for name, text in (("experts", head + '"num_layers": 1, "num_experts": 100000000, "top_k": 1}'),
+                           ("layers", head + '"num_layers": 1000000000, "num_experts": 8, "top_k": 1}'),
+                           ("deep", "[" * 50_000 + "]" * 50_000), ("digits", head + '"top_k": ' + "7" * 5000 + "}")):
+            path = tmp_path / f"{name}.json"
+            path.write_text(text)
+            _, notes = c.predict(app.WHATIF_UPLOAD, handle_file(str(path)), "belady", 2, 0, "cpu-space",
+                                 "served model", True, api_name="/what_if")
+            refusals.append(notes)
+
+    def flooder():
+        index = _fn_index(url, "chat")
+        for n in range(24):  # fresh sessions, nobody listening: the work is dropped when its turn comes
+            body = {"data": [f"flood {n}", [], "", 0.7, 0.95, 200], "fn_index": index, "session_hash": f"flood-{n}"}
+            flood_codes.append(httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).status_code)
+
+    def guarded(fn, *args):
+        def run():
+            try:
+                fn(*args)
+            except Exception as err:  # noqa: BLE001 - reported below
+                problems.append(f"{fn.__name__}{args}: {err!r}")
+        return threading.Thread(target=run, daemon=True)
+
+    pollers = [guarded(poller, i) for i in range(6)]
+    workers = [guarded(flooder), guarded(what_if_uploader)]
+    workers += [guarded(gradio_chatter, i) for i in range(4)] + [guarded(api_client, i) for i in range(4)]
+    start = time.monotonic()
+    for t in pollers + workers:
+        t.start()
+    for t in workers:
+        t.join(max(1.0, 300 - (time.monotonic() - start)))
+    done.set()
+    for t in pollers:
+        t.join(30)
+    assert not any(t.is_alive() for t in pollers + workers), "a visitor hung"
+    assert not problems, problems
+    assert len(got) == 16 and all(reply == expected[p] for p, reply in got.values()), got
+    assert polls and all(polls)
+    assert len(refusals) == 4 and all("Not replayed" in n for n in refusals), refusals
+    assert "1..65536" in refusals[0] and "1..1024" in refusals[1] and "not JSON" in refusals[2]
+    assert flood_codes and set(flood_codes) <= {200, 503}  # queued (then dropped) or "queue full": never run
+    grown = rss_bytes() - rss_before
+    assert grown < RSS_GROWTH_BOUND, f"RSS grew by {grown / 2**20:.0f} MiB"
+    stats = service.stats(trace=False)
+    print(f"\nload test: {time.monotonic() - start:.1f} s, decode {stats.tokens_generated / max(stats.decode_seconds, 1e-9):.1f} "
+          f"tokens/s over all replies since the reset, RSS grew {grown / 2**20:.0f} MiB, {len(polls)} polls, "
+          f"{limits.MAX_QUEUE} queue places")
+

@@ -96,3 +96,43 @@ def test_uploaded_traces_are_size_capped_and_checked(session, tmp_path):
     chat = replace(stats.trace, phase=["prefill"] + ["decode"] * (n - 1))
     decode_only = whatif.replay(chat, "lru", 2, 0, "cpu-space", MODELS["mixtral-8x7b"], include_prefill=False)
     assert decode_only.result.num_tokens == n - 1  # the one prompt token left out
+
+
+def _crafted(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_crafted_uploads_are_refused_before_they_cost_memory(tmp_path):
+    import tracemalloc
+
+    from moe_runtime.sim.replay import MAX_EXPERTS, MAX_LAYERS, simulate
+
+    head = '{"format": "moe-routing-trace", '
+    cases = [
+        (head + '"num_layers": 1, "num_experts": 10000000, "top_k": 1, "selected": [[[0]]]}', "num_experts=10000000"),
+        (head + '"num_layers": 1000000000, "num_experts": 8, "top_k": 1, "selected": []}', f"1..{MAX_LAYERS}"),
+        (head + '"num_layers": 1, "num_experts": ' + "9" * 5000 + ', "top_k": 1}', "not JSON"),
+        ("[" * 100_000 + "]" * 100_000, "not JSON"),
+        (head + '"num_layers": 1, "num_experts": 8, "top_k": 1, "selected": [[[' + "1," * 1000 + '1]]]}', "..."),
+    ]
+    for i, (text, message) in enumerate(cases):
+        path = _crafted(tmp_path, f"crafted-{i}.json", text)
+        with pytest.raises(ValueError) as info:
+            whatif.load_trace(path)
+        assert message in str(info.value) and str(tmp_path) not in str(info.value), info.value
+        assert len(str(info.value)) < 400  # the error never echoes the whole value
+    # the largest allowed expert count: Belady's future is sparse, memory follows the trace, not E
+    wide = _crafted(tmp_path, "wide.json", json.dumps({
+        "format": "moe-routing-trace", "num_layers": 1, "num_experts": MAX_EXPERTS, "top_k": 2,
+        "selected": [[[t % 7, MAX_EXPERTS - 1 - t % 5] for t in range(30)]], "guess": [[]]}))
+    trace = whatif.load_trace(wide)
+    tracemalloc.start()
+    try:
+        result = simulate(trace, "belady", 3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes for a 30-token trace"  # a dense table: 31 x 65536 floats, ~16 MB
+    assert result.hits[0] + result.misses[0] == 60

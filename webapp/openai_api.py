@@ -32,11 +32,14 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from moe_runtime.engine import GenerationSettings, StreamUpdate
+from webapp import redact
 from webapp.service import EngineService, build_messages, message_text, public_name
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused before it is parsed
 MAX_PENDING = 16  # replies running or waiting for the engine at once; more get 429 (each holds a thread)
 MAX_STOP = 4  # stop sequences per request (as OpenAI's API)
+MAX_STOP_CHARS = 256  # characters per stop sequence (each is searched for at every token)
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming reply checks that its client is still there
 SYSTEM_ROLES = ("system", "developer")  # "developer" is the newer OpenAI name of the system message
 # the engine's and service's reasons -> OpenAI's ("context": the reply was clipped to the context window)
 FINISH_REASONS = {"stop": "stop", "cancelled": "stop", "length": "length", "time": "length", "context": "length"}
@@ -75,7 +78,7 @@ def parse_chat_request(body, default_max_tokens: int = 128, default_temperature:
     messages = _chat_messages(body.get("messages"))
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
-        raise APIError(400, f"n={n!r} is not allowed: this server returns one choice (n=1)", "n")
+        raise APIError(400, f"n={_short(n)} is not allowed: this server returns one choice (n=1)", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     settings = GenerationSettings(
         max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
@@ -84,7 +87,7 @@ def parse_chat_request(body, default_max_tokens: int = 128, default_temperature:
         seed=body.get("seed"),
     )
     if settings.seed is not None and (isinstance(settings.seed, bool) or not isinstance(settings.seed, int)):
-        raise APIError(400, f"seed={settings.seed!r} is not allowed: use an integer", "seed")
+        raise APIError(400, f"seed={_short(settings.seed)} is not allowed: use an integer in 0..2**63-1", "seed")
     try:
         settings.validate()
     except ValueError as err:
@@ -93,7 +96,7 @@ def parse_chat_request(body, default_max_tokens: int = 128, default_temperature:
                        "max_tokens" if param == "max_new_tokens" else param) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
-        raise APIError(400, f"stream={stream!r} is not allowed: use true or false", "stream")
+        raise APIError(400, f"stream={_short(stream)} is not allowed: use true or false", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object such as {\"include_usage\": true}", "stream_options")
@@ -106,7 +109,7 @@ def _number(body: dict, name: str, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise APIError(400, f"{name}={value!r} is not allowed: use a number", name)
+        raise APIError(400, f"{name}={_short(value)} is not allowed: use a number", name)
     return value
 
 
@@ -114,10 +117,20 @@ def _stop_sequences(stop) -> tuple[str, ...]:
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
-        raise APIError(400, f"stop={stop!r} is not allowed: use a non-empty string or a list of up to "
-                            f"{MAX_STOP} non-empty strings", "stop")
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, f"stop={_short(stop)} is not allowed: use a non-empty string or a list of up to "
+                            f"{MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} characters", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"a stop sequence is longer than {MAX_STOP_CHARS} characters", "stop")
     return tuple(stops)
+
+
+def _short(value, most: int = 60) -> str:
+    """A submitted value for an error message, cut: an error never echoes a whole request."""
+    if isinstance(value, list) and len(value) > 8:
+        value = [*value[:8], "..."]
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def _chat_messages(messages) -> list[dict]:
@@ -174,6 +187,7 @@ class _Reply:
 
     def __init__(self, service: EngineService, request: ChatRequest, done) -> None:
         self.stop = threading.Event()
+        self.service = service
         self._loop = asyncio.get_running_loop()
         self._items: asyncio.Queue = asyncio.Queue()
         self._thread = threading.Thread(target=self._run, args=(service, request, done), daemon=True,
@@ -201,12 +215,22 @@ class _Reply:
         if item is _END:
             return None
         if isinstance(item, BaseException):
-            raise _api_error(item)
+            raise _api_error(item, self.service)
         return item
 
 
-def _api_error(err: BaseException) -> APIError:
-    text = str(err)
+async def _stop_when_gone(request: Request, reply: _Reply) -> None:
+    """Ends `reply` at its next token once the client has disconnected (a non-streaming request
+    notices no failed write, so it asks)."""
+    while not reply.stop.is_set():
+        if await request.is_disconnected():
+            reply.stop.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
+def _api_error(err: BaseException, service=None) -> APIError:
+    text = redact.shown(err, service)  # no server paths; the full text goes to the server's log
     if isinstance(err, ValueError):
         if "busy" in text or "no model is loaded" in text:
             return APIError(503, text, kind="server_error", code="engine_unavailable")
@@ -259,10 +283,13 @@ class OpenAIServer:
         if chat.stream:
             return StreamingResponse(self._events(chat, reply, first), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        watcher = asyncio.create_task(_stop_when_gone(request, reply))  # a client that leaves stops the reply
         try:
             return await self._complete(chat, reply, first)
         except APIError as err:
             return err.response()
+        finally:
+            watcher.cancel()
 
     @property
     def model_id(self) -> str:
@@ -290,7 +317,11 @@ class OpenAIServer:
         try:
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not JSON: {err}") from None
+            raise APIError(400, f"the request body is not JSON: {_short(str(err), 120)}") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
+        except ValueError:  # an integer of more than 4300 digits
+            raise APIError(400, "the request body has a number too long to read (over 4300 digits)") from None
 
     def _head(self, kind: str) -> dict:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),

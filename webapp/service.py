@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import hmac
+import itertools
 import json
 import tempfile
 import threading
@@ -28,6 +29,15 @@ from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
 from moe_runtime.loading import load
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
 from moe_runtime.stats import RoutingTrace, Stats
+from webapp.limits import (
+    MAX_CONTENT_PARTS,
+    MAX_HISTORY_BYTES,
+    MAX_HISTORY_MESSAGES,
+    MAX_MESSAGE_BYTES,
+    MAX_SYSTEM_PROMPT_BYTES,
+    check_text,
+    text_bytes,
+)
 
 EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
 # hub checkpoints of every supported family (each adapter lists its own), Mixtral first
@@ -114,6 +124,8 @@ def message_text(content) -> str:
     if isinstance(content, dict) and isinstance(content.get("text"), str):
         return content["text"]
     if isinstance(content, (list, tuple)):
+        if len(content) > MAX_CONTENT_PARTS:
+            raise ValueError(f"a chat message has {len(content)} content parts: at most {MAX_CONTENT_PARTS}")
         texts = []
         for part in content:
             if isinstance(part, str):
@@ -129,9 +141,12 @@ def message_text(content) -> str:
 
 def build_messages(message: str, history: list | None = None, system_prompt: str | None = None) -> list[dict]:
     """Chat messages for the model: optional system prompt, the history (only role and content
-    are kept, so a UI may store extra keys), then the new user message. ValueError on bad input."""
+    are kept, so a UI may store extra keys), then the new user message. ValueError on bad input,
+    sizes included (webapp.limits: checked here, before anything is tokenized)."""
     if not isinstance(message, str):
         raise ValueError(f"the message must be text, not {type(message).__name__}")
+    check_text("the message", message, MAX_MESSAGE_BYTES)
+    check_text("the system prompt", system_prompt, MAX_SYSTEM_PROMPT_BYTES)
     if not message.strip():
         raise ValueError("the message is empty: type something to send")
     if system_prompt is not None and not isinstance(system_prompt, str):
@@ -140,13 +155,21 @@ def build_messages(message: str, history: list | None = None, system_prompt: str
         history = []
     if not isinstance(history, (list, tuple)):
         raise ValueError("history must be a list of {'role', 'content'} messages")
+    if len(history) > MAX_HISTORY_MESSAGES:
+        raise ValueError(f"the history has {len(history)} messages: at most {MAX_HISTORY_MESSAGES} (clear the chat)")
+    history_bytes = 0
     messages = []
     if system_prompt and system_prompt.strip():
         messages.append({"role": "system", "content": system_prompt.strip()})
     for index, item in enumerate(history):
         if not isinstance(item, dict) or item.get("role") not in ROLES or "content" not in item:
             raise ValueError(f"history[{index}] must be a dict with role 'user' or 'assistant' and content")
-        messages.append({"role": item["role"], "content": message_text(item["content"])})
+        text = message_text(item["content"])
+        check_text(f"history[{index}]", text, MAX_MESSAGE_BYTES)
+        history_bytes += text_bytes(text, MAX_MESSAGE_BYTES)
+        if history_bytes > MAX_HISTORY_BYTES:
+            raise ValueError(f"the history is too long: at most {MAX_HISTORY_BYTES >> 10} KiB in all (clear the chat)")
+        messages.append({"role": item["role"], "content": text})
     messages.append({"role": "user", "content": message})
     return messages
 
@@ -172,6 +195,23 @@ class EngineService:
         self._trace_lock = threading.Lock()
         self._trace_count = 0
         self._last_trace: tuple[float, Path] | None = None
+        self._versions = itertools.count(1)  # next() is atomic: any thread may bump
+        self._version = 0
+
+    # --- what the Stats views follow ----------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """Changes whenever what the stats show may have changed: per streamed token, at a reply's
+        end, a reset and a reload. Equal versions: nothing new to build."""
+        return self._version
+
+    def _bump(self) -> None:
+        self._version = next(self._versions)
+
+    @property
+    def busy(self) -> bool:
+        """A reply (or a reload) holds the engine now."""
+        return self._lock.locked()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -196,35 +236,50 @@ class EngineService:
 
     def reload(self, model: str, config: OffloadConfig) -> Engine:
         """Swap in an engine for `model` with `config`. On any failure the running engine keeps
-        serving and ValueError says why."""
+        serving and ValueError says why.
+
+        An engine with a host-RAM cache is closed first (its arena freed, and loaded back if the new
+        one fails): the new engine plans its host cache from the RAM available, which the old arena
+        would otherwise still hold."""
         name = self.policy.check(model)
         config.validate()
         with self._lock:
-            out_of_memory = None
             try:
-                engine = self._loader(model_location(name), config)
-            except ValueError:
-                raise
-            except (torch.OutOfMemoryError, MemoryError) as err:
-                # handled outside this block: the traceback pins the half-built engine's tensors
-                out_of_memory = f"{type(err).__name__}: {err}"
-            except Exception as err:
-                raise ValueError(f"could not load {name}: {type(err).__name__}: {err}") from err
-            if out_of_memory is not None:
-                engine = self._reload_after_release(name, config, out_of_memory)
-            else:
-                self._drop_engine()
-            self._engine, self.model, self.config = engine, name, config
-            return engine
+                engine = self._load_replacing(name, config)
+                self._engine, self.model, self.config = engine, name, config
+                return engine
+            finally:
+                self._bump()
 
-    def _reload_after_release(self, name: str, config: OffloadConfig, first_error: str) -> Engine:
+    def _load_replacing(self, name: str, config: OffloadConfig) -> Engine:
+        if self._engine is not None and getattr(self._engine, "host_cache", None) is not None:
+            return self._reload_after_release(name, config, None)
+        out_of_memory = None
+        try:
+            engine = self._loader(model_location(name), config)
+        except ValueError:
+            raise
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            # handled outside this block: the traceback pins the half-built engine's tensors
+            out_of_memory = f"{type(err).__name__}: {err}"
+        except Exception as err:
+            raise ValueError(f"could not load {name}: {type(err).__name__}: {err}") from err
+        if out_of_memory is not None:
+            return self._reload_after_release(name, config, out_of_memory)
+        self._drop_engine()
+        return engine
+
+    def _reload_after_release(self, name: str, config: OffloadConfig, first_error: str | None) -> Engine:
+        """Close the running engine, then load `name`; on failure load the previous one back.
+        `first_error`: why loading beside the running engine failed (None: not tried)."""
         if self._engine is None:
             raise ValueError(f"could not load {name}: out of memory ({first_error})")
         self._drop_engine()
         try:
             return self._loader(model_location(name), config)
         except Exception as err:
-            message = f"could not load {name} even after releasing the running engine: {type(err).__name__}: {err}"
+            after = "even after releasing the running engine" if first_error else "(the running engine was closed first)"
+            message = f"could not load {name} {after}: {type(err).__name__}: {err}"
         try:
             self._engine = self._loader(model_location(self.model), self.config)
         except Exception as err:
@@ -249,16 +304,20 @@ class EngineService:
 
     # --- replies ------------------------------------------------------------------------------
     def chat(self, messages: list[dict], settings: GenerationSettings,
-             stop: threading.Event | None = None, seconds: float = REQUEST_SECONDS) -> Iterator[StreamUpdate]:
+             stop: threading.Event | None = None, seconds: float = REQUEST_SECONDS,
+             waited: float = 0.0) -> Iterator[StreamUpdate]:
         """Stream one reply; replies from all users run one at a time. Leaving the loop early (or
         closing the iterator) stops the generation instead of letting it run to max_new_tokens.
 
         The prompt is prepared (tokenized, old turns dropped to fit the context; a new message that
         cannot fit is refused) before the engine's lock is taken, so a huge input delays nobody. The
-        reply ends within `seconds` of the call, waiting for the engine included."""
+        reply ends within `seconds` of its arrival: `waited` seconds already spent in a queue before
+        this call (gradio's) count, and so does waiting for the engine."""
         settings.validate()
         stop = stop or threading.Event()
-        deadline = time.monotonic() + seconds
+        deadline = time.monotonic() + seconds - max(waited, 0.0)
+        if deadline <= time.monotonic():
+            raise ValueError(f"the request waited {waited:.0f} s in the queue, over its {seconds:g} s: try again later")
         for _ in range(3):  # a reload between preparing and locking: prepare again for the new engine
             engine = self.engine
             prompt = self._prepare(engine, messages, settings.max_new_tokens)
@@ -280,6 +339,7 @@ class EngineService:
                                                     max_new_tokens=min(room, settings.max_new_tokens)), stop)
             try:
                 for update in updates:
+                    self._bump()
                     if clipped and update.finish_reason == "length":
                         update = replace(update, finish_reason="context")
                     yield update
@@ -287,6 +347,7 @@ class EngineService:
                 updates.close()  # stops the generation if the caller left early
         finally:
             self._lock.release()
+            self._bump()
 
     def _prepare(self, engine: Engine, messages: list[dict], max_new_tokens: int):
         try:
@@ -306,6 +367,7 @@ class EngineService:
 
     def reset_stats(self) -> None:
         self.engine.reset_stats()
+        self._bump()
 
     def describe(self) -> dict:
         """`Engine.describe()` under the name the user picked."""

@@ -9,11 +9,21 @@ here touches the engine: the caller passes a `Stats` snapshot and the served mod
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from moe_runtime.arch.base import MoEShape
-from moe_runtime.sim.replay import SIM_POLICIES, SimResult, check_trace, predict_throughput, simulate
+from moe_runtime.sim.replay import (
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_TOP_K,
+    SIM_POLICIES,
+    SimResult,
+    check_trace,
+    predict_throughput,
+    simulate,
+)
 from moe_runtime.sim.throughput import (
     GB,
     HARDWARE,
@@ -23,7 +33,7 @@ from moe_runtime.sim.throughput import (
     Throughput,
     paper_errors,
 )
-from moe_runtime.stats import RoutingTrace, Stats
+from moe_runtime.stats import TRACE_FORMAT, RoutingTrace, Stats
 
 SERVED_SHAPE = "served model"  # the model-shape choice that means "the model the app serves"
 MAX_REPLAY_TOKENS = 20_000  # the newest this many tokens are replayed (a replay stays within seconds)
@@ -76,12 +86,29 @@ def served_shape(moe: MoEShape, config, expert_bits: int | None, attn_bits: int 
 
 
 def load_trace(path: str | Path) -> RoutingTrace:
-    """An uploaded trace file, size-capped and checked (ValueError naming what is wrong)."""
+    """An uploaded trace file, size-capped and checked (ValueError naming what is wrong, never the
+    file's path). Its shape is checked against the simulator's limits before anything is built from
+    it, so the memory a replay takes is bounded by the file's size."""
     size = Path(path).stat().st_size
     if size > MAX_TRACE_BYTES:
         raise ValueError(f"the trace file is {size / 2**20:.1f} MiB: at most {MAX_TRACE_BYTES / 2**20:.0f} MiB")
     try:
-        trace = RoutingTrace.load(path)
+        data = json.loads(Path(path).read_bytes())
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep, a number too long
+        raise ValueError("the uploaded file is not a routing trace: not JSON (or nested too deep, or a number "
+                         "over 4300 digits)") from None
+    if not isinstance(data, dict) or data.get("format") != TRACE_FORMAT:
+        raise ValueError(f"the uploaded file is not a routing trace (expected format {TRACE_FORMAT!r})")
+    for name, most in (("num_layers", MAX_LAYERS), ("num_experts", MAX_EXPERTS), ("top_k", MAX_TOP_K)):
+        value = data.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ValueError(f"trace {name}={shown}: expected an integer in 1..{most} (the simulator's limits: "
+                             f"{MAX_LAYERS} layers, {MAX_EXPERTS} experts, top-{MAX_TOP_K})")
+    try:
+        trace = RoutingTrace(num_layers=data["num_layers"], num_experts=data["num_experts"], top_k=data["top_k"],
+                             model=str(data.get("model", ""))[:200], selected=data.get("selected"),
+                             guess=data.get("guess") or [], phase=data.get("phase") or [])
     except (KeyError, TypeError) as err:
         raise ValueError(f"not a valid routing trace: missing or malformed {err}") from None
     check_trace(trace)

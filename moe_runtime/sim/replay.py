@@ -11,6 +11,9 @@ Per token and layer, in this order (experts.py runs a layer's experts in the sam
      used is a hit: no stall) first, then each missing one is loaded (a miss). The victim is chosen
      among the resident experts this token does not need. When C < K the experts run one at a time
      and any resident expert may be evicted (this token's resident ones have already run).
+Memory is bounded by the trace's real size: Belady's future is kept as one sorted list of use times
+per expert that is used (O(T*K) per layer, never a (T+1) x E table), and `check_trace` refuses shapes
+beyond MAX_LAYERS, MAX_EXPERTS, MAX_TOP_K and MAX_TOKENS, naming the limit.
 Belady's MIN (evict the expert whose next use is farthest away) needs the future, so it lives here,
 not in policies.py; with prefetch its prefetch loads use the MIN victim too. Without prefetch and with
 C >= K it is the optimum, an upper bound for every policy (the tests check it against exhaustive
@@ -20,6 +23,7 @@ search). With prefetch (forced loads) or C < K (forced load order) it is a stron
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from dataclasses import asdict, dataclass
 
 from ..policies import POLICIES, RankedPolicy, make_policy
@@ -27,15 +31,19 @@ from ..stats import Counters, RoutingTrace
 from .throughput import HardwareProfile, ModelShape, Throughput, predict_from_loads
 
 SIM_POLICIES = (*POLICIES, "belady")
+MAX_LAYERS = 1024  # a trace's shape limits (the largest MoE models have < 100 layers and <= 512 experts)
+MAX_EXPERTS = 1 << 16
+MAX_TOP_K = 256
+MAX_TOKENS = 1_000_000
 
 
 # --- cache replay ------------------------------------------------------------------------------
 class Belady(RankedPolicy):
     """MIN: evict the key whose next use is farthest in the future (never used again: first)."""
 
-    def __init__(self, next_use: list[list[float]]) -> None:
+    def __init__(self, uses: dict[int, list[int]]) -> None:
         super().__init__()
-        self.next_use = next_use  # next_use[t][e]: first token >= t that selects e (inf if none)
+        self.uses = uses  # uses[e]: the tokens that select e, ascending (an expert never selected: absent)
         self.now = 0
 
     def _access(self, key: int) -> None:
@@ -44,18 +52,23 @@ class Belady(RankedPolicy):
     def _forget(self, key: int) -> None:
         pass
 
+    def next_use(self, key: int) -> float:
+        """The first token >= now that selects `key` (inf if none): a bisection, O(log uses)."""
+        times = self.uses.get(key, ())
+        i = bisect_left(times, self.now)
+        return times[i] if i < len(times) else math.inf
+
     def _rank(self, key: int):
-        return -self.next_use[self.now][key]
+        return -self.next_use(key)
 
 
-def _next_use_table(selected: list[list[int]], num_experts: int) -> list[list[float]]:
-    table = [[math.inf] * num_experts]
-    for t in range(len(selected) - 1, -1, -1):
-        row = list(table[-1])
-        for e in selected[t]:
-            row[e] = t
-        table.append(row)
-    return table[::-1]  # (T+1, E)
+def use_times(selected: list[list[int]]) -> dict[int, list[int]]:
+    """Expert -> the tokens that select it, ascending: T*K entries in all, whatever E is."""
+    uses: dict[int, list[int]] = {}
+    for t, experts in enumerate(selected):
+        for e in experts:
+            uses.setdefault(e, []).append(t)
+    return uses
 
 
 class _LayerCache:
@@ -176,11 +189,16 @@ class SimResult:
 
 def check_trace(trace: RoutingTrace) -> None:
     """Raise ValueError naming the first malformed part of a trace."""
-    shape = {"num_layers": trace.num_layers, "num_experts": trace.num_experts, "top_k": trace.top_k}
-    for name, value in shape.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"trace {name}={value!r}: expected a positive integer")
+    shape = {"num_layers": (trace.num_layers, MAX_LAYERS), "num_experts": (trace.num_experts, MAX_EXPERTS),
+             "top_k": (trace.top_k, MAX_TOP_K)}
+    for name, (value, most) in shape.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise ValueError(f"trace {name}={_short(value)}: expected an integer in 1..{most} (the simulator's "
+                             f"limits: {MAX_LAYERS} layers, {MAX_EXPERTS} experts, top-{MAX_TOP_K}, "
+                             f"{MAX_TOKENS} tokens)")
     n_experts, top_k, n_tokens = trace.num_experts, trace.top_k, trace.num_tokens
+    if not isinstance(n_tokens, int) or n_tokens > MAX_TOKENS:
+        raise ValueError(f"the trace has {n_tokens} tokens: the simulator replays at most {MAX_TOKENS}")
     if top_k > n_experts:
         raise ValueError(f"trace top_k={top_k} exceeds num_experts={n_experts}")
     for key in ("selected", "guess"):
@@ -196,10 +214,16 @@ def check_trace(trace: RoutingTrace) -> None:
                 if not _are_expert_ids(experts, n_experts) or (key == "selected" and (
                         len(experts) != top_k or len(set(experts)) != top_k)):
                     want = f"{top_k} distinct expert ids" if key == "selected" else "expert ids"
-                    raise ValueError(f"trace {key}[{i}][{n}]={experts!r}: expected {want} in 0..{n_experts - 1}")
+                    raise ValueError(f"trace {key}[{i}][{n}]={_short(experts)}: expected {want} in 0..{n_experts - 1}")
     if trace.phase and (not isinstance(trace.phase, list) or len(trace.phase) != n_tokens
                         or not set(trace.phase) <= {"prefill", "decode"}):
         raise ValueError(f"trace 'phase' must list 'prefill' or 'decode' for each of the {n_tokens} tokens")
+
+
+def _short(value) -> str:
+    """A value for an error message, cut: an error never echoes a whole submitted value."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _are_expert_ids(experts, n_experts: int) -> bool:
@@ -243,7 +267,7 @@ def _simulate(trace: RoutingTrace, policy: str, cache_size: int, prefetch: int) 
 
 
 def _replay_layer(selected, guess, policy: str, cache_size: int, prefetch: int, num_experts: int):
-    belady = Belady(_next_use_table(selected, num_experts)) if policy == "belady" else None
+    belady = Belady(use_times(selected)) if policy == "belady" else None
     cache = _LayerCache(belady or make_policy(policy), cache_size)
     guess_hits = guess_total = 0
     for t, needed in enumerate(selected):

@@ -96,7 +96,7 @@ def store_folder(store_dir: str | Path, model_name: str, identity: dict) -> Path
     """The store of one model + quant settings: `store_dir/<model>-<hash of identity>`."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_name.strip("/").split("/")[-1])
-    return Path(store_dir) / f"{safe or 'model'}-{digest}"
+    return Path(store_dir).expanduser() / f"{safe or 'model'}-{digest}"  # "~/x": the home folder's x
 
 
 class StoreWriter:
@@ -257,7 +257,7 @@ def read_meta(folder: Path) -> dict | None:
     """store.json as a dict, or None when it is absent or not a JSON object (null, a list, binary)."""
     try:
         meta = json.loads((folder / STORE_META).read_bytes().decode("utf-8"))
-    except (OSError, ValueError):  # ValueError: JSON and UnicodeDecodeError
+    except (OSError, ValueError, RecursionError):  # ValueError: JSON and UnicodeDecodeError; nested too deep
         return None
     return meta if isinstance(meta, dict) else None
 
