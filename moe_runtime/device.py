@@ -122,6 +122,7 @@ class Device(Protocol):
     def pin(self, nbytes: int) -> torch.Tensor: ...  # uint8 [nbytes] pinned host memory, page-aligned
     def unpin(self, buffer: torch.Tensor) -> None: ...
     def pinned_bytes(self) -> int: ...  # pinned by this device object and not yet released
+    def is_pinned(self, tensor: torch.Tensor) -> bool: ...
     def bind_thread(self) -> None: ...  # make this device the calling thread's current device
     def bind_device_index(self, index: int) -> None: ...  # make device `index` current (restoring a guard)
     def current_index(self) -> int: ...  # the calling thread's current device
@@ -224,6 +225,9 @@ class CudaDevice:
     def pinned_bytes(self):
         with self._lock:
             return sum(self._pinned.values())
+
+    def is_pinned(self, tensor):
+        return tensor.is_pinned()
 
     def bind_thread(self):
         torch.cuda.set_device(self.index)
@@ -356,14 +360,14 @@ class EmulatedDevice:
     # --- copies --------------------------------------------------------------------------------
     def copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = True) -> None:
         """dst <- src on the current stream. From device or pinned memory the bytes are read when the
-        copy runs; from pageable host memory they are staged now (CUDA stages pageable copies too)."""
+        copy runs; from pageable host memory they are staged now, and a copy into pageable host memory
+        returns when it has run (CUDA's rules for pageable memory)."""
         if dst.shape != src.shape:
             raise ValueError(f"copy: dst shape {tuple(dst.shape)} != src shape {tuple(src.shape)}")
         stream = self.current_stream()
-        late = self.is_pinned(src) or self._in(self._device_ranges, src)
-        source = src if late else src.clone()
+        source = src if self._late(src) else src.clone()
         self._enqueue(stream, ("run", lambda: dst.copy_(source)))
-        if not non_blocking:
+        if not non_blocking or not self._late(dst):
             stream.synchronize()
 
     def record_stream(self, tensor: torch.Tensor, stream: EmulatedStream) -> None:
@@ -418,6 +422,10 @@ class EmulatedDevice:
 
     def is_pinned(self, tensor: torch.Tensor) -> bool:
         return self._in(self._pinned_ranges, tensor)
+
+    def _late(self, tensor: torch.Tensor) -> bool:
+        """Pinned or device memory: a copy touches it when the copy runs, not when it is issued."""
+        return self.is_pinned(tensor) or self._in(self._device_ranges, tensor)
 
     def _in(self, ranges: list[tuple[int, int]], tensor: torch.Tensor) -> bool:
         ptr = tensor.data_ptr()

@@ -78,6 +78,20 @@ def test_emulated_pinned_source_is_read_when_the_copy_runs_pageable_when_issued(
     assert to_pinned_slot.tolist() == [9] * 8 and to_pageable_slot.tolist() == [1] * 8
 
 
+def test_emulated_copy_into_pageable_memory_returns_when_done():
+    """A device -> pageable host copy is synchronous in CUDA, even when asked non-blocking."""
+    dev = EmulatedDevice(lateness=1.0)
+    side = dev.new_stream()
+    slot = dev.empty(8).fill_(4)
+    pageable, pinned = torch.zeros(8, dtype=torch.uint8), dev.pin(8).zero_()
+    with dev.stream(side):
+        dev.copy(pageable, slot, non_blocking=True)
+        dev.copy(pinned, slot, non_blocking=True)
+    assert pageable.tolist() == [4] * 8 and pinned.tolist() == [0] * 8  # the pinned one is still queued
+    side.synchronize()
+    assert pinned.tolist() == [4] * 8 and side.query()
+
+
 def test_emulated_streams_run_in_any_order_unless_an_event_orders_them():
     def final(seed: int, ordered: bool) -> int:
         dev = EmulatedDevice(seed=seed, lateness=0.5)
@@ -260,3 +274,25 @@ def test_emulated_thread_that_forgot_its_device_is_caught():
     thread.start()
     thread.join()
     assert len(errors) == 1
+
+
+@pytest.mark.parametrize("wait_event", [True, False])
+def test_emulated_prefetch_worker_on_device_1_hands_back_an_event_the_compute_must_wait_on(wait_event):
+    """Transfer's shape: a worker thread (bound through device_executor) loads on the side stream and
+    sets a host flag once the copy is *issued*; the host flag alone does not mean the bytes landed."""
+    dev = EmulatedDevice(index=1, lateness=1.0)
+    chunks = _chunks(4, 16)
+    with device_guard(dev):
+        side = dev.new_stream()
+        sources = [dev.pin(16).copy_(c) for c in chunks]
+        slots = [dev.empty(16).zero_() for _ in chunks]
+        with device_executor(dev, 1, "emulated-prefetch") as pool:
+            futures = [pool.submit(_load, dev, side, slot, src) for slot, src in zip(slots, sources)]
+            out = []
+            for slot, future in zip(slots, futures):
+                event = future.result()  # the host-side ticket: the copy was issued
+                if wait_event:
+                    dev.current_stream().wait_event(event)
+                out.append(slot.clone())
+        dev.synchronize()
+    assert all(torch.equal(o, c) for o, c in zip(out, chunks)) == wait_event
