@@ -220,6 +220,7 @@ class CudaDevice:
             size = self._pinned.pop(buffer.data_ptr(), None)
         if size is None:
             raise ValueError("unpin: this buffer was not pinned by this device (or was released already)")
+        self.synchronize()  # no copy from or into it may still be queued (released at close: cheap)
         torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr()))
 
     def pinned_bytes(self):

@@ -19,6 +19,7 @@ from moe_runtime.device import (
     device_executor,
     device_guard,
     device_thread,
+    make_device,
     pinned_size,
     slots_within,
 )
@@ -296,3 +297,14 @@ def test_emulated_prefetch_worker_on_device_1_hands_back_an_event_the_compute_mu
                 out.append(slot.clone())
         dev.synchronize()
     assert all(torch.equal(o, c) for o, c in zip(out, chunks)) == wait_event
+
+
+def test_emulated_make_device_and_bad_arguments():
+    dev = make_device(torch.device("cuda", 2), emulate=True)
+    assert isinstance(dev, EmulatedDevice) and dev.index == 2
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        make_device(torch.device("cpu"))
+    with pytest.raises(ValueError, match="lateness"):
+        EmulatedDevice(lateness=1.5)
+    with pytest.raises(ValueError, match="shape"):
+        EmulatedDevice().copy(torch.zeros(2), torch.zeros(3))
