@@ -181,11 +181,14 @@ def test_hierarchy_on_cuda_is_exclusive_writes_back_and_matches_the_simulator(ti
                                          store_dir=str(tmp_path)))
     stride, layers, experts = probe.host_cache.stride, probe.shape.num_layers, probe.shape.num_experts
     probe.close()
-    slots = layers + 1 if budget == "some" else layers * experts
+    asked = layers + 1 if budget == "some" else layers * experts
     engine = load(tiny_dir, OffloadConfig(device="cuda", dtype="float32", offload="disk", cache_size=1, prefetch=0,
-                                          host_cache_gb=slots * stride / 1e9, disk_prefetch_layers=0,
+                                          host_cache_gb=asked * stride / 1e9, disk_prefetch_layers=0,
                                           store_dir=str(tmp_path)))
     host = engine.host_cache
+    # exclusive levels never need more than every record off the device (L·(E − cache)) plus one
+    # staging slot: a budget for all L·E records gets that many (host_cache.plan_host_memory)
+    slots = min(asked, layers * (experts - 1) + 1)
     try:
         assert host.exclusive and host.arena.is_pinned() and host.slots == slots
         levels = engine.describe()["levels"]
@@ -255,3 +258,41 @@ def test_quantized_experts_exclusive_levels_keep_records_and_convert_on_use(tmp_
         assert sum(tight.counters().write_back_bytes) > 0
     finally:
         tight.close()
+
+
+# --- moe_runtime/device.py on a real GPU: what the emulator (tests/test_device.py) stands in for ----
+def test_cuda_device_pins_exactly_the_plan_and_releases_it():
+    from moe_runtime.device import PAGE, CudaDevice, arena_pin_bytes
+
+    dev = CudaDevice(torch.cuda.current_device())
+    plan = arena_pin_bytes(3, 5 * PAGE + 4096)
+    arena = dev.pin(plan)
+    assert arena.numel() == plan and arena.is_pinned() and dev.pinned_bytes() == plan
+    arena.copy_(torch.randint(0, 255, (plan,), dtype=torch.uint8))
+    slot = dev.empty(plan)
+    side = dev.new_stream()
+    with dev.stream(side):
+        dev.copy(slot, arena, non_blocking=True)
+        event = dev.new_event()
+        event.record()
+    dev.current_stream().wait_event(event)
+    back = dev.pin(plan)
+    dev.copy(back, slot, non_blocking=True)
+    dev.synchronize()
+    assert torch.equal(back, arena)
+    dev.unpin(arena)
+    dev.unpin(back)
+    assert dev.pinned_bytes() == 0
+
+
+def test_cuda_device_threads_bind_to_the_engines_device():
+    from moe_runtime.device import CudaDevice, device_executor, device_guard
+
+    index = torch.cuda.device_count() - 1  # cuda:N with N > 0 where the machine has several GPUs
+    dev = CudaDevice(index)
+    with device_executor(dev, 1, "check") as pool:
+        assert pool.submit(torch.cuda.current_device).result() == index
+    before = torch.cuda.current_device()
+    with device_guard(dev):
+        assert torch.cuda.current_device() == index
+    assert torch.cuda.current_device() == before
