@@ -38,7 +38,7 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
-from .quant import ExpertCodec
+from ..quant import ExpertCodec
 
 PAGE = 4096
 STORE_VERSION = 2  # 2: checksums of records and dense tensors
