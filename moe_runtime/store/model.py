@@ -137,7 +137,7 @@ def _licence(folder: Path) -> str | None:
 
 def _card(folder: Path, info: dict) -> str:
     source, settings = info["source"], info["settings"]
-    origin = source.get("repo") or source.get("path")
+    origin = source.get("repo") or Path(str(source.get("path"))).name  # no local path in a card that may be pushed
     front = ["---", "library_name: moe-offload", "tags: [moe-offload, mixture-of-experts, hqq]"]
     if info["licence"] and not info["licence"].startswith("see "):
         front.append(f"license: {info['licence']}")
