@@ -220,9 +220,11 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, hf_config, so
     shards = _shards_in_turn(source, files)
     try:
         with tqdm(total=shape.num_layers * shape.num_experts, initial=writer.reused, desc="building expert store",
-                  unit="expert") as bar:
+                  unit="expert") as bar:  # starts at what an interrupted build left; the phase in its postfix
+            fetch = "downloading" if source.is_hub else "reading"
+            bar.set_postfix_str(f"shard 1/{len(files)}: {fetch}")
             for i, (name, path) in enumerate(shards):
-                bar.set_postfix_str(f"shard {i + 1}/{len(files)}")
+                bar.set_postfix_str(f"shard {i + 1}/{len(files)}: quantizing and writing")
                 checkpoint.add(name, path)
                 for key in in_file[name]:
                     if key in dense:
@@ -237,6 +239,8 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, hf_config, so
                 if delete:
                     checkpoint.release(name, keep=[k for k in in_file[name] if uses[k] > 0])
                     source.remove(path)
+                if i + 1 < len(files):
+                    bar.set_postfix_str(f"shard {i + 2}/{len(files)}: {fetch}")
         writer.finish()
     except BaseException as err:
         shards.close()

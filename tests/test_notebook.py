@@ -91,3 +91,23 @@ def test_an_unset_repository_url_stops_at_once_saying_what_to_set(colab):
     with pytest.raises(ValueError, match="REPO_URL is not set: in the first cell"):
         exec(cells[2], namespace)
     assert not colab  # nothing was installed
+
+
+def test_a_gated_model_without_access_stops_with_what_to_do(colab, monkeypatch):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(repo_id, **kw):
+        raise GatedRepoError("403", response=httpx.Response(403, request=httpx.Request("GET", "https://hf.co")))
+
+    monkeypatch.setattr(huggingface_hub, "auth_check", gated)
+    cells = _cells()
+    namespace = {}
+    exec(cells[0], namespace)
+    exec(cells[1], namespace)
+    token_cell = next(c for c in cells if "google.colab" in c)
+    with pytest.raises(RuntimeError, match=r"mistralai/Mixtral-8x7B-Instruct-v0.1 is gated and this token cannot "
+                                           r"read it \(GatedRepoError\): accept its conditions"):
+        exec(token_cell, namespace)
+    assert namespace["os"].environ["HF_TOKEN"] == "hf_notebook_test_token"  # set before the check
