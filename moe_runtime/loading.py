@@ -45,7 +45,7 @@ from .store import (
     round_up,
     store_folder,
 )
-from .store.build import BuildReport, ResumableStoreWriter, StoreLock, store_bytes
+from .store.build import JOURNAL, BuildReport, ResumableStoreWriter, StoreLock, store_bytes
 from .store.identity import source_identity
 from .store.model import find_built_from, is_store_model, open_store_model, package, settings_of, settle
 
@@ -334,6 +334,7 @@ def _ensure_store(folder: Path, config: OffloadConfig, codec: ExpertCodec, shape
     with StoreLock(folder):
         if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is not None:
             built, reused = 0, total
+            (folder / JOURNAL).unlink(missing_ok=True)  # left by a build killed right after its store.json
         else:
             built, reused = _build_store(folder, codec, shape, adapter, hf_config, source, weights, identity, delete)
         if built or not is_store_model(folder):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -45,8 +46,10 @@ def package(folder: Path, source_folder: Path, source: dict, settings: dict) -> 
             shutil.copyfile(file, folder / file.name)
     licence = _licence(source_folder)
     info = {"format": FORMAT, "source": source, "settings": settings, "licence": licence}
-    (folder / SETTINGS_FILE).write_text(json.dumps(info, indent=1) + "\n")
     (folder / CARD).write_text(_card(folder, info))
+    tmp = folder / (SETTINGS_FILE + ".partial")  # offload.json last, whole or not at all: it marks a store model
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, folder / SETTINGS_FILE)
 
 
 def is_store_model(folder: Path) -> bool:
