@@ -7,7 +7,8 @@ tokens), random bf16 weights and shards of Mixtral's size (<= 4.9 GB), only fewe
 read (its three bf16 matrices from a shard evicted from the page cache), quantize to 2-bit group 32
 on the CPU (round-to-nearest, and HQQ's optimizer on `--optimized-experts` of them), write (pwrite +
 fdatasync), checksum (xxh3-64 of the record). Then the end-to-end `build_store` (CPU, round-to-nearest)
-and the read of every record back from the store (cold, checksummed), as a load does. One JSON line.
+the read of every record back from the store (cold, checksummed), and `load(STORE_DIR)` from the
+store folder alone with a first forward pass. One JSON line.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from moe_runtime import OffloadConfig
 from moe_runtime.checkpoint import open_safetensors
 from moe_runtime.loading import build_store
 from moe_runtime.quant import ExpertCodec
-from moe_runtime.store import PAGE, aligned_empty, checksum, read_exactly, round_up
+from moe_runtime.store import aligned_empty, checksum, read_exactly, round_up
 
 HIDDEN, INTER, EXPERTS, VOCAB, HEADS, KV_HEADS = 4096, 14336, 8, 32000, 32, 8
 SHARD_BYTES = int(4.9e9)
@@ -131,6 +132,25 @@ def read_back(store: Path, layers: int) -> float:
     return (time.perf_counter() - t) / (layers * EXPERTS)
 
 
+def load_and_first_token(store: Path) -> dict:
+    """`load(STORE_DIR)` from the store folder alone (page cache evicted), then one token's forward pass."""
+    from moe_runtime import load
+
+    for name in ("experts.safetensors", "dense.safetensors"):
+        evict(store / name)
+    t = time.perf_counter()
+    engine = load(store, OffloadConfig(device="cpu", offload="disk", host_cache_gb=0, cache_size=2, prefetch=0))
+    loaded = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        with torch.no_grad():
+            engine.model(torch.tensor([[1, 2, 3, 4]]))
+        first = time.perf_counter() - t
+    finally:
+        engine.close()
+    return {"load_from_store_s": round(loaded, 2), "first_forward_4_tokens_s": round(first, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
@@ -153,7 +173,7 @@ def main() -> None:
         result |= {"build_store_s": report.seconds, "build_store_experts": report.experts_built,
                    "store_bytes": report.bytes, "read_back_per_expert_s": round(read_back(Path(tmp) / "store",
                                                                                          args.layers), 3)}
-        result["page"] = PAGE
+        result |= load_and_first_token(Path(tmp) / "store")
     result["loadavg"] = open("/proc/loadavg").read().split()[:3]
     print(json.dumps(result))
 

@@ -153,3 +153,15 @@ def test_same_named_checkpoints_with_other_weights_get_other_stores(tmp_path):
     assert paths[0] != paths[1] and paths[0].name.startswith("checkpoint-final-")
     identity = json.loads((paths[0] / "store.json").read_text())["identity"]["weights"]
     assert identity["derived_from"] == "safetensors headers + sampled content"
+
+
+def test_an_interrupted_build_whose_records_file_lost_its_header_starts_over(model, reference_store, tmp_path):
+    out = tmp_path / "store"
+    assert _run("kill", str(model), str(out), "after:5").returncode == -9
+    partial = out / (STORE_FILE + ".partial")
+    data = bytearray(partial.read_bytes())
+    data[20:40] = b"x" * 20  # the safetensors header no longer matches the layout: no record in it is trusted
+    partial.write_bytes(bytes(data))
+    report = build_store(model, _config(), out)
+    assert (report.experts_built, report.experts_reused) == (EXPERTS, 0)
+    assert _contents(out) == _contents(reference_store)

@@ -141,7 +141,7 @@ class StoreWriter:
         # keep=True (store.build's resumable writer, under its lock): a partial file of this very layout
         # is kept, records and all, so the experts already in it need not be built again
         kept = keep and _starts_with(self.tmp, header)
-        self.file = open(self.tmp, "r+b" if kept else "wb")
+        self.file = open(self.tmp, "r+b" if kept else "wb+")
         self.file.write(header)
         self.file.truncate(self.start + num_layers * num_experts * stride)
         self.todo = {(layer, expert) for layer in range(num_layers) for expert in range(num_experts)}
