@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import MixtralConfig
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import MixtralConfig, PreTrainedTokenizerFast
 
 from moe_runtime import OffloadConfig
 from moe_runtime.checkpoint import open_safetensors
@@ -62,6 +65,10 @@ def write_checkpoint(folder: Path, layers: int) -> list[Path]:
             q = f"{p}block_sparse_moe.experts.{e}."
             shapes.update({q + "w1.weight": (INTER, HIDDEN), q + "w3.weight": (INTER, HIDDEN),
                            q + "w2.weight": (HIDDEN, INTER)})
+    vocab = {f"t{i}": i for i in range(VOCAB)}  # a word-level tokenizer: load() needs one, its words do not matter
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token="t0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0").save_pretrained(folder)
     shards, current, size = [], {}, 0
     for key, shape in shapes.items():
         nbytes = 2 * torch.Size(shape).numel()
@@ -156,6 +163,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--optimized-experts", type=int, default=1)
+    ap.add_argument("--no-phases", dest="phases", action="store_false", help="skip the per-expert phases")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -165,7 +173,8 @@ def main() -> None:
         written = time.perf_counter() - t
         result = {"layers": args.layers, "shards": [round(f.stat().st_size / 1e9, 2) for f in files],
                   "checkpoint_write_s": round(written, 1), "torch_threads": torch.get_num_threads()}
-        result |= per_expert(folder, files, args.layers, args.optimized_experts)
+        if args.phases:
+            result |= per_expert(folder, files, args.layers, args.optimized_experts)
         for f in files:
             evict(f)
         config = OffloadConfig(device="cpu", expert_bits=2, hqq_optimize=False, dtype="float16")
