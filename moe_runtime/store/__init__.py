@@ -179,7 +179,7 @@ class StoreWriter:
         if self.dense is not None:
             os.replace(self.dense.path, self.folder / DENSE_FILE)
         _fsync_dir(self.folder)
-        tmp_meta = self.folder / (STORE_META + ".partial")
+        tmp_meta = self.folder / f"{STORE_META}.{os.getpid()}.partial"  # unique: store.build's lock aside
         with open(tmp_meta, "w") as f:
             f.write(json.dumps(meta, indent=1, default=str))
             f.flush()

@@ -10,8 +10,10 @@ torn last journal line is ignored. The journal goes once `store.json` is written
 
 Concurrent: a build holds `StoreLock` on the store folder (an `flock` on `.<folder>.lock` beside
 it, released by the kernel if the process dies). A second process waits for it, with a message,
-and then finds the store complete and reuses it. The `.partial` names are fixed on purpose (a
-resumed build must find them): only the lock holder touches them.
+and then finds the store complete and reuses it. The records' and dense tensors' `.partial` names
+are fixed on purpose (a resumed build must find them) and only the lock holder touches them; the
+temporary store.json and offload.json carry the writer's process id, and a build removes those a
+killed process left.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class ResumableStoreWriter(StoreWriter):
             {"identity": identity, "nbytes": codec.nbytes, "layers": num_layers, "experts": num_experts,
              "dense": sorted(dense_names or [])}, sort_keys=True, default=str).encode()).hexdigest()
         self.journal = BuildJournal(folder / JOURNAL, layout)
+        for stale in folder.glob(f"{STORE_META}.*.partial"):  # a killed build's; we hold the lock
+            stale.unlink(missing_ok=True)
         if self.journal.resumed:  # killed between renaming the files and writing store.json: take them back
             for name in (STORE_FILE, DENSE_FILE):
                 if (folder / name).exists() and not (folder / (name + ".partial")).exists():

@@ -41,13 +41,15 @@ def settings_of(config: OffloadConfig, dtype) -> dict:
 def package(folder: Path, source_folder: Path, source: dict, settings: dict) -> None:
     """Make the store in `folder` a loadable model: copy the model's small files, write offload.json and the card."""
     folder, source_folder = Path(folder), Path(source_folder)
+    for stale in folder.glob(f"{SETTINGS_FILE}.*.partial"):  # left by a killed process (callers hold the lock)
+        stale.unlink(missing_ok=True)
     for file in sorted(source_folder.iterdir()):
         if file.is_file() and any(fnmatch.fnmatch(file.name, p) for p in MODEL_FILES):
             shutil.copyfile(file, folder / file.name)
     licence = _licence(source_folder)
     info = {"format": FORMAT, "source": source, "settings": settings, "licence": licence}
     (folder / CARD).write_text(_card(folder, info))
-    tmp = folder / (SETTINGS_FILE + ".partial")  # offload.json last, whole or not at all: it marks a store model
+    tmp = folder / f"{SETTINGS_FILE}.{os.getpid()}.partial"  # offload.json last, whole or not at all: it marks a store model
     tmp.write_text(json.dumps(info, indent=1) + "\n")
     os.replace(tmp, folder / SETTINGS_FILE)
 
