@@ -94,10 +94,20 @@ def open_model(name_or_path: str) -> ModelSource:
         folder = Path(snapshot_download(name_or_path, allow_patterns=SMALL_PATTERNS))
         # pin the shards to the snapshot just fetched, even if the repo changes meanwhile
         revision = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
-        if not (folder / INDEX_FILE).exists():
+        is_store = (folder / "offload.json").exists()  # a store repository (moe_runtime.store.hub)
+        if not is_store and not (folder / INDEX_FILE).exists():
             folder = Path(snapshot_download(name_or_path, revision=revision, allow_patterns=WEIGHT_PATTERNS))
     except Exception as err:  # offline, unknown repo, gated repo, ...
         raise _hub_error(f"model {name_or_path!r}", err) from None
+    if is_store:  # its store's files, not any original checkpoint's shards
+        from .store.hub import pull
+
+        try:
+            folder = pull(name_or_path, folder, revision)
+        except ValueError:
+            raise
+        except Exception as err:
+            raise _hub_error(f"the store of {name_or_path!r}", err) from None
     return ModelSource(folder, name_or_path, revision)
 
 

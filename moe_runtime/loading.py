@@ -16,6 +16,7 @@ Steps, each failing with a ValueError before any heavy work where it can:
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +42,13 @@ from .store import (
     DiskTier,
     RamTier,
     StoreDamaged,
-    StoreWriter,
     open_store,
     round_up,
     store_folder,
 )
+from .store.build import JOURNAL, BuildReport, ResumableStoreWriter, StoreLock, store_bytes
+from .store.identity import source_identity
+from .store.model import find_built_from, is_store_model, open_store_model, package, settings_of, settle
 
 
 def resolve_device(name: str) -> torch.device:
@@ -181,8 +184,12 @@ def _deletes_shards(config: OffloadConfig, source: ModelSource, weights: WeightM
 
 
 def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, hf_config, source: ModelSource,
-                 weights: WeightMap, identity: dict, delete: bool) -> None:
+                 weights: WeightMap, identity: dict, delete: bool) -> tuple[int, int]:
     """Write the store shard by shard: each shard's experts into records, its other tensors into the dense file.
+
+    Resumable (store.build): what an interrupted build of the same store left and still matches its
+    checksums is kept; only the shards holding a missing expert or dense tensor are read (downloaded).
+    Returns (experts built, experts reused).
 
     An expert whose tensors span shards is written when its last shard is processed; its parts in
     earlier shards are read from there, or, when `delete` removed those shards, from memory, where
@@ -194,25 +201,30 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, hf_config, so
     checkpoint = Checkpoint(weights)
     reader = ExpertReader(checkpoint, adapter, shape, hf_config)  # before any download
     read = _shape_checked(reader, shape)
-    files = weights.files
-    order = {name: i for i, name in enumerate(files)}
-    completes: dict[str, list[tuple[int, int]]] = {name: [] for name in files}
-    uses: Counter[str] = Counter()
-    for layer in range(shape.num_layers):
-        for expert in range(shape.num_experts):
-            keys = reader.keys(layer, expert)
-            uses.update(keys)
-            completes[max((weights.key_to_file[k] for k in keys), key=order.__getitem__)].append((layer, expert))
     dense = {key: adapter.dense_key(key) for key in weights.key_to_file if not adapter.is_expert_key(key, hf_config)}
-    in_file: dict[str, list[str]] = {name: [] for name in files}
+    writer = ResumableStoreWriter(folder, codec, shape.num_layers, shape.num_experts, identity, list(dense.values()))
+    dense = {key: name for key, name in dense.items() if name in writer.dense.missing()}
+    todo = sorted(writer.todo)
+    order = {name: i for i, name in enumerate(weights.files)}
+    completes: dict[str, list[tuple[int, int]]] = {name: [] for name in weights.files}
+    uses: Counter[str] = Counter()
+    for layer, expert in todo:
+        keys = reader.keys(layer, expert)
+        uses.update(keys)
+        completes[max((weights.key_to_file[k] for k in keys), key=order.__getitem__)].append((layer, expert))
+    in_file: dict[str, list[str]] = {name: [] for name in weights.files}
     for key, name in weights.key_to_file.items():
         in_file[name].append(key)
-    writer = StoreWriter(folder, codec, shape.num_layers, shape.num_experts, identity, list(dense.values()))
+    needed = {weights.key_to_file[k] for k in [*uses, *dense]}
+    files = [name for name in weights.files if name in needed]  # a resumed build skips finished shards
     shards = _shards_in_turn(source, files)
     try:
-        with tqdm(total=shape.num_layers * shape.num_experts, desc="building expert store", unit="expert") as bar:
+        with tqdm(total=shape.num_layers * shape.num_experts, initial=writer.reused, desc="building expert store",
+                  unit="expert") as bar:  # starts at what an interrupted build left; the phase in its postfix
+            fetch = "downloading" if source.is_hub else "reading"
+            bar.set_postfix_str(f"shard 1/{len(files)}: {fetch}")
             for i, (name, path) in enumerate(shards):
-                bar.set_postfix_str(f"shard {i + 1}/{len(files)}")
+                bar.set_postfix_str(f"shard {i + 1}/{len(files)}: quantizing and writing")
                 checkpoint.add(name, path)
                 for key in in_file[name]:
                     if key in dense:
@@ -227,17 +239,20 @@ def _build_store(folder: Path, codec: ExpertCodec, shape, adapter, hf_config, so
                 if delete:
                     checkpoint.release(name, keep=[k for k in in_file[name] if uses[k] > 0])
                     source.remove(path)
+                if i + 1 < len(files):
+                    bar.set_postfix_str(f"shard {i + 2}/{len(files)}: {fetch}")
         writer.finish()
-    except BaseException:
+    except BaseException as err:
         shards.close()
-        writer.abort()
+        writer.abort(keep=not isinstance(err, ValueError))  # bad weights: nothing worth resuming
         raise
+    return len(todo), writer.reused
 
 
 def _shards_in_turn(source: ModelSource, files: list[str]):
     """(name, local path) of each shard in turn. For a hub repo the next shard downloads while the
     caller works on this one: at most two are on disk when the caller deletes each after use."""
-    if not source.is_hub:
+    if not source.is_hub or not files:
         yield from ((name, source.shard(name)) for name in files)
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="shard-download")
@@ -270,13 +285,10 @@ def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, a
     """
     pin = device.type == "cuda"
     delete = _deletes_shards(config, source, weights)
-    identity = {
-        "config": json.loads((source.folder / "config.json").read_text()),
-        "weights": weights.identity,
-        "expert_bits": config.expert_bits, "group_size": config.expert_group,
-        "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
-    }
+    identity = _identity(config, codec, source, weights)
     folder = store_folder(config.store_dir, model_name, identity)
+    if not source.is_hub and weights.missing():  # shards gone: the store built from this folder, if any
+        folder = find_built_from(Path(config.store_dir), source.folder, identity) or folder
     stride = round_up(codec.nbytes)
     for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
         if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
@@ -288,7 +300,7 @@ def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, a
                 dense = {adapter.dense_key(key): partial(checkpoint.get, key)
                          for key in checkpoint.keys() if not adapter.is_expert_key(key, hf_config)}
                 return tier, None, dense
-            _build_store(folder, codec, shape, adapter, hf_config, source, weights, identity, delete)
+            _ensure_store(folder, config, codec, shape, adapter, hf_config, source, weights, identity, delete)
         try:
             if offload == "ram":
                 tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
@@ -301,6 +313,65 @@ def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, a
             warnings.warn(f"{err}: rebuilding it now", stacklevel=3)
     handle = open_safetensors(folder / DENSE_FILE)
     return tier, folder, {name: partial(handle.get_tensor, name) for name in handle.keys()}
+
+
+def _identity(config: OffloadConfig, codec: ExpertCodec, source: ModelSource, weights: WeightMap) -> dict:
+    """What a store is made from and with: its folder's name is a digest of this (store.identity)."""
+    return {
+        "config": json.loads((source.folder / "config.json").read_text()),
+        "weights": source_identity(source, weights),
+        "expert_bits": config.expert_bits, "group_size": config.expert_group,
+        "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
+    }
+
+
+def _ensure_store(folder: Path, config: OffloadConfig, codec: ExpertCodec, shape, adapter, hf_config,
+                  source: ModelSource, weights: WeightMap, identity: dict, delete: bool) -> BuildReport:
+    """Under the folder's lock: a complete store is reused (a second process waits for the first's);
+    otherwise it is built, or resumed, and made a loadable model (store.model)."""
+    start = time.perf_counter()
+    total = shape.num_layers * shape.num_experts
+    with StoreLock(folder):
+        if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is not None:
+            built, reused = 0, total
+            (folder / JOURNAL).unlink(missing_ok=True)  # left by a build killed right after its store.json
+        else:
+            built, reused = _build_store(folder, codec, shape, adapter, hf_config, source, weights, identity, delete)
+        if built or not is_store_model(folder):
+            origin = ({"repo": source.repo_id, "revision": source.revision} if source.is_hub
+                      else {"path": str(source.folder.resolve())})
+            package(folder, source.folder, {**origin, "identity": identity["weights"]}, settings_of(config, codec.dtype))
+    return BuildReport(str(folder), built, reused, store_bytes(folder), round(time.perf_counter() - start, 3))
+
+
+def build_store(model: str | Path, config: OffloadConfig | None = None, out: str | Path | None = None) -> BuildReport:
+    """Build (or resume, or reuse) the store of `model` with `config`'s settings, without making a model
+    to generate with: `python -m moe_runtime.store build`. `out`: the store folder (default: under
+    `config.store_dir`, named as `load` names it)."""
+    config = config or OffloadConfig()
+    config.validate()
+    source = open_model(str(model))
+    if is_store_model(source.folder):
+        raise ValueError(f"{model} is a store already: load it, or build from the original checkpoint")
+    hf_config = _read_config(source.folder)
+    adapter = adapter_for(hf_config)
+    shape = adapter.shape(hf_config)
+    device = resolve_device(config.device)
+    codec = _expert_codec(config, shape, resolve_dtype(config.dtype, device), device)
+    weights = read_weight_map(source.folder)
+    meta_model = _build_model(hf_config, codec.dtype, adapter.attn_implementation)
+    _check_weight_names(weights, meta_model, adapter, shape, hf_config)
+    _check_dense_shapes(weights, meta_model, adapter, hf_config)  # before any store is written
+    identity = _identity(config, codec, source, weights)
+    folder = Path(out) if out is not None else store_folder(config.store_dir, str(model), identity)
+    return _ensure_store(folder, config, codec, shape, adapter, hf_config, source, weights, identity,
+                         _deletes_shards(config, source, weights))
+
+
+def _expert_codec(config: OffloadConfig, shape, dtype: torch.dtype, device: torch.device) -> ExpertCodec:
+    return ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
+                       config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device),
+                       biases=shape.expert_bias)
 
 
 def _build_model(hf_config, dtype: torch.dtype, attn_implementation: str):
@@ -428,16 +499,17 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     model_name = str(model)
     source = open_model(model_name)
     model_dir = source.folder
+    packaged = is_store_model(model_dir)  # a store folder or repository: its own settings (store.model)
+    if packaged:
+        config = settle(model_dir, config)
     hf_config = _read_config(model_dir)
     adapter = adapter_for(hf_config)
     shape = adapter.shape(hf_config)
     config.validate_for_model(shape.num_experts, shape.top_k)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    weights = read_weight_map(model_dir)
-    codec = ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
-                        config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device),
-                        biases=shape.expert_bias)
+    weights = None if packaged else read_weight_map(model_dir)
+    codec = _expert_codec(config, shape, dtype, device)
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
         raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
                          f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
@@ -454,10 +526,13 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
         raise ValueError(f"cannot load the tokenizer of {model_dir}: {err}") from None
 
     hf_model = _build_model(hf_config, dtype, adapter.attn_implementation)  # meta device: names and shapes only
-    _check_weight_names(weights, hf_model, adapter, shape, hf_config)
-    _check_dense_shapes(weights, hf_model, adapter, hf_config)  # before any store is written
-    tier, store_path, dense = _slow_tier(config, host.offload, codec, shape, adapter, hf_config, source, weights,
-                                         model_name, device)
+    if packaged:
+        tier, store_path, dense = open_store_model(model_dir, host.offload, shape, codec, device)
+    else:
+        _check_weight_names(weights, hf_model, adapter, shape, hf_config)
+        _check_dense_shapes(weights, hf_model, adapter, hf_config)  # before any store is written
+        tier, store_path, dense = _slow_tier(config, host.offload, codec, shape, adapter, hf_config, source, weights,
+                                             model_name, device)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
     host_cache = None

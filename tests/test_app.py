@@ -395,7 +395,6 @@ def test_served_app_applies_settings_and_survives_bad_input(client):
 # --- the deployment files run the app with flags it has -------------------------------------------------
 def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
     import json
-    import shlex
 
     cmd = json.loads(next(line for line in (REPO_ROOT / "Dockerfile").read_text().splitlines()
                           if line.startswith("CMD "))[4:])
@@ -403,11 +402,10 @@ def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
 
     notebook = json.loads((REPO_ROOT / "notebooks" / "colab_t4.ipynb").read_text())
     assert notebook["nbformat"] == 4
-    sources = ["".join(cell["source"]) for cell in notebook["cells"]]
-    launch = next(s for s in sources if "app.py" in s and s.lstrip().startswith("!python"))
-    argv = shlex.split(launch.replace("\\\n", " ").lstrip("!").format(MODEL=KNOWN_MODELS[0], OFFLOAD="disk"))
-    args = app.parse_args(argv[2:])
+    settings = {}  # the first code cell: the settings the notebook builds and serves with (tests/test_notebook.py runs it all)
+    exec("".join(next(c for c in notebook["cells"] if c["cell_type"] == "code")["source"]), settings)
+    args = app.parse_args(["--model", settings["MODEL"], *settings["QUANT_FLAGS"], *settings["RUN_FLAGS"], "--share"])
     config = app.config_from_args(args)
-    assert (args.model, args.share) == (KNOWN_MODELS[0], True)
-    assert (config.expert_bits, config.attn_bits, config.cache_size, config.offload, config.host_cache_gb) == \
-        (2, 4, 4, "auto", "auto")  # the engine sizes the host cache itself (issue 9)
+    assert (args.model, settings["SHARE"]) == (KNOWN_MODELS[0], True)
+    assert (config.expert_bits, config.expert_group, config.attn_bits, config.cache_size, config.offload,
+            config.host_cache_gb) == (2, 32, 4, 4, "auto", "auto")  # the engine sizes the host cache itself (issue 9)

@@ -133,8 +133,9 @@ def test_a_complete_store_starts_the_model_without_any_shard(split_model, tmp_pa
             torch.testing.assert_close(before, expected, atol=1e-4, rtol=1e-4)
     finally:
         first.close()
-    assert sorted(p.name for p in first.store_path.iterdir()) == ["dense.safetensors", "experts.safetensors",
-                                                                 "store.json"]
+    names = {p.name for p in first.store_path.iterdir()}
+    assert {"dense.safetensors", "experts.safetensors", "store.json"} <= names  # + what makes it a model
+    assert not {n for n in names if n.endswith(".partial") or n == "build.journal"}
     for shard in model.glob("*.safetensors"):
         shard.unlink()
     second = load(model, config)
@@ -243,9 +244,9 @@ def test_hub_shards_are_kept_unless_asked_and_quantized_stores_stream_too(split_
     engine.close()
     shards = sorted(p.name for p in origin.glob("*.safetensors"))
     assert sorted(p.name for p in hub.blobs.iterdir() if p.suffix == ".safetensors") == shards
-    local = load(origin, config)  # the same weights from a local folder: the same store, same outputs
-    try:
-        assert local.store_path.name.split("-")[-1] == engine.store_path.name.split("-")[-1]
+    local = load(origin, config)  # the same weights from a local folder: the same outputs
+    try:  # (a store of its own: a hub store is named by its commit id, a local one by its content)
+        assert local.store_path != engine.store_path
         assert torch.equal(_logits(local), hub_logits)
     finally:
         local.close()

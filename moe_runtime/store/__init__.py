@@ -79,6 +79,14 @@ def record_name(layer: int, expert: int) -> str:
     return f"layers.{layer}.experts.{expert}"
 
 
+def _starts_with(file: Path, prefix: bytes) -> bool:
+    try:
+        with open(file, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
 def round_up(n: int, multiple: int = PAGE) -> int:
     return -(-n // multiple) * multiple
 
@@ -109,7 +117,7 @@ class StoreWriter:
     """
 
     def __init__(self, folder: Path, codec: ExpertCodec, num_layers: int, num_experts: int, identity: dict,
-                 dense_names: list[str] | None = None) -> None:
+                 dense_names: list[str] | None = None, keep: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / STORE_META).unlink(missing_ok=True)  # a stale store is not complete while it is rebuilt
         self.folder, self.codec, self.identity = folder, codec, identity
@@ -129,8 +137,12 @@ class StoreWriter:
         text += b" " * (round_up(8 + len(text)) - 8 - len(text))  # records start page-aligned
         self.start = 8 + len(text)
         self.tmp = folder / (STORE_FILE + ".partial")
-        self.file = open(self.tmp, "wb")
-        self.file.write(len(text).to_bytes(8, "little") + text)
+        header = len(text).to_bytes(8, "little") + text
+        # keep=True (store.build's resumable writer, under its lock): a partial file of this very layout
+        # is kept, records and all, so the experts already in it need not be built again
+        kept = keep and _starts_with(self.tmp, header)
+        self.file = open(self.tmp, "r+b" if kept else "wb+")
+        self.file.write(header)
         self.file.truncate(self.start + num_layers * num_experts * stride)
         self.todo = {(layer, expert) for layer in range(num_layers) for expert in range(num_experts)}
         self.sums = [[""] * num_experts for _ in range(num_layers)]
@@ -167,7 +179,7 @@ class StoreWriter:
         if self.dense is not None:
             os.replace(self.dense.path, self.folder / DENSE_FILE)
         _fsync_dir(self.folder)
-        tmp_meta = self.folder / (STORE_META + ".partial")
+        tmp_meta = self.folder / f"{STORE_META}.{os.getpid()}.partial"  # unique: store.build's lock aside
         with open(tmp_meta, "w") as f:
             f.write(json.dumps(meta, indent=1, default=str))
             f.flush()
@@ -191,11 +203,11 @@ class DenseWriter:
     and the header is written into it at the end, padded with spaces as the format allows.
     """
 
-    def __init__(self, path: Path, names: list[str]) -> None:
+    def __init__(self, path: Path, names: list[str], keep: bool = False) -> None:
         self.path, self.names = path, set(names)
         room = sum(len(json.dumps(name)) + 300 for name in self.names) + 200
         self.data_start = round_up(8 + room)
-        self.file = open(path, "wb")
+        self.file = open(path, "r+b" if keep and path.exists() else "wb+")  # keep: store.build resumes it
         self.file.seek(self.data_start)
         self.entries: dict[str, dict] = {}
         self.sums: dict[str, str] = {}
