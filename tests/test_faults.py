@@ -13,12 +13,12 @@ from moe_runtime import OffloadConfig, load
 from moe_runtime.cache import ExpertCache, ExpertLoadError, Transfer
 from moe_runtime.policies import LRU
 from moe_runtime.stats import StatsCollector
-from moe_runtime.store import RamTier
+from moe_runtime.store import RamTier, SlowTier
 
 TIME_LIMIT_S = 60  # a call that has not ended by then hangs
 
 
-class FaultyTier:
+class FaultyTier(SlowTier):
     """Wraps a tier; reads fail as `mode` says while `broken` is set:
     once (the first read only), always, prefetch (reads on the prefetch worker), demand (the others)."""
 
