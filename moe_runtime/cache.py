@@ -116,9 +116,11 @@ class Transfer:
         finally:
             if self.stats is not None:
                 self.stats.record_span(kind, layer, expert, start, time.perf_counter(), level)
-            if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
-                on_done()
-            ticket.done.set()
+            try:
+                if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
+                    on_done()
+            finally:
+                ticket.done.set()
 
     def load_now(self, layer, expert, dst, ticket, wait_for=None, write_back=None) -> None:
         self._run(layer, expert, dst, ticket, wait_for, None, write_back)

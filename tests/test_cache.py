@@ -10,12 +10,12 @@ import torch
 from moe_runtime.cache import ExpertCache, Transfer
 from moe_runtime.policies import LFRU, LFU, LRU
 from moe_runtime.stats import StatsCollector
-from moe_runtime.store import RamTier
+from moe_runtime.store import RamTier, SlowTier
 
 NUM_EXPERTS, STRIDE = 6, 64
 
 
-class CountingTier:
+class CountingTier(SlowTier):
     """A RAM tier that counts copies per expert (optionally slow, to test overlap)."""
 
     kind = "ram"

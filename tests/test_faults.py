@@ -25,6 +25,7 @@ class FaultyTier(SlowTier):
     def __init__(self, inner, mode: str) -> None:
         self.inner, self.mode = inner, mode
         self.nbytes = inner.nbytes
+        self.shares_memory = inner.shares_memory  # a CPU engine's tier: reads are attaches
         self.broken = True
         self.failures = 0
 
@@ -43,8 +44,14 @@ class FaultyTier(SlowTier):
             raise OSError(5, "Input/output error (injected)")
         self.inner.copy_to(layer, expert, dst)
 
-    def record(self, layer, expert):
-        return self.inner.record(layer, expert)
+    def attach(self, layer, expert):
+        if self._fails():
+            self.failures += 1
+            raise OSError(5, "Input/output error (injected)")
+        return self.inner.attach(layer, expert)
+
+    def detach(self, layer, expert):
+        self.inner.detach(layer, expert)
 
     def close(self):
         self.inner.close()
