@@ -18,8 +18,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from .arch.base import MoEShape
 from .config import OffloadConfig
-from .store import round_up
 from .stats import Counters, Stats, StatsCollector
+from .store import round_up
 
 
 @dataclass
