@@ -7,7 +7,7 @@ level then holds the same bytes: a move between levels is one contiguous copy, a
 
 - `INT4_CPU` (kernels/cpu.py): torch's int4 CPU kernel; codes as 4-bit nibbles in its tiles.
 - `TRITON_PACKED` (kernels/triton_hqq.py's kernel): codes packed along K, scale and zero in the
-  compute dtype. `CUDA_FORMAT` names the format CUDA uses: the one place to change it.
+  compute dtype (larger than hqq's record where scales are meta-quantized; TRITON_HQQ replaces it). `CUDA_FORMAT` names the format CUDA uses: the one place to change it.
 - `HQQ_STORED`: hqq's own pieces (packed codes, meta-quantized scale/zero), dequantized by hqq on
   every use. The fallback where no fused kernel fits; the one format that converts per use
   (`converts_per_use`, counted in `Counters.converted_bytes`).
@@ -98,7 +98,7 @@ class TritonPackedFormat:
 
     @staticmethod
     def _dtype(dtype: torch.dtype) -> torch.dtype:
-        return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
 
     def shapes(self, info: dict, dtype: torch.dtype) -> dict:
         return triton_shapes(info["nbits"], tuple(info["shape"]), info["group_size"], self._dtype(dtype))
