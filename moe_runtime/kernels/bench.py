@@ -106,6 +106,39 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
     return rows
 
 
+PREVIOUS_2BIT_MIXTRAL_RECORD = 55.4e6  # store version 2's record (hqq's pieces) of a 2-bit Mixtral expert, group 32
+
+
+def record_sizes(hidden: int = 4096, intermediate: int = 14336, bits: int = 2, group: int | None = None) -> list[dict]:
+    """The record of one expert in each target's form (layouts only: no weights, no memory): bytes and the
+    ratio to store version 2's single record format (hqq's pieces, converted at run time)."""
+    from .forms import FORMATS
+
+    group = group or DEFAULT_GROUP[bits]
+    rows = []
+    for name, fmt in FORMATS.items():
+        dtype = torch.float16 if name == "triton" else torch.float32
+        if not all(fmt.supports(bits, shape, group) for shape in ((intermediate, hidden), (hidden, intermediate))):
+            continue
+        codec = ExpertCodec(hidden, intermediate, bits, group, True, dtype, optimize=False, fmt=fmt)
+        target = {"int4-cpu": "CPU (torch int4 kernel)", "triton": "CUDA (Triton kernel)",
+                  "hqq": "any (hqq dequantize per use; = store version 2's record)"}[name]
+        rows.append({"form": name, "target": target, "bits": bits, "group": group, "bytes": codec.nbytes})
+    dense = ExpertCodec(hidden, intermediate, None, group, True, torch.bfloat16).nbytes
+    rows.append({"form": "dense", "target": "16-bit experts (any device)", "bits": 16, "group": None, "bytes": dense})
+    return rows
+
+
+def record_sizes_markdown(rows: list[dict], previous: float | None = None) -> str:
+    lines = ["| form | target | bits | group | MB per expert | × store version 2's record |", "|---|---|---:|---:|---:|---:|"]
+    base = previous or next((r["bytes"] for r in rows if r["form"] == "hqq"), None)
+    for r in rows:
+        ratio = f"{r['bytes'] / base:.2f}×" if base and r["bits"] != 16 else "–"
+        lines.append(f"| {r['form']} | {r['target']} | {r['bits']} | {r['group'] or '–'} | {r['bytes'] / 1e6:.1f} "
+                     f"| {ratio} |")
+    return "\n".join(lines)
+
+
 def to_markdown(rows: list[dict], title: str) -> str:
     bf16 = next(r["ms"] for r in rows if r["format"] == "dense bfloat16")
     hqq = {(r["bits"], r["group"]): r["ms"] for r in rows if r["format"].startswith("hqq")}
@@ -134,7 +167,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="also 2/3-bit with groups of 16 (the paper's; hqq path only on CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--record-sizes", action="store_true",
+                        help="only print one expert's record size in each target's form (layouts, instant)")
     ns = parser.parse_args(argv)
+    if ns.record_sizes:
+        for b in (int(b) for b in ns.bits.split(",") if b.strip()):
+            print(record_sizes_markdown(record_sizes(ns.hidden, ns.intermediate, b),
+                                        PREVIOUS_2BIT_MIXTRAL_RECORD if (b, ns.hidden, ns.intermediate) == (2, 4096, 14336)
+                                        else None) + "\n")
+        return
     bits = tuple(int(b) for b in ns.bits.split(",") if b.strip())
     if any(b not in DEFAULT_GROUP for b in bits):
         parser.error(f"--bits={ns.bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
