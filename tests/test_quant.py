@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
 from moe_runtime.quant import ExpertCodec
-from moe_runtime.store import STORE_META, read_meta, store_folder
+from moe_runtime.store import STORE_META, aligned_empty, read_meta, store_folder
 from tiny_models import save_tiny_mixtral
 
 
@@ -180,3 +180,40 @@ def test_a_store_of_another_form_in_the_folder_is_never_misread(mid_dir, tmp_pat
         second = load(mid_dir, config)
     second.close()
     assert read_meta(second.store_path)["form"] == "int4-cpu"
+
+
+@pytest.mark.parametrize("budget", ["none", "half", "all"])
+def test_exclusive_levels_on_cpu_tensors_copy_records_and_convert_nothing(mid_dir, tmp_path, budget):
+    """The GPU's path (separate device slots, exclusive host arena, write-backs) run on CPU tensors with
+    2-bit int4 records: a load is one copy of the record (the slot then holds the disk's bytes), nothing
+    converts, and the logits equal transformers' model holding hqq's dequantized experts."""
+    common = dict(device="cpu", offload="disk", cache_size=1, prefetch=1, expert_bits=2, hqq_optimize=False,
+                  store_dir=str(tmp_path))
+    probe = load(mid_dir, OffloadConfig(host_cache_gb=0, **common))
+    stride, records = probe.host_cache.stride, probe.shape.num_layers * probe.shape.num_experts
+    probe.close()
+    slots = {"none": 0, "half": records // 2, "all": records}[budget]
+    engine = load(mid_dir, OffloadConfig(host_cache_gb=slots * stride / 1e9, **common), levels="exclusive")
+    try:
+        assert engine.host_cache.exclusive == bool(slots) and engine.experts[0].cache.slots is not None
+        reference = _dequantized_reference(mid_dir, engine, quantize_meta=True)
+        ids = torch.randint(0, engine.model.config.vocab_size, (1, 9))
+        for _ in range(2):
+            with torch.no_grad():
+                ours, theirs = engine.model(ids).logits, reference(ids).logits
+            torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2 * theirs.abs().max().item())
+        c = engine.counters()
+        loads = sum(c.misses) + sum(c.prefetch_issued)
+        assert loads and sum(c.converted_bytes) == 0
+        assert sum(c.level_copy_bytes) == loads * engine.tier.nbytes
+        if slots:
+            assert sum(c.write_back_bytes) > 0
+        disk = engine.host_cache.inner
+        for module in engine.experts:  # every level holds the same bytes: a slot is the record on disk
+            for expert in module.cache.resident():
+                on_disk = aligned_empty(disk.stride, torch.device("cpu"))  # O_DIRECT reads need aligned memory
+                disk.read(module.layer, expert, on_disk)
+                slot = module.cache.slots[module.cache.slot_of[expert]]
+                assert torch.equal(slot[: disk.nbytes], on_disk[: disk.nbytes])
+    finally:
+        engine.close()
