@@ -183,9 +183,11 @@ def test_a_store_of_another_form_in_the_folder_is_never_misread(mid_dir, tmp_pat
 
 
 @pytest.mark.parametrize("budget", ["none", "half", "all"])
-def test_exclusive_levels_on_cpu_tensors_copy_records_and_convert_nothing(mid_dir, tmp_path, budget):
-    """The GPU's path (separate device slots, exclusive host arena, write-backs) run on CPU tensors with
-    2-bit int4 records: a load is one copy of the record (the slot then holds the disk's bytes), nothing
+@pytest.mark.parametrize("levels", ["shared", "exclusive"])
+def test_quantized_levels_convert_nothing_at_every_budget(mid_dir, tmp_path, budget, levels):
+    """2-bit int4 records through either stacking of the levels: the CPU's own (shared: the layers compute
+    from the host arena, nothing copied) and the GPU's run on CPU tensors (exclusive: separate device slots,
+    write-backs; a load is one copy of the record and the slot then holds the disk's bytes). Nothing
     converts, and the logits equal transformers' model holding hqq's dequantized experts."""
     common = dict(device="cpu", offload="disk", cache_size=1, prefetch=1, expert_bits=2, hqq_optimize=False,
                   store_dir=str(tmp_path))
@@ -193,9 +195,11 @@ def test_exclusive_levels_on_cpu_tensors_copy_records_and_convert_nothing(mid_di
     stride, records = probe.host_cache.stride, probe.shape.num_layers * probe.shape.num_experts
     probe.close()
     slots = {"none": 0, "half": records // 2, "all": records}[budget]
-    engine = load(mid_dir, OffloadConfig(host_cache_gb=slots * stride / 1e9, **common), levels="exclusive")
+    engine = load(mid_dir, OffloadConfig(host_cache_gb=slots * stride / 1e9, **common), levels=levels)
+    exclusive = levels == "exclusive"
     try:
-        assert engine.host_cache.exclusive == bool(slots) and engine.experts[0].cache.slots is not None
+        assert engine.host_cache.exclusive == (exclusive and bool(slots))
+        assert (engine.experts[0].cache.slots is not None) == exclusive
         reference = _dequantized_reference(mid_dir, engine, quantize_meta=True)
         ids = torch.randint(0, engine.model.config.vocab_size, (1, 9))
         for _ in range(2):
@@ -205,15 +209,17 @@ def test_exclusive_levels_on_cpu_tensors_copy_records_and_convert_nothing(mid_di
         c = engine.counters()
         loads = sum(c.misses) + sum(c.prefetch_issued)
         assert loads and sum(c.converted_bytes) == 0
-        assert sum(c.level_copy_bytes) == loads * engine.tier.nbytes
-        if slots:
+        assert sum(c.level_copy_bytes) == (loads * engine.tier.nbytes if exclusive else 0)
+        if exclusive and slots:
             assert sum(c.write_back_bytes) > 0
-        disk = engine.host_cache.inner
+        disk, arena = engine.host_cache.inner, engine.host_cache.arena
         for module in engine.experts:  # every level holds the same bytes: a slot is the record on disk
             for expert in module.cache.resident():
                 on_disk = aligned_empty(disk.stride, torch.device("cpu"))  # O_DIRECT reads need aligned memory
                 disk.read(module.layer, expert, on_disk)
-                slot = module.cache.slots[module.cache.slot_of[expert]]
+                slot = module.cache._slot_bytes(module.cache.slot_of[expert])
                 assert torch.equal(slot[: disk.nbytes], on_disk[: disk.nbytes])
+                if not exclusive:  # shared: the slot is a view of the arena
+                    assert arena.data_ptr() <= slot.data_ptr() < arena.data_ptr() + arena.numel()
     finally:
         engine.close()
