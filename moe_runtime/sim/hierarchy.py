@@ -9,8 +9,8 @@ keyed (layer, expert), with its own eviction policy; it mirrors moe_runtime/host
   is free again); an expert evicted from the device is written back into the host cache (a
   device -> host copy, no disk read when it is needed again); a disk read passes through one
   staging record of the arena on its way to the device and is not kept.
-- inclusive (the engine on CPU: device slots hold the compute form, the host cache compact records):
-  a disk read is kept in the host cache; device evictions write nothing back.
+- inclusive (the engine on CPU, where the device level computes from the host arena's records, the
+  counts of its "shared" levels): a disk read is kept in the host cache; device evictions write nothing back.
 
 Peak host memory is the most records held at once plus the one staging record, times the record
 size (the arena is sized to that at most). Disk -> host prefetch is not modelled here.
