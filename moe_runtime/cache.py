@@ -139,9 +139,11 @@ class ExpertCache:
     def __init__(self, layer: int, slots: torch.Tensor | None, record_nbytes: int, policy: EvictionPolicy,
                  transfer: Transfer, stats: StatsCollector, cache_size: int | None = None) -> None:
         self.layer = layer
-        self.shared = transfer.tier.shares_memory
-        if self.shared == (slots is not None):
-            raise ValueError("device slots are given exactly when the slow tier does not share its memory")
+        self.shared = slots is None
+        if self.shared:  # slots are views of records where the tier holds them
+            transfer.tier.require("shares_memory", "a layer cache without device slots")
+        elif transfer.tier.shares_memory:
+            raise ValueError("the slow tier shares its memory with the device: a layer cache takes no device slots")
         self.slots = slots  # slot s holds one expert's record (None: shared memory, a view per slot)
         self.record_nbytes = record_nbytes  # bytes brought to the device level per load
         self.policy = policy

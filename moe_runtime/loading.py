@@ -479,6 +479,8 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     if isinstance(tier, DiskTier):  # the host level between the device slots and the disk
         host_cache = tier = host_level(tier, shape.num_layers, shape.num_experts, host.host_slots, stride, config,
                                        host.exclusive, levels == "shared", device, stats)
+        if host.exclusive:  # evicted device experts go back to the arena, not away
+            host_cache.require("exchanges", "exclusive levels")
     layers = adapter.layers(hf_model)
     blocks = _moe_blocks(adapter, layers, shape)
     tier, transfer, modules = build_offloaded_experts(
