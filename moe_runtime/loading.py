@@ -438,7 +438,8 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
 
     `levels`: how the host cache stacks under the device slots, the device's own by default: "shared" on
     a CPU (experts compute in the host arena), "exclusive" on CUDA (separate slots, write-back).
-    "exclusive" on a CPU runs the GPU's path on CPU tensors (tests)."""
+    "exclusive" on a CPU runs the GPU's path on CPU tensors (tests). It applies to the host cache of
+    offload="disk"; a CPU computes from the RAM tier's records in place either way."""
     config = config or OffloadConfig()
     config.validate()
     if levels is not None and levels not in LEVELS:
