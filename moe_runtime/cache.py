@@ -1,6 +1,10 @@
-"""The fast tier: per MoE layer, a fixed pool of `cache_size` expert slots on the compute device.
+"""The fast tier: per MoE layer, `cache_size` expert slots on the compute device.
 
-Slots are preallocated once (no allocation per token). Which expert sits in which slot is decided
+On CUDA the slots are a pool preallocated once on the GPU (no allocation per token) and a load copies
+a record into one. On a CPU the device is the host RAM the slow tier already holds the records in
+(`SlowTier.shares_memory`): a slot is then a pinned view of the record where it lies (the host arena,
+or the RAM tier), and a load is `tier.attach` (a disk read into the arena on a host miss, nothing on
+a hit); no second copy exists. Which expert sits in which slot is decided
 here under one lock per layer; *which* expert to evict is the policy's call (policies.py). An
 expert is pinned while it is being loaded or computed with, so neither a prefetch nor another load
 can overwrite it. Loads go through `Transfer`: demand loads run in the caller's thread, prefetch
@@ -24,8 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .policies import EvictionPolicy
+from .slots import SlotTable
 from .stats import StatsCollector
-from .store import level_of
+from .store import SlowTier
 
 WAIT_TIMEOUT_S = 120.0  # a slot or another thread's load; far above any sane single expert load
 
@@ -46,6 +51,7 @@ class LoadTicket:
         self.done = threading.Event()
         self.cuda_event: torch.cuda.Event | None = None
         self.error: BaseException | None = None
+        self.view: torch.Tensor | None = None  # shared memory: the record where it lies (tier.attach)
 
     def wait(self, timeout: float | None = None) -> None:
         """Returns once the load landed; raises the load's own exception if it failed, and
@@ -61,50 +67,60 @@ class LoadTicket:
 class Transfer:
     """Moves expert records from the slow tier into device slots."""
 
-    def __init__(self, tier, device: torch.device, stats: StatsCollector | None = None) -> None:
+    def __init__(self, tier: SlowTier, device: torch.device, stats: StatsCollector | None = None) -> None:
+        if tier.shares_memory and device.type != "cpu":
+            raise ValueError(f"a slow tier that shares its memory with the device needs a CPU device, not {device}")
         self.tier = tier
         self.device = device
         self.stats = stats  # gets a "demand"/"prefetch" span of the timeline per load
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
 
-    def _copy(self, layer: int, expert: int, dst: torch.Tensor, write_back: int | None) -> None:
-        """A tier that takes evicted experts back (host_cache.py, exclusive levels) gets the slot's
-        previous expert `write_back` with the load that overwrites it."""
-        exchange = getattr(self.tier, "exchange", None) if write_back is not None else None
-        if exchange is not None:
-            exchange(layer, expert, write_back, dst)
+    def _copy(self, layer: int, expert: int, dst: torch.Tensor | None, write_back: int | None,
+              ticket: LoadTicket) -> None:
+        """Shared memory: the slot becomes a view of the record (no copy). Otherwise one copy of the
+        record into `dst`; a tier that takes evicted experts back (`exchanges`: host_cache.py, exclusive
+        levels) gets the slot's previous expert `write_back` with the load that overwrites it."""
+        if self.tier.shares_memory:
+            ticket.view = self.tier.attach(layer, expert)
+            return
+        if write_back is not None and self.tier.exchanges:
+            self.tier.exchange(layer, expert, write_back, dst)
         else:
             self.tier.copy_to(layer, expert, dst)
+        if self.stats is not None:
+            self.stats.record_level_copy(layer, self.tier.nbytes)
 
-    def _run(self, layer: int, expert: int, dst: torch.Tensor, ticket: LoadTicket,
+    def _run(self, layer: int, expert: int, dst: torch.Tensor | None, ticket: LoadTicket,
              wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
              write_back: int | None = None, kind: str = "demand") -> None:
         start, level = time.perf_counter(), ""
         try:
             if self.stats is not None:
-                level = level_of(self.tier, layer, expert)  # asked before the copy moves the expert
+                level = self.tier.level_of(layer, expert)  # asked before the copy moves the expert
             # inference mode: a slot view taken under inference_mode (the bench's prefetches) is an
             # inference tensor, which this worker thread, outside that thread-local mode, may not update
             if self.stream is not None:
                 with torch.inference_mode(), torch.cuda.stream(self.stream):
                     if wait_for is not None:
                         self.stream.wait_event(wait_for)  # the slot's previous expert is done with
-                    self._copy(layer, expert, dst, write_back)
+                    self._copy(layer, expert, dst, write_back, ticket)
                     event = torch.cuda.Event()
                     event.record(self.stream)
                     ticket.cuda_event = event
             else:
                 with torch.inference_mode():
-                    self._copy(layer, expert, dst, write_back)
+                    self._copy(layer, expert, dst, write_back, ticket)
         except BaseException as err:  # surfaced to whoever waits on the ticket
             ticket.error = err
         finally:
             if self.stats is not None:
                 self.stats.record_span(kind, layer, expert, start, time.perf_counter(), level)
-            if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
-                on_done()
-            ticket.done.set()
+            try:
+                if on_done is not None:  # bookkeeping first: whoever waits on the ticket sees it settled
+                    on_done()
+            finally:
+                ticket.done.set()
 
     def load_now(self, layer, expert, dst, ticket, wait_for=None, write_back=None) -> None:
         self._run(layer, expert, dst, ticket, wait_for, None, write_back)
@@ -117,20 +133,24 @@ class Transfer:
 
 
 class ExpertCache:
-    """The resident experts of one MoE layer."""
+    """The resident experts of one MoE layer. `slots`: uint8 [C, stride] on the compute device, or None
+    where the tier shares its memory with the device (then `cache_size` slots are views of records)."""
 
-    def __init__(self, layer: int, slots: torch.Tensor, record_nbytes: int, policy: EvictionPolicy,
-                 transfer: Transfer, stats: StatsCollector) -> None:
+    def __init__(self, layer: int, slots: torch.Tensor | None, record_nbytes: int, policy: EvictionPolicy,
+                 transfer: Transfer, stats: StatsCollector, cache_size: int | None = None) -> None:
         self.layer = layer
-        self.slots = slots  # uint8 [C, stride] on the compute device: slot s holds one expert's record
-        self.record_nbytes = record_nbytes  # bytes moved per load
+        self.shared = slots is None
+        if self.shared:  # slots are views of records where the tier holds them
+            transfer.tier.require("shares_memory", "a layer cache without device slots")
+        elif transfer.tier.shares_memory:
+            raise ValueError("the slow tier shares its memory with the device: a layer cache takes no device slots")
+        self.slots = slots  # slot s holds one expert's record (None: shared memory, a view per slot)
+        self.record_nbytes = record_nbytes  # bytes brought to the device level per load
         self.policy = policy
         self.transfer = transfer
         self.stats = stats
-        size = slots.shape[0]
-        self.slot_of: dict[int, int] = {}  # expert -> its slot
-        self.owner: list[int | None] = [None] * size  # [C] slot -> expert in it (None: free)
-        self.pins = [0] * size  # [C] users of the slot: a load in flight, or a layer computing with it
+        size = slots.shape[0] if slots is not None else cache_size
+        self.table = SlotTable(size, policy)  # expert -> slot, slot -> expert, pins (a load, a layer computing)
         self.tickets: list[LoadTicket | None] = [None] * size  # [C] the slot's latest load
         # [C] CUDA: recorded on the compute stream when the slot was last released; a new load into the
         # slot waits on it so it never overwrites an expert a queued kernel still reads
@@ -141,12 +161,20 @@ class ExpertCache:
         self._cond = threading.Condition()
 
     @property
+    def slot_of(self) -> dict:
+        return self.table.slot_of
+
+    @property
+    def pins(self) -> list[int]:
+        return self.table.pins
+
+    @property
     def cache_size(self) -> int:
-        return len(self.owner)
+        return len(self.table)
 
     def resident(self) -> set[int]:
         with self._cond:
-            return set(self.slot_of)
+            return self.table.keys()
 
     def states(self) -> dict[int, str]:
         """expert -> "device" (in a slot, ready) or "loading (demand)" / "loading (prefetch)", for the
@@ -154,38 +182,36 @@ class ExpertCache:
         with self._cond:
             return {e: "device" if (t := self.tickets[s]) is None or t.done.is_set()
                     else "loading (prefetch)" if e in self.prefetched else "loading (demand)"
-                    for e, s in self.slot_of.items()}
+                    for e, s in self.table.slot_of.items()}
+
+    def _slot_bytes(self, slot: int) -> torch.Tensor:
+        """What slot `slot` holds: its buffer, or (shared memory) the view its load attached."""
+        return self.tickets[slot].view if self.shared else self.slots[slot]
 
     # --- slot bookkeeping (caller holds the lock) ---------------------------------------------
     def _free_or_victim(self, protect: set[int] = frozenset()) -> int | None:
-        for slot, owner in enumerate(self.owner):
-            if owner is None and self.pins[slot] == 0:  # an unmapped slot may still be pinned by a
-                return slot                             # waiter that has not yet seen its load fail
-        evictable = [e for e, s in self.slot_of.items() if self.pins[s] == 0 and e not in protect]
-        if not evictable:
-            return None
-        victim = self.policy.victim(evictable)
-        slot = self.slot_of[victim]
-        self._unmap(slot)
-        self.evicted[slot] = victim
+        slot, victim = self.table.free_or_victim(protect)
+        if victim is not None:
+            self._left(victim)
+            self.evicted[slot] = victim
         return slot
 
     def _unmap(self, slot: int) -> None:
-        expert = self.owner[slot]
-        if expert is None:
-            return
-        del self.slot_of[expert]
-        self.owner[slot] = None
-        self.policy.evict(expert)
+        expert = self.table.unmap(slot)
+        if expert is not None:
+            self._left(expert)
+
+    def _left(self, expert: int) -> None:
+        """`expert` left the device level: a shared-memory slot lets go of the record it viewed."""
         self.prefetched.discard(expert)
+        if self.shared:
+            self.transfer.tier.detach(self.layer, expert)
 
     def _assign(self, slot: int, expert: int) -> LoadTicket:
-        self.owner[slot] = expert
-        self.slot_of[expert] = slot
-        self.pins[slot] += 1
-        ticket = LoadTicket(self.slots.device)
+        self.table.map(slot, expert)
+        self.table.pins[slot] += 1
+        ticket = LoadTicket(self.slots.device if self.slots is not None else torch.device("cpu"))
         self.tickets[slot] = ticket
-        self.policy.insert(expert)
         return ticket
 
     def _wait_for_slot(self, expert: int, deadline: float) -> int:
@@ -195,7 +221,7 @@ class ExpertCache:
             if left <= 0:
                 raise ExpertLoadError(
                     self.layer, expert, f"no slot became free within {self.wait_timeout_s:g} s: all "
-                    f"{self.cache_size} slots of the layer stay pinned (pins {self.pins})")
+                    f"{self.cache_size} slots of the layer stay pinned (pins {self.table.pins})")
             self._cond.wait(left)
             slot = self._free_or_victim()
         return slot
@@ -203,7 +229,7 @@ class ExpertCache:
     def _settle(self, slot: int, ticket: LoadTicket | None) -> None:
         """Drop one pin of `slot`; if `ticket`'s load failed, unmap the expert it was loading."""
         with self._cond:
-            self.pins[slot] -= 1
+            self.table.pins[slot] -= 1
             if ticket is not None and ticket.error is not None and self.tickets[slot] is ticket:
                 self._unmap(slot)
             self._cond.notify_all()
@@ -220,10 +246,10 @@ class ExpertCache:
         try:
             for attempt in range(2):
                 with self._cond:
-                    slot = self.slot_of.get(expert)
+                    slot = self.table.slot_of.get(expert)
                     hit = slot is not None
                     if hit:
-                        self.pins[slot] += 1
+                        self.table.pins[slot] += 1
                         ticket = self.tickets[slot]
                     else:
                         slot = self._wait_for_slot(expert, deadline)
@@ -233,7 +259,7 @@ class ExpertCache:
                     write_back = self.evicted.pop(slot, None)
                 if not hit:
                     self.stats.record_load(self.layer, self.record_nbytes, prefetch=False)
-                    self.transfer.load_now(self.layer, expert, self.slots[slot], ticket, wait_for, write_back)
+                    self.transfer.load_now(self.layer, expert, self._dst(slot), ticket, wait_for, write_back)
                 try:
                     ticket.wait(max(deadline - time.perf_counter(), 0.0))
                     break
@@ -257,13 +283,17 @@ class ExpertCache:
         stalled = time.perf_counter() - start
         if not hit or stalled > 1e-4:
             self.stats.record_stall(self.layer, stalled, expert)
-        return self.slots[slot]
+        return self._slot_bytes(slot)
+
+    def _dst(self, slot: int) -> torch.Tensor | None:
+        """Where a load into `slot` copies to (None: shared memory, the load attaches a view)."""
+        return None if self.shared else self.slots[slot]
 
     def release(self, expert: int) -> None:
         with self._cond:
-            slot = self.slot_of[expert]
-            self.pins[slot] -= 1
-            if self.slots.device.type == "cuda":
+            slot = self.table.slot_of[expert]
+            self.table.pins[slot] -= 1
+            if self.slots is not None and self.slots.device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.slots.device))
                 self.slot_free_events[slot] = event
@@ -278,7 +308,7 @@ class ExpertCache:
         guessed = set(experts)
         for expert in experts:
             with self._cond:
-                if expert in self.slot_of:
+                if expert in self.table:
                     continue
                 slot = self._free_or_victim(protect=guessed)
                 if slot is None:
@@ -288,7 +318,7 @@ class ExpertCache:
                 wait_for = self.slot_free_events[slot]
                 write_back = self.evicted.pop(slot, None)
             self.stats.record_load(self.layer, self.record_nbytes, prefetch=True)
-            self.transfer.load_async(self.layer, expert, self.slots[slot], ticket, wait_for,
+            self.transfer.load_async(self.layer, expert, self._dst(slot), ticket, wait_for,
                                      on_done=lambda s=slot, t=ticket: self._settle(s, t), write_back=write_back)
             issued += 1
         return issued
@@ -298,8 +328,8 @@ class ExpertCache:
         after the loads in flight have landed."""
         self.drain()
         with self._cond:
-            for slot in list(self.slot_of.values()):
-                if self.pins[slot] == 0:
+            for slot in list(self.table.slot_of.values()):
+                if self.table.pins[slot] == 0:
                     self._unmap(slot)
             self._cond.notify_all()
 

@@ -45,12 +45,16 @@ class OffloadConfig:
                   a number of GB (0: no host cache) or "auto" (what psutil says is available, minus
                   2 GB of headroom). One arena (pinned on CUDA) global across layers, with the cache's
                   eviction policy; on CUDA exclusive with the device slots (an expert is held by one of
-                  them; experts evicted from the device are written back to it). More than the
-                  machine has, or less than one expert per layer, is refused before any work.
+                  them; experts evicted from the device are written back to it); on a CPU the experts
+                  compute in the arena itself (no device copy), which also holds the cache_size experts
+                  per layer in use (an expert in both is one record). More than the machine has, or less
+                  than one expert per layer, is refused before any work.
     disk_prefetch_layers: with offload="disk", experts of the next this-many layers guessed from the
                   current one and read from disk into the host cache on its own I/O thread, behind
                   demand and device loads (0 disables).
-    cache_size:   experts per MoE layer kept resident on the device (1..num_experts).
+    cache_size:   experts per MoE layer kept resident on the device (1..num_experts). On a CPU, where the
+                  device is the host RAM, the experts each layer keeps ready to compute: records pinned in
+                  the host arena (or the RAM tier), not copies; a hit there, or in the host cache, costs no copy.
     prefetch:     experts of layer L+1 guessed from layer L and loaded ahead (0 disables).
     expert_bits:  None (unquantized) or 2, 3, 4, 8 (HQQ).
     expert_group_size: HQQ group size of experts; None picks 32 for 2- and 3-bit (the paper used 16;

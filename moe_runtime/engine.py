@@ -20,7 +20,7 @@ from .arch.base import MoEShape
 from .config import OffloadConfig
 from .sampling import MAX_SEED, OwnGeneratorSampler, own_generator
 from .stats import Counters, Stats, StatsCollector
-from .store import level_of
+from .store import round_up
 
 
 @dataclass
@@ -138,7 +138,7 @@ class Engine:
         out = []
         for module in self.experts:
             states = module.cache.states()
-            out.append([states.get(e) or level_of(self.tier, module.layer, e) for e in range(self.shape.num_experts)])
+            out.append([states.get(e) or self.tier.level_of(module.layer, e) for e in range(self.shape.num_experts)])
         return out
 
     def reset_stats(self) -> None:
@@ -149,8 +149,8 @@ class Engine:
 
     def describe(self) -> dict:
         """Facts about the loaded engine, for UIs and benchmark reports."""
-        expert_bytes = self.tier.nbytes  # one expert as stored and moved
-        slot_bytes = self.experts[0].cache.slots[0].numel() if self.experts else 0
+        expert_bytes = self.tier.nbytes  # one expert as stored and moved, in the device's compute form
+        slot_bytes = round_up(expert_bytes)
         dense = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dense += sum(b.numel() * b.element_size() for b in self.model.buffers())
         return {
@@ -161,12 +161,13 @@ class Engine:
             "experts": self.shape.num_experts,
             "top_k": self.shape.top_k,
             "expert_bytes": expert_bytes,
+            "expert_form": self.experts[0].codec.form_name if self.experts else None,
             "all_experts_bytes": expert_bytes * self.shape.num_layers * self.shape.num_experts,
             "cache_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size,
             "dense_bytes": dense,
             "offload": self.host_plan.offload if self.host_plan else self.config.offload,
             "levels": self._levels(slot_bytes, expert_bytes),
-            "direct_io": getattr(self.tier, "direct_io", None),
+            "direct_io": self.tier.direct_io,
             "store": str(self.store_path) if self.store_path else None,
             **{k: v for k, v in self.config.to_dict().items() if k not in ("device", "offload", "dtype")},
         }
@@ -175,13 +176,16 @@ class Engine:
         """Bytes each level holds now, and its budget."""
         n = self.shape.num_layers * self.shape.num_experts
         device_held = sum(len(m.cache.resident()) for m in self.experts) * slot_bytes
+        # on a CPU the device level's slots are views of records the host (arena or RAM tier) holds
         levels = {"device": {"held_bytes": device_held,
-                             "budget_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size}}
+                             "budget_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size,
+                             "shares_host_memory": self.tier.shares_memory}}
         host = self.host_cache
         if host is not None:
             levels["host"] = {"held_bytes": host.held_bytes(), "budget_bytes": host.slots * host.stride,
                               "setting_bytes": self.host_plan.budget_bytes, "slots": host.slots,
-                              "exclusive": host.exclusive, "pinned": host.arena.is_pinned()}
+                              "arena_bytes": host.arena_bytes(), "exclusive": host.exclusive,
+                              "pinned": host.arena.is_pinned()}
             levels["disk"] = {"held_bytes": n * expert_bytes, "budget_bytes": None}
         else:
             levels["host"] = {"held_bytes": n * expert_bytes, "budget_bytes": n * expert_bytes,

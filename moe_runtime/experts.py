@@ -7,8 +7,9 @@ S = T*K assignments):
     Speculate              -> guess layer L+1's experts from this layer's input; prefetch them
     Dispatch               -> one sort of the S assignments by expert: each expert's tokens and
                               routing weights are a span of it (the layer's one host sync: the counts)
-    Fetch                  -> cache.acquire(expert): resident slot (already in the device's compute
-                              form, kernels.forms), or a load from the slow tier
+    Fetch                  -> cache.acquire(expert): a resident slot, or a load from the slow tier (one
+                              copy, or on a CPU a view of the record where it lies); records are in
+                              the device's compute form already (kernels.forms): nothing converts
     Compute                -> the family's expert function (the adapter's `fn(x, ExpertWeights, linear)`,
                               SwiGLU for most) on the expert's tokens through kernels.linear (fused
                               low-bit kernels for quantized slots)
@@ -31,11 +32,11 @@ from torch import nn
 
 from .arch.base import dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
-from .kernels import ComputeForm, StoredForm, compute_form, linear
+from .kernels import linear
 from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
-from .store import TranscodingTier, aligned_empty, round_up
+from .store import SlowTier, aligned_empty, round_up
 
 MAX_GUESS_RECORDED = 8
 
@@ -166,13 +167,11 @@ class OffloadedExperts(nn.Module):
     """forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]."""
 
     def __init__(self, layer: int, cache: ExpertCache, codec: ExpertCodec, expert_fn, stats: StatsCollector,
-                 num_experts: int, top_k: int, prefetch: int, form: ComputeForm | None = None) -> None:
+                 num_experts: int, top_k: int, prefetch: int) -> None:
         super().__init__()
         self.layer = layer
         self.cache = cache
-        self.codec = codec  # the stored record's codec
-        # what a slot holds; without a form, the record as stored (the tier copies records unconverted)
-        self.form = form if form is not None else StoredForm(codec)
+        self.codec = codec  # the record's layout, in the device's compute form: codec.weights(slot) are views
         self.expert_fn = expert_fn  # the family's: fn(x [t, H], ExpertWeights, linear) -> [t, H]
         self.stats = stats
         self.num_experts = num_experts
@@ -208,7 +207,9 @@ class OffloadedExperts(nn.Module):
                 token_idx, _ = plan[expert]
                 slot = self.cache.acquire(expert)
                 pinned.append(expert)
-                ys.append(self.expert_fn(hidden_states[token_idx], self.form.weights(slot), linear))  # [t, H]
+                ys.append(self.expert_fn(hidden_states[token_idx], self.codec.weights(slot), linear))  # [t, H]
+                if self.codec.converted_bytes_per_use:  # the hqq fallback dequantizes on every use
+                    self.stats.record_converted(self.layer, self.codec.converted_bytes_per_use)
                 if not keep_pinned:
                     self.cache.release(pinned.pop())
         finally:
@@ -230,24 +231,20 @@ class OffloadedExperts(nn.Module):
         self.stats.record_routing(self.layer, selected, guess, self.guess_width, resident)
 
 
-def build_offloaded_experts(tier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
+def build_offloaded_experts(tier: SlowTier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
                             cache_size: int, prefetch: int, policy: str, stats: StatsCollector,
-                            expert_fn, device: torch.device, form: ComputeForm | None = None):
+                            expert_fn, device: torch.device):
     """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
-    its own preallocated slot pool and cache, one `Transfer` for all. Slots hold the device's compute
-    form of an expert (`kernels.compute_form`, or `form`); where that form is not the record itself,
-    `TranscodingTier` wraps the tier and converts on load."""
-    form = form if form is not None else compute_form(codec, device)
-    if form.transcodes:
-        tier = TranscodingTier(tier, codec, form)
+    its own cache of `cache_size` slots, one `Transfer` for all. Where the tier shares its memory with
+    the device (CPU) a slot is a view of the record where the tier holds it; otherwise the slots are a
+    pool preallocated on the device, each holding one record as stored (the device's compute form)."""
     transfer = Transfer(tier, device, stats)
-    stride = round_up(form.nbytes)
+    stride = round_up(codec.nbytes)
     modules = []
     for layer in range(num_layers):
-        slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
-        # bytes moved per load: the record as stored, whatever the slot holds
-        cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats)
-        modules.append(OffloadedExperts(layer, cache, codec, expert_fn, stats, num_experts, top_k, prefetch, form))
+        slots = None if tier.shares_memory else aligned_empty(cache_size * stride, device).view(cache_size, stride)
+        cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats, cache_size=cache_size)
+        modules.append(OffloadedExperts(layer, cache, codec, expert_fn, stats, num_experts, top_k, prefetch))
     return tier, transfer, modules
 
 

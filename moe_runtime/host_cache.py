@@ -4,26 +4,32 @@ Levels (L layers, E experts per layer, C device slots per layer, N host slots in
 
     device slots, C per layer (cache.py)  <-  HostCache: N records, one arena  <-  disk store (DiskTier)
 
-`HostCache` is a slow tier (store.SlowTier) wrapping the disk tier, so the device cache, the
-transcoding tier and the fault handling above it are unchanged. Its arena is one preallocated
-uint8 [N, stride] buffer (pinned on CUDA), global across layers, keyed (layer, expert), with its own
-eviction policy (policies.py). A record missing from the arena is read from disk with O_DIRECT
-straight into an arena slot, then copied to the device slot.
+`HostCache` is a slow tier (store.SlowTier) wrapping the disk tier. Its arena is one preallocated
+uint8 [slots, stride] buffer (pinned on CUDA), global across layers, keyed (layer, expert), with its
+own eviction policy (policies.py) and slot table (slots.py). Records are in the form the device
+computes from (the store wrote them so), so every move is one contiguous copy and nothing is
+converted. A record missing from the arena is read from disk with O_DIRECT straight into a slot.
+Three ways to stack the levels:
 
-- exclusive (CUDA, device slots holding records): an expert copied to the device leaves the arena
-  (its slot is free again), and one evicted from the device is written back into the arena
-  (`exchange`: a device -> host copy on the transfer stream, before the load that overwrites the
-  device slot) instead of being read from disk again. A disk read passes through a free slot (or
-  the disk tier's staging buffer) and evicts nothing.
-- inclusive (CPU: device slots hold the compute form, kernels.forms): the arena keeps what it read,
-  as compact records.
+- exclusive (CUDA; `exchanges`): an expert copied to the device leaves the arena (its slot is free
+  again), and one evicted from the device is written back into the arena (`exchange`: a device ->
+  host copy on the transfer stream, before the load that overwrites the device slot) instead of being
+  read from disk again. A disk read passes through a free slot (or a staging buffer) and evicts nothing.
+- shared (CPU; `shares_memory`): the host arena is where experts compute. A layer's device slots are
+  views of arena records (`attach` pins one; `detach` lets it go): a host hit costs no copy, a miss is
+  one disk read into the arena. The host level (N records, its policy) keeps what it read, as the
+  inclusive levels do; a record the device level still uses stays until it is detached. The arena has
+  N + L*C slots (at most L*E): an expert held by both levels is one record.
+- inclusive (separate device slots, not used by `load`): the arena keeps what it read; a device load
+  copies the record.
 
 Prefetch by level: host -> device one layer ahead is the speculator's (experts.py); disk -> host
 several layers ahead is `HostPrefetcher` (below), on this cache's own I/O thread, which reads only
 while no load is using the tier: demand loads, then host -> device prefetches, then disk -> host
 guesses, so a guess never delays a demand load (it may finish the one read it started).
 
-sim/hierarchy.py replays the same rules on a routing trace; tests check both agree.
+sim/hierarchy.py replays the same rules on a routing trace (shared replays as inclusive: same
+counts); tests check both agree.
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .policies import make_policy
+from .policies import EvictionPolicy
+from .slots import SlotTable
 from .stats import StatsCollector
-from .store import aligned_empty, level_of
+from .store import SlowTier, aligned_empty
 
 GB = 1e9
 HOST_HEADROOM_GB = 2.0  # left free by host_cache_gb="auto": activations, tokenizer, Python's own growth
@@ -60,16 +67,13 @@ def available_ram_bytes() -> int:
 
 
 def plan_host_memory(offload: str, host_cache_gb, *, num_layers: int, num_experts: int, cache_size: int,
-                     stride: int, exclusive: bool, transcodes: bool = False,
-                     available: int | None = None) -> HostPlan:
+                     stride: int, exclusive: bool, available: int | None = None) -> HostPlan:
     """Resolve the host-memory settings against this machine, or raise ValueError with the numbers.
 
     offload="ram" is the strict request (every record in RAM); "disk" keeps the store on disk with
     a host cache of `host_cache_gb` (a number of GB, or "auto" = available minus HOST_HEADROOM_GB);
     "auto" is "ram" when every record fits the budget, else "disk". `exclusive`: the levels can be
-    exclusive (CUDA). `transcodes`: the device computes from another form than the record; then the
-    levels are exclusive only when the budget cannot hold every record (slots then keep the record
-    and the form is made per use, `TranscodeOnUse`), since converting on load is cheaper per use.
+    exclusive (CUDA). Records are in the device's compute form, so there is no conversion to plan for.
     """
     available = available_ram_bytes() if available is None else available
     every = num_layers * num_experts * stride
@@ -95,29 +99,56 @@ def plan_host_memory(offload: str, host_cache_gb, *, num_layers: int, num_expert
                              f"headroom), this machine has {available / GB:.2f} GB available: use offload=\"disk\" "
                              f"with host_cache_gb={suggest:.1f} (or \"auto\")")
         return HostPlan("ram", 0, budget, every, exclusive)
-    if exclusive and transcodes and budget >= every:
-        exclusive, needed = False, every  # every record fits: convert on load, keep the arena inclusive
     if host_cache_gb == "auto" and budget < num_layers * stride:
         budget = 0  # "auto" on a machine without room for one expert per layer: no host cache
     slots = min(budget, needed) // stride
     return HostPlan("disk", int(slots), budget, needed, exclusive and slots > 0)
 
 
-class HostCache:
-    """A slow tier over `inner` (the disk tier): at most `slots` records kept in one host arena."""
+class _Unranked:
+    """The policy of a shared arena's physical slots: never asked for a victim (the host level's own
+    policy ranks the records it holds)."""
 
-    def __init__(self, inner, num_layers: int, slots: int, stride: int, policy: str, exclusive: bool,
-                 pin: bool, stats: StatsCollector) -> None:
+    def access(self, key) -> None:
+        pass
+
+    def insert(self, key) -> None:
+        pass
+
+    def evict(self, key) -> None:
+        pass
+
+    def victim(self, candidates):
+        raise RuntimeError("a shared arena frees slots by its host policy, never by a physical victim")
+
+
+class HostCache(SlowTier):
+    """A slow tier over `inner` (the disk tier): at most `slots` records kept by the host level, in one
+    host arena. `policy`: the host level's eviction policy over (layer, expert) keys. `shared`: the device
+    computes from the arena (CPU), whose extra `device_slots` (L*C) hold what the device level uses."""
+
+    def __init__(self, inner: SlowTier, num_layers: int, slots: int, stride: int, policy: EvictionPolicy,
+                 exclusive: bool, pin: bool, stats: StatsCollector, shared: bool = False, device_slots: int = 0,
+                 max_records: int | None = None) -> None:
+        if exclusive and shared:
+            raise ValueError("a host cache is exclusive with separate device slots or shared with the device, "
+                             "not both")
         self.inner, self.stride, self.exclusive, self.stats = inner, stride, exclusive, stats
+        self.shares_memory, self.exchanges = shared, exclusive
         self.nbytes = inner.nbytes
-        self.arena = aligned_empty(slots * stride, torch.device("cpu"), pin=pin).view(slots, stride)
-        self.policy = make_policy(policy)
-        self.slot_of: dict[tuple[int, int], int] = {}  # (layer, expert) -> arena slot
-        self.owner: list[tuple[int, int] | None] = [None] * slots
-        self.pins = [0] * slots  # copies in flight from or into the slot
+        self.capacity = slots  # records the host level keeps (its budget)
+        physical = slots + (device_slots if shared else 0)
+        physical = min(physical, max_records) if max_records is not None else physical
+        self.arena = aligned_empty(physical * stride, torch.device("cpu"), pin=pin).view(physical, stride)
+        self.policy = policy
+        # exclusive / inclusive: the arena's slots are the host level's (the table ranks them by `policy`);
+        # shared: they hold the host level's records and the device level's, the host's ranked apart
+        self.table = SlotTable(physical, _Unranked() if shared else policy)
+        self.kept: set[tuple[int, int]] = set()  # shared: the records the host level keeps (<= capacity)
+        self.attached: set[tuple[int, int]] = set()  # shared: records the device level computes from
         self.reading: dict[tuple[int, int], threading.Event] = {}  # disk reads into the arena in flight
-        self.copied: list[torch.cuda.Event | None] = [None] * slots  # CUDA: last async copy out of the slot
-        self.active = 0  # copy_to / exchange calls running (the I/O thread waits for 0)
+        self.copied: list[torch.cuda.Event | None] = [None] * physical  # CUDA: last async copy out of the slot
+        self.active = 0  # device loads running (the I/O thread waits for 0)
         self.on_device: Callable[[tuple[int, int]], bool] | None = None  # exclusive: is (layer, expert) in a slot?
         self._cond = threading.Condition()
         self._local = threading.local()
@@ -125,50 +156,24 @@ class HostCache:
 
     @property
     def direct_io(self) -> bool | None:
-        return getattr(self.inner, "direct_io", None)
+        return self.inner.direct_io
 
     @property
     def slots(self) -> int:
-        return len(self.owner)
+        """Records the host level keeps at most (its budget, in records)."""
+        return self.capacity
 
     def held(self) -> set[tuple[int, int]]:
+        """The records the host level holds now (reads in flight excluded)."""
         with self._cond:
-            return {k for k in self.slot_of if k not in self.reading}
+            keys = self.kept if self.shares_memory else self.table.keys()
+            return {k for k in keys if k not in self.reading}
 
     def held_bytes(self) -> int:
         return len(self.held()) * self.stride
 
-    # --- slots (caller holds the lock) ----------------------------------------------------------
-    def _free_slot(self) -> int | None:
-        for slot, owner in enumerate(self.owner):
-            if owner is None and self.pins[slot] == 0:
-                return slot
-        return None
-
-    def _free_or_victim(self, protect=frozenset()) -> int | None:
-        slot = self._free_slot()
-        if slot is not None:
-            return slot
-        evictable = [k for k, s in self.slot_of.items() if self.pins[s] == 0 and k not in protect]
-        if not evictable:
-            return None
-        victim = self.policy.victim(evictable)
-        slot = self.slot_of.pop(victim)
-        self.owner[slot] = None
-        self.policy.evict(victim)
-        return slot
-
-    def _map(self, slot: int, key: tuple[int, int]) -> None:
-        self.owner[slot] = key
-        self.slot_of[key] = slot
-        self.policy.insert(key)
-
-    def _unmap(self, slot: int) -> None:
-        key = self.owner[slot]
-        if key is not None:
-            del self.slot_of[key]
-            self.owner[slot] = None
-            self.policy.evict(key)
+    def arena_bytes(self) -> int:
+        return self.arena.numel()
 
     def _wait_copied(self, slot: int) -> None:
         event = self.copied[slot]
@@ -176,42 +181,47 @@ class HostCache:
             event.synchronize()
             self.copied[slot] = None
 
+    def _begin(self) -> None:
+        with self._cond:
+            self.active += 1
+
+    def _end(self) -> None:
+        with self._cond:
+            self.active -= 1
+            self._cond.notify_all()
+
     # --- the slow-tier interface ----------------------------------------------------------------
     def level_of(self, layer: int, expert: int) -> str:
         """ "host" for a record in the arena, else the inner tier's level (a read in flight is still disk)."""
         key = (layer, expert)
         with self._cond:
-            held = key in self.slot_of and key not in self.reading
-        return "host" if held else level_of(self.inner, layer, expert)
+            held = key in self.table and key not in self.reading
+        return "host" if held else self.inner.level_of(layer, expert)
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         """Fill `dst` with the record: from the arena (a host hit) or from disk (a disk read, kept
         in the arena when a slot is free or evictable)."""
-        key = (layer, expert)
-        with self._cond:
-            self.active += 1
+        self._begin()
         try:
-            self._copy_to(key, dst)
+            self._copy_to((layer, expert), dst)
         finally:
-            with self._cond:
-                self.active -= 1
-                self._cond.notify_all()
+            self._end()
 
     def _copy_to(self, key: tuple[int, int], dst: torch.Tensor) -> None:
         layer, expert = key
         with self._cond:
             while key in self.reading:  # the I/O thread is reading it: wait rather than read it twice
                 self._cond.wait()
-            slot = self.slot_of.get(key)
+            slot = self.table.slot_of.get(key)
             hit = slot is not None
             if hit:
-                self.pins[slot] += 1
+                self.table.pins[slot] += 1
                 self.policy.access(key)
             else:  # exclusive: a disk read passes through a free slot only, evicting nothing
-                slot = self._free_slot() if self.exclusive else self._free_or_victim()
+                slot = self.table.free_slot() if self.exclusive else self.table.free_or_victim()[0]
                 if slot is not None:
-                    self._map(slot, key)
-                    self.pins[slot] += 1
+                    self.table.map(slot, key)
+                    self.table.pins[slot] += 1
                     self.reading[key] = threading.Event()
         if slot is None:  # no room (no arena, or every slot busy): straight from disk
             self.inner.copy_to(layer, expert, dst)
@@ -233,15 +243,98 @@ class HostCache:
             ok = True
         finally:
             with self._cond:
-                self.pins[slot] -= 1
+                self.table.pins[slot] -= 1
                 done = self.reading.pop(key, None)
                 if not ok or self.exclusive:  # failed: nothing half-read stays; exclusive: now on the device
-                    if self.owner[slot] == key:
-                        self._unmap(slot)
+                    if self.table.owner[slot] == key:
+                        self.table.unmap(slot)
                 if done is not None:
                     done.set()
                 self._cond.notify_all()
 
+    # --- shared memory: the device computes from the arena (CPU) ----------------------------------
+    def attach(self, layer: int, expert: int) -> torch.Tensor:
+        """The record of (layer, expert) where it lies in the arena, pinned until `detach`: a host hit
+        (no copy), or a disk read into a free slot, kept by the host level as its policy says."""
+        key = (layer, expert)
+        self._begin()
+        try:
+            with self._cond:
+                while key in self.reading:
+                    self._cond.wait()
+                slot = self.table.slot_of.get(key)
+                if slot is not None:  # a host hit: compute from it in place
+                    self.table.pins[slot] += 1
+                    self.attached.add(key)
+                    if key in self.kept:
+                        self.policy.access(key)
+                    self.stats.record_host_hit(layer)
+                    return self.arena[slot]
+                self._keep(key)
+                slot = self.table.free_slot()
+                if slot is None:  # cannot happen while the device level uses at most its L*C slots
+                    self._forget(key)
+                    raise RuntimeError(f"host arena: no free slot for layer {layer} expert {expert} "
+                                       f"({len(self.attached)} records attached, {len(self.kept)} kept)")
+                self.table.map(slot, key)
+                self.table.pins[slot] += 1
+                self.reading[key] = threading.Event()
+            ok = False
+            try:
+                self.inner.copy_to(layer, expert, self.arena[slot])  # O_DIRECT into the arena
+                self.stats.record_disk_read(layer, self.nbytes)
+                ok = True
+            finally:
+                with self._cond:
+                    self.reading.pop(key).set()
+                    if ok:
+                        self.attached.add(key)
+                    else:
+                        self.table.pins[slot] -= 1
+                        self._forget(key)
+                    self._cond.notify_all()
+            return self.arena[slot]
+        finally:
+            self._end()
+
+    def detach(self, layer: int, expert: int) -> None:
+        """The device level no longer uses (layer, expert): its slot is freed unless the host keeps it."""
+        key = (layer, expert)
+        with self._cond:
+            if key not in self.attached:
+                return
+            self.attached.discard(key)
+            slot = self.table.slot_of[key]
+            self.table.pins[slot] -= 1
+            if key not in self.kept and self.table.pins[slot] == 0:
+                self.table.unmap(slot)
+            self._cond.notify_all()
+
+    def _keep(self, key, protect=frozenset()) -> bool:
+        """Shared: the host level keeps `key` (its policy evicts a record when full; an evicted record
+        the device still uses stays until detached). False when it cannot (no budget, all busy)."""
+        if self.capacity == 0:
+            return False
+        if len(self.kept) >= self.capacity:
+            candidates = [k for k in self.kept if k not in self.reading and k not in protect]
+            if not candidates:
+                return False
+            victim = self.policy.victim(candidates)
+            self._forget(victim)
+        self.kept.add(key)
+        self.policy.insert(key)
+        return True
+
+    def _forget(self, key) -> None:
+        """Shared: the host level lets go of `key`; its slot is freed once nobody pins it."""
+        if key in self.kept:
+            self.kept.discard(key)
+            self.policy.evict(key)
+        slot = self.table.slot_of.get(key)
+        if slot is not None and self.table.pins[slot] == 0 and key not in self.attached:
+            self.table.unmap(slot)
+
+    # --- exclusive levels: write-back ---------------------------------------------------------------
     def exchange(self, layer: int, expert: int, evicted: int, dst: torch.Tensor) -> None:
         """Exclusive levels: load (layer, expert) into the device slot `dst`, whose expert `evicted`
         goes back to the arena (a device -> host copy) instead of being dropped.
@@ -255,9 +348,9 @@ class HostCache:
         back = (layer, evicted)
         with self._cond:
             self.active += 1
-            reserved = self._free_slot()
+            reserved = self.table.free_slot()
             if reserved is not None:
-                self.pins[reserved] += 1
+                self.table.pins[reserved] += 1
         try:
             if reserved is not None:
                 self._wait_copied(reserved)
@@ -268,26 +361,26 @@ class HostCache:
             self._copy_to((layer, expert), dst)
             staged = reserved is None  # the record waits in the staging buffer for a slot
             with self._cond:
-                if back in self.slot_of:  # cannot happen while levels are exclusive; keep one copy
+                if back in self.table:  # cannot happen while levels are exclusive; keep one copy
                     return
                 slot = reserved
                 if staged:
-                    slot = self._free_or_victim()
+                    slot = self.table.free_or_victim()[0]
                     if slot is None:
                         return  # every slot busy: it comes from disk next time
-                    self.pins[slot] += 1
+                    self.table.pins[slot] += 1
             if staged:
                 self._wait_copied(slot)
                 self.arena[slot].copy_(saved)
             with self._cond:
-                self._map(slot, back)
+                self.table.map(slot, back)
                 if staged:
-                    self.pins[slot] -= 1
+                    self.table.pins[slot] -= 1
             self.stats.record_write_back(layer, dst.numel())
         finally:
             with self._cond:
                 if reserved is not None:
-                    self.pins[reserved] -= 1
+                    self.table.pins[reserved] -= 1
                 self.active -= 1
                 self._cond.notify_all()
 
@@ -308,15 +401,27 @@ class HostCache:
         with self._cond:
             while self.active:  # demand and host -> device loads first
                 self._cond.wait()
-            if key in self.slot_of or key in self.reading:
+            if key in self.table or key in self.reading:
                 return True
-            slot = self._free_or_victim(protect)
-            if slot is None:
-                return False
+            if self.shares_memory:
+                if not self._keep(key, protect):
+                    return False
+                slot = self.table.free_slot()
+                if slot is None:
+                    self._forget(key)
+                    return False
+            else:
+                slot = self.table.free_slot()
+                if slot is None:
+                    victim = self.table.victim(protect)
+                    if victim is None:
+                        return False
+                    slot = self.table.slot_of[victim]
+                    self.table.unmap(slot)
             if self.exclusive and self.on_device is not None and self.on_device(key):
                 return True  # on the device already: a copy here would hold it twice
-            self._map(slot, key)
-            self.pins[slot] += 1
+            self.table.map(slot, key)
+            self.table.pins[slot] += 1
             self.reading[key] = threading.Event()  # from here a device load of it waits for this read
         ok = False
         try:
@@ -328,9 +433,12 @@ class HostCache:
             pass
         finally:
             with self._cond:
-                self.pins[slot] -= 1
-                if not ok and self.owner[slot] == key:
-                    self._unmap(slot)
+                self.table.pins[slot] -= 1
+                if not ok and self.table.owner[slot] == key:
+                    if self.shares_memory:
+                        self._forget(key)
+                    else:
+                        self.table.unmap(slot)
                 self.reading.pop(key).set()
                 self._cond.notify_all()
         return True
@@ -440,23 +548,3 @@ class Speculators:
     def __call__(self, hidden_states: torch.Tensor) -> None:
         for speculator in self.speculators:
             speculator(hidden_states)
-
-
-class TranscodeOnUse:
-    """A compute form for exclusive levels when the device computes from a converted form (e.g. the
-    Triton HQQ layout): slots keep the record itself, so an evicted expert can be written back to
-    the host arena, and the compute form is made on each use into one scratch buffer shared by all
-    layers (layers and their experts run one after another on one stream, so one is enough)."""
-
-    transcodes = False
-
-    def __init__(self, form, codec, device: torch.device) -> None:
-        self.form, self.codec, self.nbytes = form, codec, codec.nbytes
-        self.scratch = aligned_empty(form.nbytes, device)
-
-    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
-        slot[: self.nbytes].copy_(record[: self.nbytes])
-
-    def weights(self, slot: torch.Tensor) -> tuple:
-        self.form.load(slot, self.scratch)
-        return self.form.weights(self.scratch)

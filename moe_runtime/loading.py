@@ -32,10 +32,11 @@ from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_mod
 from .config import OffloadConfig
 from .engine import Engine
 from .experts import Speculator, build_offloaded_experts, link_speculators
-from .host_cache import HostCache, HostPrefetcher, Speculators, TranscodeOnUse, plan_host_memory
-from .kernels import compute_form
+from .host_cache import HostCache, HostPrefetcher, Speculators, plan_host_memory
+from .kernels import choose_format
 from .kernels.capability import choose_compute
-from .quant import ExpertCodec, HQQLinear
+from .policies import EvictionPolicy, make_host_policy
+from .quant import MATRICES, ExpertCodec, HQQLinear
 from .stats import StatsCollector
 from .store import (
     DENSE_FILE,
@@ -43,6 +44,7 @@ from .store import (
     RamTier,
     StoreDamaged,
     open_store,
+    replace_legacy_store,
     round_up,
     store_folder,
 )
@@ -289,6 +291,9 @@ def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, a
     folder = store_folder(config.store_dir, model_name, identity)
     if not source.is_hub and weights.missing():  # shards gone: the store built from this folder, if any
         folder = find_built_from(Path(config.store_dir), source.folder, identity) or folder
+    # store version 2 (one record format for every device, converted at run time) lived under this name
+    replace_legacy_store(store_folder(config.store_dir, model_name, _version2_identity(config, codec, source, weights)),
+                         folder)
     stride = round_up(codec.nbytes)
     for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
         if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
@@ -320,6 +325,17 @@ def _identity(config: OffloadConfig, codec: ExpertCodec, source: ModelSource, we
     return {
         "config": json.loads((source.folder / "config.json").read_text()),
         "weights": source_identity(source, weights),
+        "expert_bits": config.expert_bits, "group_size": config.expert_group,
+        "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
+        "form": codec.form_name,  # the records are in the form this device computes from (kernels.forms)
+    }
+
+
+def _version2_identity(config: OffloadConfig, codec: ExpertCodec, source: ModelSource, weights: WeightMap) -> dict:
+    """The identity store version 2 was named by (file sizes or the index; no form): to find and replace it."""
+    return {
+        "config": json.loads((source.folder / "config.json").read_text()),
+        "weights": weights.identity,
         "expert_bits": config.expert_bits, "group_size": config.expert_group,
         "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
     }
@@ -357,7 +373,7 @@ def build_store(model: str | Path, config: OffloadConfig | None = None, out: str
     adapter = adapter_for(hf_config)
     shape = adapter.shape(hf_config)
     device = resolve_device(config.device)
-    codec = _expert_codec(config, shape, resolve_dtype(config.dtype, device), device)
+    codec = expert_codec(shape, config, device, resolve_dtype(config.dtype, device))
     weights = read_weight_map(source.folder)
     meta_model = _build_model(hf_config, codec.dtype, adapter.attn_implementation)
     _check_weight_names(weights, meta_model, adapter, shape, hf_config)
@@ -366,12 +382,6 @@ def build_store(model: str | Path, config: OffloadConfig | None = None, out: str
     folder = Path(out) if out is not None else store_folder(config.store_dir, str(model), identity)
     return _ensure_store(folder, config, codec, shape, adapter, hf_config, source, weights, identity,
                          _deletes_shards(config, source, weights))
-
-
-def _expert_codec(config: OffloadConfig, shape, dtype: torch.dtype, device: torch.device) -> ExpertCodec:
-    return ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
-                       config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device),
-                       biases=shape.expert_bias)
 
 
 def _build_model(hf_config, dtype: torch.dtype, attn_implementation: str):
@@ -492,10 +502,47 @@ def _quantize_attention(model, adapter, config: OffloadConfig) -> None:
                                                      config.quantize_meta, config.hqq_optimize))
 
 
-def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
-    """Load a Mixture-of-Experts checkpoint with its experts offloaded as `config` says."""
+def expert_codec(shape, config: OffloadConfig, device: torch.device, dtype: torch.dtype) -> ExpertCodec:
+    """The experts' record layout, in the matrix format `device` computes from (kernels.forms)."""
+    fmt = None
+    if config.expert_bits is not None:
+        inter, hidden = shape.intermediate_size, shape.hidden_size
+        matrices = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        fmt = choose_format(config.expert_bits, config.expert_group, [matrices[n] for n in MATRICES], device)
+    return ExpertCodec(shape.hidden_size, shape.intermediate_size, config.expert_bits, config.expert_group,
+                       config.quantize_meta, dtype, optimize=config.hqq_optimize, quant_device=str(device),
+                       biases=shape.expert_bias, fmt=fmt)
+
+
+def host_policy(config: OffloadConfig, num_layers: int, num_experts: int, slots: int) -> EvictionPolicy:
+    """The host level's eviction policy over (layer, expert) keys (`host_policy`, policies.HOST_POLICIES)."""
+    return make_host_policy(config.host_policy, num_layers=num_layers, num_experts=num_experts, slots=slots)
+
+
+def host_level(disk: DiskTier, num_layers: int, num_experts: int, host_slots: int, stride: int,
+               config: OffloadConfig, exclusive: bool, shared: bool, device: torch.device,
+               stats: StatsCollector) -> HostCache:
+    """The host cache over the disk tier: exclusive with GPU slots on CUDA; on a CPU shared with the
+    device level (the experts compute in the arena, which adds the device level's cache_size per layer)."""
+    return HostCache(disk, num_layers, host_slots, stride, host_policy(config, num_layers, num_experts, host_slots),
+                     exclusive, pin=device.type == "cuda", stats=stats, shared=shared,
+                     device_slots=num_layers * config.cache_size, max_records=num_layers * num_experts)
+
+
+LEVELS = ("shared", "exclusive")
+
+
+def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str | None = None) -> Engine:
+    """Load a Mixture-of-Experts checkpoint with its experts offloaded as `config` says.
+
+    `levels`: how the host cache stacks under the device slots, the device's own by default: "shared" on
+    a CPU (experts compute in the host arena), "exclusive" on CUDA (separate slots, write-back).
+    "exclusive" on a CPU runs the GPU's path on CPU tensors (tests). It applies to the host cache of
+    offload="disk"; a CPU computes from the RAM tier's records in place either way."""
     config = config or OffloadConfig()
     config.validate()
+    if levels is not None and levels not in LEVELS:
+        raise ValueError(f"levels={levels!r} is not allowed: use one of {', '.join(LEVELS)} (or None)")
     model_name = str(model)
     source = open_model(model_name)
     model_dir = source.folder
@@ -508,18 +555,18 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
     config.validate_for_model(shape.num_experts, shape.top_k)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    levels = levels or ("shared" if device.type == "cpu" else "exclusive")
+    if levels == "shared" and device.type != "cpu":
+        raise ValueError(f"levels='shared' needs a CPU device (the experts compute in host RAM), not {device}")
     weights = None if packaged else read_weight_map(model_dir)
-    codec = _expert_codec(config, shape, dtype, device)
+    codec = expert_codec(shape, config, device, dtype)
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
         raise ValueError(f"attn_group_size={config.attn_group_size} does not divide the attention projections "
                          f"(hidden_size={hf_config.hidden_size}): use a smaller power of two")
     stride = round_up(codec.nbytes)
-    form = compute_form(codec, device)
     host = plan_host_memory(config.offload, config.host_cache_gb, num_layers=shape.num_layers,
                             num_experts=shape.num_experts, cache_size=config.cache_size, stride=stride,
-                            exclusive=device.type == "cuda", transcodes=form.transcodes)  # refused here, if so
-    if host.exclusive and form.transcodes:  # slots keep records (for write-back); the form is made per use
-        form = TranscodeOnUse(form, codec, device)
+                            exclusive=levels == "exclusive")  # refused here, if so
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
@@ -537,14 +584,16 @@ def load(model: str | Path, config: OffloadConfig | None = None) -> Engine:
                            config.prefetch, config.record_trace, model_name)
     host_cache = None
     if isinstance(tier, DiskTier):  # the host level between the device slots and the disk
-        host_cache = tier = HostCache(tier, shape.num_layers, host.host_slots, stride, config.policy,
-                                      host.exclusive, pin=device.type == "cuda", stats=stats)
+        host_cache = tier = host_level(tier, shape.num_layers, shape.num_experts, host.host_slots, stride, config,
+                                       host.exclusive, levels == "shared", device, stats)
+        if host.exclusive:  # evicted device experts go back to the arena, not away
+            host_cache.require("exchanges", "exclusive levels")
     layers = adapter.layers(hf_model)
     blocks = _moe_blocks(adapter, layers, shape)
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device, form=form)
+        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device)
     for block, experts in zip(blocks, modules):
         block.experts = experts
     hf_model.to_empty(device=device)

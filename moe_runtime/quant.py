@@ -141,11 +141,17 @@ def hqq_codes(tensors: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tenso
 
 
 class ExpertCodec:
-    """Packs (gate, up, down) into one byte buffer and back, quantized with HQQ or not."""
+    """Packs (gate, up, down) into one byte record and reads it back, quantized with HQQ or not.
+
+    The record is written in the form its target computes from: `fmt` (kernels.forms.MatrixFormat) lays
+    out each quantized matrix (e.g. `INT4_CPU`: the int4 CPU kernel's tiles); None keeps hqq's pieces as
+    stored (`HQQ_STORED`). Unquantized experts are their dense matrices. `weights(record)` hands the record's
+    matrices to `kernels.linear` as views, wherever the record lies: no copy, no conversion.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bits: int | None, group_size: int,
                  quantize_meta: bool, dtype: torch.dtype, optimize: bool = True, quant_device: str = "cpu",
-                 biases: bool = False) -> None:
+                 biases: bool = False, fmt=None) -> None:
         self.bits, self.group_size, self.quantize_meta, self.biases = bits, group_size, quantize_meta, biases
         self.dtype, self.optimize, self.quant_device = dtype, optimize, quant_device
         self.shapes = {"gate": (intermediate_size, hidden_size), "up": (intermediate_size, hidden_size),
@@ -160,21 +166,49 @@ class ExpertCodec:
                         f"expert_group_size={group_size} does not divide the {name} matrix {shape}: "
                         "use a power of two that divides hidden_size * intermediate_size"
                     )
+        from .kernels.forms import HQQ_STORED  # here: the kernels package imports this module
+
+        self.fmt = None if bits is None else (fmt or HQQ_STORED)
+        if self.fmt is not None and not all(self.fmt.supports(bits, self.shapes[n], group_size) for n in MATRICES):
+            raise ValueError(f"the {self.fmt.name} format cannot hold {bits}-bit matrices {[self.shapes[n] for n in MATRICES]} "
+                             f"with groups of {group_size}")
         # The layout depends only on shapes and settings: derive it from meta tensors (no memory, no math).
-        shapes_only = [torch.empty(self.shapes[n], device="meta") for n in self._names]
-        self.layout = self._layout(self._pieces(shapes_only, optimize=False))
+        self.layout = ExpertLayout()
+        for name in self._names:
+            if bits is None or name in BIASES:
+                self.layout.add(name, torch.empty(self.shapes[name], dtype=dtype, device="meta"))
+                continue
+            tensors, info = quantize_matrix(torch.empty(self.shapes[name], device="meta"), bits, group_size,
+                                            quantize_meta, optimize=False, device="meta")
+            info.update(pieces={k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, dtype=dtype)
+            self.layout.hqq_meta[name] = info
+            for piece, (shape, piece_dtype) in self.fmt.shapes(info, dtype).items():
+                self.layout.add(f"{name}.{piece}", torch.empty(shape, dtype=piece_dtype, device="meta"))
+        self._views: dict[tuple, ExpertWeights] = {}  # (device, record address) -> its weights
 
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
     @property
+    def form_name(self) -> str:
+        """The record's form: "dense" (unquantized), or the matrix format's name ("int4-cpu", "hqq", ...)."""
+        return "dense" if self.fmt is None else self.fmt.name
+
+    @property
+    def converted_bytes_per_use(self) -> int:
+        """Bytes a use of one expert converts (dense matrices made from the record): 0 but for the hqq fallback."""
+        if self.fmt is None or not self.fmt.converts_per_use:
+            return 0
+        return sum(math.prod(self.shapes[name]) for name in MATRICES) * self.dtype.itemsize
+
+    @property
     def _names(self) -> tuple[str, ...]:
         return MATRICES + BIASES if self.biases else MATRICES
 
-    def _pieces(self, weights, optimize: bool) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    def _pieces(self, weights, optimize: bool) -> dict[str, torch.Tensor]:
         weights = tuple(weights) + (None,) * (len(MATRICES + BIASES) - len(weights))
-        tensors, meta = {}, {}
+        tensors = {}
         for name, weight in zip(MATRICES + BIASES, weights):
             if (weight is None) != (name not in self._names):
                 raise ValueError(f"expert {name} is {'missing' if weight is None else 'given'}: this codec's "
@@ -186,28 +220,22 @@ class ExpertCodec:
             if self.bits is None or name in BIASES:
                 tensors[name] = weight.to(self.dtype)
                 continue
-            device = "meta" if weight.is_meta else self.quant_device if optimize else "cpu"
-            parts, meta[name] = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize, device)
-            tensors.update({f"{name}.{k}": v for k, v in parts.items()})
-        return tensors, meta
-
-    @staticmethod
-    def _layout(pieces) -> ExpertLayout:
-        tensors, meta = pieces
-        layout = ExpertLayout(hqq_meta=meta)
-        for name, tensor in tensors.items():
-            layout.add(name, tensor)
-        return layout
+            device = self.quant_device if optimize else "cpu"
+            parts, info = quantize_matrix(weight, self.bits, self.group_size, self.quantize_meta, optimize, device)
+            packed = self.fmt.pack(parts, {**self.layout.hqq_meta[name], **info}, self.dtype)
+            tensors.update({f"{name}.{k}": v for k, v in packed.items()})
+        return tensors
 
     def encode(self, *weights: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """(gate, up, down[, gate_bias, up_bias, down_bias]) -> the expert's bytes, in `out` (uint8, at
-        least `nbytes`) when given. An `ExpertWeights` unpacks into these.
+        """(gate, up, down[, gate_bias, up_bias, down_bias]) -> the expert's record, in `out` (uint8, at
+        least `nbytes`) when given. An `ExpertWeights` unpacks into these. Quantizing and packing into the
+        target's form happen here, once, when the store is built.
 
         Writing into a caller's reused buffer matters when building a store: a fresh buffer per
         expert of a few MB fragments glibc's heap, and the resident memory it leaves behind stays
         (docs/results.md, "Notes on the measurement").
         """
-        tensors, _ = self._pieces(weights, optimize=self.optimize)
+        tensors = self._pieces(weights, optimize=self.optimize)
         buffer = torch.zeros(self.nbytes, dtype=torch.uint8) if out is None else out
         for name, tensor in tensors.items():
             slot = self.layout.slots[name]
@@ -216,46 +244,63 @@ class ExpertCodec:
             slot.view(buffer).copy_(tensor)
         return buffer
 
+    def parts(self, buffer: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+        """One quantized matrix's pieces in the record's form, as views of `buffer`."""
+        return {k.split(".", 1)[1]: s.view(buffer) for k, s in self.layout.slots.items() if k.startswith(name + ".")}
+
+    def weights(self, buffer: torch.Tensor) -> ExpertWeights:
+        """The record's (gate, up, down[, biases]) for `kernels.linear`: dense views, or the format's weights
+        over views. Made once per record address and reused (a reload rewrites the bytes they view)."""
+        key = (buffer.device, buffer.data_ptr())
+        cached = self._views.get(key)
+        if cached is None:
+            slots = self.layout.slots
+            biases = [slots[name].view(buffer) for name in BIASES if name in slots]
+            if self.bits is None:
+                matrices = [slots[name].view(buffer) for name in MATRICES]
+            else:
+                matrices = [self.fmt.weight(self.parts(buffer, name), self.layout.hqq_meta[name]) for name in MATRICES]
+            cached = self._views[key] = ExpertWeights(*matrices, *biases)
+        return cached
+
     def decode(self, buffer: torch.Tensor) -> ExpertWeights:
-        """Buffer -> gate [I, H], up [I, H], down [H, I] (+ biases) in the compute dtype, on its device."""
+        """Record -> gate [I, H], up [I, H], down [H, I] (+ biases) as dense matrices in the compute dtype
+        (the format's plain reference dequantization; tests and the kernel bench)."""
         slots = self.layout.slots
         biases = [slots[name].view(buffer) for name in BIASES if name in slots]
         if self.bits is None:
             return ExpertWeights(*(slots[name].view(buffer) for name in MATRICES), *biases)
-        return ExpertWeights(*(dequantize_matrix(self.parts(buffer, name), self.layout.hqq_meta[name], self.dtype)
-                               .reshape(self.shapes[name]) for name in MATRICES), *biases)
-
-    def parts(self, buffer: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-        """One quantized matrix's HQQ pieces (W_q, scale/zero or their codes), as views of `buffer`."""
-        return {k.split(".", 1)[1]: s.view(buffer) for k, s in self.layout.slots.items() if k.startswith(name + ".")}
+        return ExpertWeights(*(self.fmt.reference(self.parts(buffer, name), self.layout.hqq_meta[name], self.dtype)
+                               for name in MATRICES), *biases)
 
 
 class HQQLinear(nn.Module):
-    """A linear layer whose weight is kept HQQ-quantized (its bias stays as is): computed by a fused kernel
-    from its codes where one fits the device and shape (`kernels.pack_matrix`), else dequantized by hqq per call."""
+    """A linear layer whose weight is kept HQQ-quantized (its bias stays as is), packed once into the
+    format its device computes from (`kernels.forms.choose_format`: a fused kernel where one fits, else
+    hqq's pieces dequantized per call)."""
 
     def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool,
                  optimize: bool = True) -> None:
         super().__init__()
+        from .kernels.forms import choose_format  # here: the kernels package imports this module
+
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
-        device = str(linear.weight.device)
-        tensors, self.info = quantize_matrix(linear.weight.detach(), bits, group_size, quantize_meta, optimize, device)
-        from .kernels import pack_matrix  # here: the kernels package imports this module
+        device = linear.weight.device
+        tensors, self.info = quantize_matrix(linear.weight.detach(), bits, group_size, quantize_meta, optimize,
+                                             str(device))
+        self.info["dtype"] = self.dtype
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-
-        tensors = {name: tensor.to(linear.weight.device) for name, tensor in tensors.items()}
-        packed = pack_matrix(tensors, self.info, linear.weight.device, self.dtype)
-        self.kind, pieces = packed if packed is not None else (None, tensors)
+        self.fmt = choose_format(bits, group_size, [(self.out_features, self.in_features)], device, warn=False)
+        self.kind = self.fmt.name
+        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+        pieces = self.fmt.pack(tensors, self.info, self.dtype)
         for name, tensor in pieces.items():
-            self.register_buffer(name, tensor)
+            self.register_buffer(name, tensor.to(device))
         self.names = list(pieces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pieces = {name: getattr(self, name) for name in self.names}
-        if self.kind is None:
-            weight = dequantize_matrix(pieces, self.info, self.dtype).reshape(self.out_features, self.in_features)
-            return nn.functional.linear(x, weight, self.bias)
-        from .kernels import linear, packed_weight
+        from .kernels import linear
 
-        return linear(x, packed_weight(self.kind, pieces, self.info), self.bias)
+        weight = self.fmt.weight({name: getattr(self, name) for name in self.names}, self.info)
+        return linear(x, weight, self.bias)

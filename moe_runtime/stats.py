@@ -136,7 +136,7 @@ class Counters:
     prefetch_used: list[int]  # of those, experts selected before being evicted
     guess_hits: list[int]  # selected experts that were in the speculator's top-P guess
     guess_total: list[int]  # selected experts at layers that had a guess
-    bytes_moved: list[int]  # bytes copied from the slow tier (demand + prefetch)
+    bytes_moved: list[int]  # bytes of records brought to the device level (demand + prefetch; on a CPU a view, no copy)
     stall_seconds: list[float]  # time computation waited for experts
     # the levels below the device (host_cache.py); zero without a host cache (offload="ram": every
     # load comes from RAM)
@@ -147,6 +147,10 @@ class Counters:
     write_back_bytes: list[int]  # device -> host copies of evicted experts (exclusive levels)
     guess_new_hits: list[int]  # like guess_hits, over selected experts not on the device when guessed
     guess_new_total: list[int]
+    # proof that the bytes that move are the bytes that compute (goal: 0 converted anywhere but the hqq
+    # fallback; 0 copied on a CPU, where the device computes from the host arena itself)
+    converted_bytes: list[int]  # bytes of experts converted to another form (the hqq fallback's dequantization per use)
+    level_copy_bytes: list[int]  # bytes copied into device slots from RAM (host arena, RAM tier, a staging buffer)
 
     @classmethod
     def of(cls, num_layers: int, **given: list) -> Counters:
@@ -257,7 +261,8 @@ class Stats(Counters):
             **{k: None if v is None else round(v, 4) for k, v in totals.items()
                if k in ("hit_rate", "prefetch_recall", "prefetch_recall_new", "prefetch_precision")},
             "bytes_moved": totals["bytes_moved"],
-            **{k: totals[k] for k in ("host_hits", "disk_reads", "disk_bytes", "write_back_bytes")},
+            **{k: totals[k] for k in ("host_hits", "disk_reads", "disk_bytes", "write_back_bytes", "converted_bytes",
+                                      "level_copy_bytes")},
             "stall_seconds": round(totals["stall_seconds"], 4),
         }
 
@@ -364,6 +369,14 @@ class StatsCollector:
             self.counts.disk_bytes[layer] += nbytes
             if prefetch:
                 self.counts.disk_prefetch_reads[layer] += 1
+
+    def record_converted(self, layer: int, nbytes: int) -> None:
+        with self._lock:
+            self.counts.converted_bytes[layer] += nbytes
+
+    def record_level_copy(self, layer: int, nbytes: int) -> None:
+        with self._lock:
+            self.counts.level_copy_bytes[layer] += nbytes
 
     def record_write_back(self, layer: int, nbytes: int) -> None:
         with self._lock:

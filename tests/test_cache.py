@@ -10,12 +10,12 @@ import torch
 from moe_runtime.cache import ExpertCache, Transfer
 from moe_runtime.policies import LFRU, LFU, LRU
 from moe_runtime.stats import StatsCollector
-from moe_runtime.store import RamTier
+from moe_runtime.store import RamTier, SlowTier
 
 NUM_EXPERTS, STRIDE = 6, 64
 
 
-class CountingTier:
+class CountingTier(SlowTier):
     """A RAM tier that counts copies per expert (optionally slow, to test overlap)."""
 
     kind = "ram"
@@ -152,3 +152,34 @@ def test_drain_returns_with_prefetched_slots_unpinned():
     cache.prefetch([1])
     cache.clear()  # waits for the prefetch of 1 before evicting
     assert cache.resident() == set() and cache.pins == [0, 0]
+
+
+def test_capabilities_are_declared_and_checked_where_the_plan_needs_them():
+    """A tier's capabilities are declared on it (SlowTier) and checked when the levels are put together:
+    a layer cache without slots needs a tier sharing its memory, and one sharing it takes no slots."""
+    records = [torch.zeros(NUM_EXPERTS, STRIDE, dtype=torch.uint8)]
+    copying, sharing = RamTier(records, STRIDE), RamTier(records, STRIDE, shares_memory=True)
+    assert not copying.exchanges and not copying.shares_memory and sharing.shares_memory
+    stats = StatsCollector(1, NUM_EXPERTS, 2, 2, 0)
+    with pytest.raises(ValueError, match="a layer cache without device slots needs a slow tier that shares memory"):
+        ExpertCache(0, None, STRIDE, LRU(), Transfer(copying, torch.device("cpu")), stats, cache_size=2)
+    with pytest.raises(ValueError, match="takes no device slots"):
+        ExpertCache(0, torch.zeros(2, STRIDE, dtype=torch.uint8), STRIDE, LRU(), Transfer(sharing, torch.device("cpu")),
+                    stats)
+    with pytest.raises(ValueError, match="needs a CPU device"):
+        Transfer(sharing, torch.device("cuda"))
+    with pytest.raises(NotImplementedError, match="does not take evicted experts back"):
+        copying.exchange(0, 1, 2, torch.zeros(STRIDE, dtype=torch.uint8))
+
+
+def test_a_shared_cache_computes_from_the_records_themselves():
+    """Shared memory: acquire hands back the tier's own record (no copy), and eviction lets it go."""
+    records = [torch.arange(NUM_EXPERTS * STRIDE, dtype=torch.int32).to(torch.uint8).view(NUM_EXPERTS, STRIDE)]
+    tier = RamTier(records, STRIDE, shares_memory=True)
+    stats = StatsCollector(1, NUM_EXPERTS, 2, 2, 0)
+    cache = ExpertCache(0, None, STRIDE, LRU(), Transfer(tier, torch.device("cpu"), stats), stats, cache_size=2)
+    for expert in (0, 1, 2, 0):
+        view = cache.acquire(expert)
+        assert view.data_ptr() == records[0][expert].data_ptr()
+        cache.release(expert)
+    assert cache.resident() == {0, 2} and sum(stats.counters().level_copy_bytes) == 0

@@ -12,7 +12,7 @@ from moe_runtime import GenerationSettings, OffloadConfig, load
 from moe_runtime.cache import ExpertCache, Transfer
 from moe_runtime.policies import LRU
 from moe_runtime.stats import StatsCollector
-from moe_runtime.store import RamTier
+from moe_runtime.store import RamTier, SlowTier
 from webapp import plots
 
 
@@ -42,7 +42,7 @@ def test_after_a_reply_the_device_holds_each_layers_last_experts(tiny_dir, tmp_p
         assert sum(stats.expert_hits[layer]) == stats.hits[layer]
 
 
-class HeldTier:
+class HeldTier(SlowTier):
     """A RAM tier whose copies wait until `go` is set."""
 
     def __init__(self) -> None:

@@ -13,18 +13,19 @@ from moe_runtime import OffloadConfig, load
 from moe_runtime.cache import ExpertCache, ExpertLoadError, Transfer
 from moe_runtime.policies import LRU
 from moe_runtime.stats import StatsCollector
-from moe_runtime.store import RamTier
+from moe_runtime.store import RamTier, SlowTier
 
 TIME_LIMIT_S = 60  # a call that has not ended by then hangs
 
 
-class FaultyTier:
+class FaultyTier(SlowTier):
     """Wraps a tier; reads fail as `mode` says while `broken` is set:
     once (the first read only), always, prefetch (reads on the prefetch worker), demand (the others)."""
 
     def __init__(self, inner, mode: str) -> None:
         self.inner, self.mode = inner, mode
         self.nbytes = inner.nbytes
+        self.shares_memory = inner.shares_memory  # a CPU engine's tier: reads are attaches
         self.broken = True
         self.failures = 0
 
@@ -43,8 +44,14 @@ class FaultyTier:
             raise OSError(5, "Input/output error (injected)")
         self.inner.copy_to(layer, expert, dst)
 
-    def record(self, layer, expert):
-        return self.inner.record(layer, expert)
+    def attach(self, layer, expert):
+        if self._fails():
+            self.failures += 1
+            raise OSError(5, "Input/output error (injected)")
+        return self.inner.attach(layer, expert)
+
+    def detach(self, layer, expert):
+        self.inner.detach(layer, expert)
 
     def close(self):
         self.inner.close()

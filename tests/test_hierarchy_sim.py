@@ -126,7 +126,8 @@ def test_engine_at_colab_ratios_matches_the_three_level_replay(tmp_path, mixtral
     """The colab-t4 scenario through the real engine, scaled down: Mixtral's 32 layers x 8 experts and
     the scenario's ratios (4 device slots per layer, 129 host records = the 128 experts not on the
     device + 1 staging), experts shrunk from H 4096 / I 14336 to 32 / 64 (a factor of 28,672 in bytes).
-    The CPU engine stands in for the device; exclusive levels are forced (its slots hold records)."""
+    The CPU engine stands in for the device: exclusive levels are the GPU's stacking on CPU tensors,
+    inclusive ones the CPU's own (the layers compute from the host arena, replayed as inclusive)."""
     import torch
 
     from moe_runtime.bench import workload as wl
@@ -135,8 +136,7 @@ def test_engine_at_colab_ratios_matches_the_three_level_replay(tmp_path, mixtral
     spec = wl.WorkloadSpec(layers=32, hidden=32, intermediate=64, experts=8, top_k=2, bits=None, dtype="float32")
     replay = wl.map_trace(mixtral_like, 32, first_layer=0)
     stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, tmp_path), 4, 0, torch.device("cpu"),
-                              host_slots=129)
-    stack.tier.exclusive = exclusive
+                              host_slots=129, levels="exclusive" if exclusive else "shared")
     try:
         for n in range(tokens):
             stack.step(n)

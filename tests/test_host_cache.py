@@ -20,6 +20,7 @@ from moe_runtime import OffloadConfig, load
 from moe_runtime.host_cache import plan_host_memory
 from moe_runtime.sim.hierarchy import simulate_hierarchy
 from moe_runtime.stats import RoutingTrace
+from moe_runtime.store import SlowTier
 from tiny_models import save_tiny_mixtral
 
 LAYERS, EXPERTS = 5, 6
@@ -37,21 +38,27 @@ def _stride(path, store) -> int:
     return engine.host_cache.stride
 
 
-def _engine(path, store, slots: int | None, stride: int, **kw):
-    """slots: host slots the budget holds (None: "auto")."""
+def _engine(path, store, slots: int | None, stride: int, levels: str | None = None, **kw):
+    """slots: host slots the budget holds (None: "auto"); levels: the device's own (shared on CPU) or
+    "exclusive" (the GPU's path on CPU tensors)."""
     gb = "auto" if slots is None else slots * stride / 1e9
-    return load(path, OffloadConfig(device="cpu", offload="disk", host_cache_gb=gb, store_dir=str(store), **kw))
+    return load(path, OffloadConfig(device="cpu", offload="disk", host_cache_gb=gb, store_dir=str(store), **kw),
+                levels=levels)
 
 
 @pytest.mark.parametrize("budget", ["none", "some", "all"])
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_logits_and_greedy_tokens_match_transformers_at_every_budget(baby, tmp_path, budget, prefetch):
+@pytest.mark.parametrize("levels", ["shared", "exclusive"])
+def test_logits_and_greedy_tokens_match_transformers_at_every_budget(baby, tmp_path, budget, prefetch, levels):
     path, reference = baby
     stride = _stride(path, tmp_path)
     slots = {"none": 0, "some": LAYERS + 2, "all": LAYERS * EXPERTS}[budget]
-    engine = _engine(path, tmp_path, slots, stride, cache_size=2, prefetch=prefetch)
+    engine = _engine(path, tmp_path, slots, stride, levels, cache_size=2, prefetch=prefetch)
     try:
-        assert engine.host_cache.slots == slots and engine.describe()["offload"] == "disk"
+        # exclusive: the arena needs at most the records not on the device, plus one passing through
+        expected = min(slots, LAYERS * (EXPERTS - 2) + 1) if levels == "exclusive" else slots
+        assert engine.host_cache.slots == expected and engine.describe()["offload"] == "disk"
+        assert engine.host_cache.shares_memory == (levels == "shared")
         ids = torch.randint(0, engine.model.config.vocab_size, (2, 9))
         for _ in range(2):  # the second pass reads through a warm host cache
             with torch.no_grad():
@@ -80,9 +87,11 @@ def _one_token_at_a_time(engine, tokens: int, check=None) -> RoutingTrace:
 def test_level_counters_add_up_and_match_the_simulator(baby, tmp_path, exclusive, slots, cache_size):
     path, _ = baby
     stride = _stride(path, tmp_path)
-    engine = _engine(path, tmp_path, slots, stride, cache_size=cache_size, prefetch=0, disk_prefetch_layers=0)
+    engine = _engine(path, tmp_path, slots, stride, "exclusive" if exclusive else None, cache_size=cache_size,
+                     prefetch=0, disk_prefetch_layers=0)
     host = engine.host_cache
-    host.exclusive = exclusive  # CPU, unquantized: device slots are plain records, so write-back works here
+    # CPU: shared, replayed as inclusive; exclusive with separate slots (a 0-slot arena is neither)
+    assert host.exclusive == (exclusive and slots > 0) and host.shares_memory == (not exclusive)
 
     def never_in_both():
         if exclusive:
@@ -104,13 +113,17 @@ def test_level_counters_add_up_and_match_the_simulator(baby, tmp_path, exclusive
             assert sum(c.disk_reads) == sim.distinct_experts
         if exclusive and slots:
             assert sum(c.write_back_bytes) > 0
+        assert sum(c.converted_bytes) == 0  # records are in the compute form: nothing converts, on any path
+        # a load copies the record into a device slot on the exclusive path; on the shared one nothing is copied
+        loads = sum(c.misses)
+        assert sum(c.level_copy_bytes) == (loads * engine.tier.nbytes if exclusive else 0)
         levels = engine.describe()["levels"]
         assert levels["host"]["held_bytes"] == len(host.held()) * stride <= levels["host"]["budget_bytes"]
     finally:
         engine.close()
 
 
-class SlowDisk:
+class SlowDisk(SlowTier):
     """The disk tier, 40 ms per read, remembering which layer was computing when each read began."""
 
     def __init__(self, inner, now_computing) -> None:
@@ -180,10 +193,6 @@ def test_budgets_are_refused_with_the_numbers():
     # Colab: exclusive levels need the 4 experts per layer not on the GPU, plus one staging record
     assert plan.offload == "disk" and plan.host_slots == 32 * 4 + 1 and plan.exclusive
     assert plan_host_memory("disk", 0, available=int(12.7 * GB), **shape).host_slots == 0
-    # a converted compute form (Triton on CUDA): exclusive only when the budget cannot hold every record
-    assert plan_host_memory("auto", "auto", available=int(12.7 * GB), transcodes=True, **shape).exclusive
-    roomy = plan_host_memory("disk", "auto", available=int(40 * GB), transcodes=True, **shape)
-    assert not roomy.exclusive and roomy.host_slots == 32 * 8
     assert plan_host_memory("auto", "auto", available=int(40 * GB), **shape).offload == "ram"
 
 
@@ -195,28 +204,3 @@ def test_a_bad_budget_is_refused_before_any_work(baby, tmp_path):
     for bad in (-1, "lots", True, float("nan")):
         with pytest.raises(ValueError, match="host_cache_gb"):
             OffloadConfig(host_cache_gb=bad)
-
-
-@pytest.mark.parametrize("bits,group", [(4, 64), (2, 32)])
-def test_transcode_on_use_computes_what_the_transcoded_slot_computes(bits, group):
-    """Exclusive levels with a converted compute form: the slot keeps the record and the form is made
-    per use; the expert's matrices must act exactly as the form made on load does."""
-    from moe_runtime.host_cache import TranscodeOnUse
-    from moe_runtime.kernels import PackedForm, compute_form, linear
-    from moe_runtime.quant import ExpertCodec
-
-    hidden, inter = 128, 256
-    codec = ExpertCodec(hidden, inter, bits, group, True, torch.float32, optimize=False)
-    record = codec.encode(torch.randn(inter, hidden) * 0.02, torch.randn(inter, hidden) * 0.02,
-                          torch.randn(hidden, inter) * 0.02)
-    form = compute_form(codec, torch.device("cpu"))
-    assert isinstance(form, PackedForm)
-    on_load = torch.zeros(form.nbytes, dtype=torch.uint8)
-    form.load(record, on_load)
-    lazy = TranscodeOnUse(form, codec, torch.device("cpu"))
-    slot = torch.zeros(lazy.nbytes, dtype=torch.uint8)
-    lazy.load(record, slot)
-    assert torch.equal(slot, record[: codec.nbytes])  # the slot is the record: it can be written back
-    x = {"gate": torch.randn(3, hidden), "up": torch.randn(3, hidden), "down": torch.randn(3, inter)}
-    for name, a, b in zip(("gate", "up", "down"), form.weights(on_load), lazy.weights(slot)):
-        torch.testing.assert_close(linear(x[name], b), linear(x[name], a), rtol=0, atol=0)

@@ -52,6 +52,29 @@ def test_logits_and_greedy_tokens_match_transformers(model_case, offload, prefet
         engine.close()
 
 
+@pytest.mark.parametrize("host_budget", ["none", "half", "all"])
+def test_the_gpus_exclusive_levels_on_cpu_tensors_match_transformers(model_case, host_budget, tmp_path):
+    """The device level with its own slots and an exclusive host arena (CUDA's stacking, run here on CPU
+    tensors; a CPU engine shares the arena instead): the same model as transformers' at every budget."""
+    path, reference, spec = model_case
+    probe = load(path, OffloadConfig(device="cpu", offload="disk", host_cache_gb=0, store_dir=str(tmp_path)))
+    stride, records = probe.host_cache.stride, spec["layers"] * spec["experts"]
+    probe.close()
+    slots = {"none": 0, "half": records // 2, "all": records}[host_budget]
+    engine = load(path, OffloadConfig(device="cpu", offload="disk", cache_size=1, prefetch=min(2, spec["experts"]),
+                                      host_cache_gb=slots * stride / 1e9, store_dir=str(tmp_path)),
+                  levels="exclusive")
+    try:
+        ids = torch.randint(0, engine.model.config.vocab_size, (2, 11))
+        for _ in range(2):
+            with torch.no_grad():
+                torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        c = engine.counters()
+        assert sum(c.converted_bytes) == 0 and sum(c.level_copy_bytes) > 0
+    finally:
+        engine.close()
+
+
 def _two_turns(model, first, second):
     out = model.generate(first, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     follow = torch.cat([out.sequences, second], dim=1)

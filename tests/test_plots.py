@@ -26,7 +26,7 @@ def make_stats(layers=3, experts=4, prefetch=2, tokens=6, empty=False) -> Stats:
         bytes_moved=zero if empty else [3 * 2**20, 2**20, 2**19][:layers] + [2**19] * (layers - 3),
         stall_seconds=[0.0] * layers,
         **{name: zero for name in ("host_hits", "disk_reads", "disk_prefetch_reads", "disk_bytes", "write_back_bytes",
-                                   "guess_new_hits", "guess_new_total")},
+                                   "guess_new_hits", "guess_new_total", "converted_bytes", "level_copy_bytes")},
         tokens_generated=0 if empty else tokens - 1,
         decode_seconds=0.0 if empty else 0.5,
         token_times=[] if empty else [0.1 * i for i in range(tokens)],

@@ -7,21 +7,34 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
+from moe_runtime.store import SlowTier as Tier
 
 
-class SlowTier:
-    """Wraps the engine's tier: every copy takes `delay` seconds and is logged with its thread."""
+class SlowTier(Tier):
+    """Wraps the engine's tier: every load (a copy, or on a CPU an attach) takes `delay` seconds and is
+    logged with its thread."""
 
     def __init__(self, inner, delay: float) -> None:
         self.inner, self.delay = inner, delay
+        self.nbytes, self.shares_memory = inner.nbytes, inner.shares_memory
         self.log: list[tuple[int, int, str, float]] = []
         self.lock = threading.Lock()
 
-    def copy_to(self, layer, expert, dst):
+    def _slow(self, layer, expert):
         with self.lock:
             self.log.append((layer, expert, threading.current_thread().name, time.perf_counter()))
         time.sleep(self.delay)
+
+    def copy_to(self, layer, expert, dst):
+        self._slow(layer, expert)
         self.inner.copy_to(layer, expert, dst)
+
+    def attach(self, layer, expert):
+        self._slow(layer, expert)
+        return self.inner.attach(layer, expert)
+
+    def detach(self, layer, expert):
+        self.inner.detach(layer, expert)
 
 
 def _slow_engine(path, tmp_path, prefetch, delay=0.03):

@@ -55,11 +55,13 @@ VARIANTS = {
     "no-cache": "ours, every selected expert read from disk on every use (cache emptied before each token)",
     "lru": "ours, LRU cache of C experts per layer",
     "lru+prefetch": "ours, LRU cache + speculative prefetch of P experts one layer ahead",
-    "lru+host": "ours, lru+prefetch with a host-RAM cache of every record below it (each read from disk once)",
+    "lru+host": "ours, lru+prefetch with a host-RAM cache of every record below it (each read from disk once; on a "
+                "CPU the experts compute in that cache)",
+    "lru+host-half": "ours, lru+host with a host budget of half the experts (the rest read from disk again)",
     "resident": "ours, cache of all E experts, loaded before timing (the limit)",
     "transformers": "plain transformers model, every weight in memory",
 }
-ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "lru+host", "resident")
+ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "lru+host", "lru+host-half", "resident")
 WORKLOAD_PARTS = {"workload-16bit": None, "workload-2bit": 2, "workload-4bit": 4}  # part -> expert bits
 PARTS = ("model", *WORKLOAD_PARTS, "kernels")
 
@@ -92,7 +94,7 @@ class Plan:
             positions = json.loads((Path(self.model) / "config.json").read_text()).get("max_position_embeddings")
             if positions:  # the fixed text must fit the model's context
                 tokens = max(1, min(tokens, positions - prompt - warm - 1))
-            for v in ("accelerate", *ENGINE_VARIANTS, "transformers"):
+            for v in ("accelerate", *(v for v in ENGINE_VARIANTS if v != "lru+host-half"), "transformers"):
                 bits = None if v in ("accelerate", "transformers") else self.expert_bits
                 jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, expert_bits=bits,
                                 **common))

@@ -103,7 +103,8 @@ def _reset_peak_memory(job: Job) -> bool:
 def engine_knobs(job: Job, experts: int) -> tuple[int, int]:
     """(cache_size, prefetch) of an engine variant."""
     return {"no-cache": (1, 0), "lru": (job.cache_size, 0), "lru+prefetch": (job.cache_size, job.prefetch),
-            "lru+host": (job.cache_size, job.prefetch), "resident": (experts, 0)}[job.variant]
+            "lru+host": (job.cache_size, job.prefetch), "lru+host-half": (job.cache_size, job.prefetch),
+            "resident": (experts, 0)}[job.variant]
 
 
 
@@ -131,6 +132,10 @@ def summarize(job: Job, measured: dict, facts: dict, cuda_peak_bytes: int | None
         "times": times,
         "stall_ms_per_token": 1000 * w["stall_seconds"] / n if n else 0.0,
         "bytes_per_token": w["bytes_moved"] / n if n else 0.0,
+        # the bytes that move are the bytes that compute: converted (goal 0) and copied between memory levels
+        # (0 on a CPU, where experts compute in the host arena)
+        "converted_bytes_per_token": w.get("converted_bytes", 0) / n if n else 0.0,
+        "level_copy_bytes_per_token": w.get("level_copy_bytes", 0) / n if n else 0.0,
         # read from disk (host cache variants: only first uses); None where no host level counts them
         "disk_bytes_per_token": (w["disk_bytes"] / n if n else 0.0) if facts.get("host_slots") is not None
         or facts.get("engine") else None,

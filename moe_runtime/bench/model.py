@@ -123,7 +123,7 @@ def run_model(job: Job):
                            hqq_optimize=False, host_cache_gb="auto" if job.variant == "lru+host" else 0,
                            disk_prefetch_layers=0)
     engine = load(job.model, config)
-    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=getattr(engine.tier, "direct_io", None),
+    facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=engine.tier.direct_io,
                  engine=engine.describe())
     try:
         if job.variant == "resident":

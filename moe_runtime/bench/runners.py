@@ -40,7 +40,7 @@ def run_workload(job: Job):
     import torch
 
     device = torch.device(job.device)
-    spec = wl.spec_for(device, **job.spec)
+    spec = wl.spec_for(device, **{**job.spec, "device": job.device})
     replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers)
     facts = {"workload": wl.describe(spec, replay, packed=not job.variant.startswith("accelerate"))}
     if job.variant.startswith("accelerate"):
@@ -51,7 +51,8 @@ def run_workload(job: Job):
         return timed(job, stack.step, lambda: loader_counters(stack.loader),
                      lambda: accelerate.drop_page_cache(folder)), facts
     cache_size, prefetch = engine_knobs(job, spec.experts)
-    host_slots = spec.layers * spec.experts if job.variant == "lru+host" else 0  # every record fits
+    every = spec.layers * spec.experts
+    host_slots = {"lru+host": every, "lru+host-half": every // 2}.get(job.variant, 0)  # records the budget holds
     stack = wl.OffloadedStack(spec, replay, wl.build_store(spec, job.store_dir), cache_size, prefetch, device,
                               host_slots=host_slots)
     facts.update(cache_size=cache_size, prefetch=prefetch, direct_io=stack.direct_io, host_slots=host_slots)

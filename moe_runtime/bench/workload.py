@@ -26,8 +26,9 @@ from ..cache import ExpertCache
 from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
 from ..host_cache import HostCache
-from ..kernels import compute_form
+from ..kernels import choose_format
 from ..kernels.capability import choose_compute
+from ..policies import make_policy
 from ..quant import ExpertCodec
 from ..stats import RoutingTrace, StatsCollector
 from ..store import DiskTier, open_store, round_up, store_folder, write_store
@@ -48,6 +49,7 @@ class WorkloadSpec:
     group_size: int = 32  # the engine's default for 2/3-bit (the fused CPU kernel needs 32+)
     dtype: str = "bfloat16"  # the bench fills in the device's 16-bit dtype: `spec_for`
     seed: int = 0
+    device: str = "cpu"  # the device the records are formed for (kernels.forms.choose_format)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -73,8 +75,12 @@ def spec_for(device, **fields) -> WorkloadSpec:
 @lru_cache(maxsize=4)
 def _codec(spec: WorkloadSpec) -> ExpertCodec:
     # optimize=False: round-to-nearest HQQ, same bytes and layout as optimized codes, seconds faster
+    fmt = None
+    if spec.bits is not None:
+        shapes = [(spec.intermediate, spec.hidden), (spec.intermediate, spec.hidden), (spec.hidden, spec.intermediate)]
+        fmt = choose_format(spec.bits, spec.group_size, shapes, torch.device(spec.device))
     return ExpertCodec(spec.hidden, spec.intermediate, spec.bits, spec.group_size, True, spec.torch_dtype,
-                       optimize=False)
+                       optimize=False, fmt=fmt)
 
 
 def expert_weights(spec: WorkloadSpec, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,29 +177,39 @@ def build_store(spec: WorkloadSpec, store_dir: str | Path) -> Path:
     """The disk-tier expert store of `spec` (built once, reused while the spec is unchanged)."""
     codec = spec.codec()
     identity = {**spec.weights_identity(), "bits": spec.bits, "group_size": spec.group_size,
-                "dtype": spec.dtype, "quantize_meta": True, "optimize": False}
+                "dtype": spec.dtype, "quantize_meta": True, "optimize": False, "form": codec.form_name}
     folder = store_folder(store_dir, "mixtral-shaped", identity)
     if open_store(folder, spec.layers, spec.experts, codec) is None:
         write_store(folder, codec, spec.layers, spec.experts, lambda layer, e: expert_weights(spec, layer, e), identity)
     return folder
 
 
+LEVELS = ("shared", "exclusive", "inclusive")
+
+
 class OffloadedStack:
-    """L `OffloadedExperts` modules over one `DiskTier`, each layer with its own `ExpertCache`."""
+    """L `OffloadedExperts` modules over one `DiskTier` and its host cache, each layer with its own
+    `ExpertCache`. `levels`: how the host cache stacks under the device slots (host_cache.py): "shared"
+    (the CPU's: experts compute in the arena), "exclusive" (CUDA's: separate slots, write-back; on CPU
+    tensors it emulates the GPU path), "inclusive" (separate slots, the arena keeps what it read).
+    Default: the engine's choice for `device`."""
 
     def __init__(self, spec: WorkloadSpec, replay: Replay, folder: Path, cache_size: int, prefetch: int,
-                 device: torch.device, policy: str = "lru", host_slots: int = 0) -> None:
+                 device: torch.device, policy: str = "lru", host_slots: int = 0, levels: str | None = None) -> None:
         check_replay(spec, replay)
+        levels = levels or ("shared" if device.type == "cpu" else "exclusive")
+        if levels not in LEVELS:
+            raise ValueError(f"levels={levels!r} is not allowed: use one of {', '.join(LEVELS)}")
         self.spec, self.replay, self.device = spec, replay, device
         codec = spec.codec()
         stride = round_up(codec.nbytes)
         disk = DiskTier(folder, spec.experts, stride, codec.nbytes, device)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
-        # the host level (host_cache.py) below the device slots: with 0 slots a pass-through that counts
-        # disk reads; exclusive where it can be
-        exclusive = device.type == "cuda" and not compute_form(codec, device).transcodes
-        disk = HostCache(disk, spec.layers, host_slots, stride, policy, exclusive, pin=device.type == "cuda",
-                         stats=self.stats)
+        # the host level (host_cache.py) below the device slots: with 0 slots it keeps nothing and counts
+        # disk reads
+        disk = HostCache(disk, spec.layers, host_slots, stride, make_policy(policy), levels == "exclusive",
+                         pin=device.type == "cuda", stats=self.stats, shared=levels == "shared",
+                         device_slots=spec.layers * cache_size, max_records=spec.layers * spec.experts)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
             prefetch=prefetch, policy=policy, stats=self.stats, expert_fn=swiglu(F.silu), device=device)

@@ -1,4 +1,4 @@
-"""Computing with experts as their slots hold them: `linear` and the per-device compute forms.
+"""Computing with experts as their records hold them: `linear` and the matrix formats (forms.py).
 
 `linear(x, w, bias=None)` is x @ w.T (+ bias) for whatever `w` is: a dense tensor (F.linear) or a
 packed quantized weight (a fused kernel that reads the codes; never a full dequantized matrix).
@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import dequantize_matrix
-from .cpu import Int4CpuWeight
-from .forms import ComputeForm, PackedForm, StoredForm, compute_form, pack_matrix, packed_weight
-from .triton_hqq import HqqTritonWeight
+from .cpu import INT4_CPU, Int4CpuWeight
+from .forms import CUDA_FORMAT, FORMATS, HQQ_STORED, MatrixFormat, choose_format
+from .triton_hqq import TRITON_HQQ, TritonHqqWeight
 
-__all__ = ["ComputeForm", "HqqTritonWeight", "Int4CpuWeight", "PackedForm", "StoredForm",
-           "compute_form", "linear", "pack_matrix", "packed_weight", "reference_linear"]
+__all__ = ["CUDA_FORMAT", "FORMATS", "HQQ_STORED", "INT4_CPU", "TRITON_HQQ", "Int4CpuWeight", "MatrixFormat",
+           "TritonHqqWeight", "choose_format", "linear", "reference_linear"]
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,13 +1,10 @@
 """The kernel part of the benchmark: one expert FFN (Mixtral's: H 4096, I 14336) per compute format.
 
 For each format: the time of one expert FFN at a batch of B tokens, as a ratio to hqq's
-dequantize-then-matmul path of the same bits and to the device's dense 16-bit dtype (bf16 on CPU and
-Ampere+, fp16 below: kernels.capability); the time to bring a stored record into the format (what a
-cache miss adds; 0 for the triton-hqq record, which the kernel reads as stored); the bytes a slot
-holds; and the relative output error against the unquantized fp32 expert (quantization + kernel) and
-against hqq's dequantization (the kernel alone). Weights are random (std 0.02, like the workload's),
-inputs standard normal. It first prints one expert's record size per bit width, today's codec beside
-the triton-hqq record (from shapes only).
+dequantize-then-matmul path of the same bits and to dense bf16; the time to bring a stored record
+into the format (what a cache miss adds); the bytes a slot holds; and the relative output error
+against the unquantized fp32 expert (quantization + kernel) and against hqq's dequantization (the
+kernel alone). Weights are random (std 0.02, like the workload's), inputs standard normal.
 
     python -m moe_runtime.kernels.bench                      # CPU, batch 1, bits 2,3,4,8
     python -m moe_runtime.kernels.bench --batch 8 --device cuda
@@ -29,8 +26,7 @@ from ..arch.base import ExpertWeights, swiglu
 from ..quant import ExpertCodec
 from . import linear
 from .capability import choose_compute
-from .forms import PackedForm, compute_form
-from .triton_hqq import TRITON_HQQ, record_sizes
+from .forms import HQQ_STORED, fused_format
 
 DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 8: 64}  # OffloadConfig.expert_group's defaults
 
@@ -87,57 +83,61 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
     extra_groups = extra_groups or {}
     for b in bits:
         for group in (DEFAULT_GROUP[b],) + tuple(extra_groups.get(b, ())):
-            codec = ExpertCodec(hidden, intermediate, b, group, True, compute_dtype, optimize=False)
+            codec = ExpertCodec(hidden, intermediate, b, group, True, compute_dtype, optimize=False, fmt=HQQ_STORED)
             record = codec.encode(*weights).to(dev)
             dequantized = [w.to(dev) for w in codec.decode(record)[:3]]
             reference = expert_ffn(x.to(compute_dtype), *dequantized, F.silu)  # hqq's dequantize + F.linear
             del dequantized
             hqq_s = _timed(partial(_hqq_path, x.to(compute_dtype), codec, record), hqq_repeats, dev)
             rows.append({"format": "hqq dequantize + matmul", "bits": b, "group": group, "ms": hqq_s * 1e3,
-                         "load_ms": 0.0, "slot_bytes": codec.nbytes, "err_vs_fp32": _rel(reference, exact),
+                         "load_ms": None, "slot_bytes": codec.nbytes, "err_vs_fp32": _rel(reference, exact),
                          "err_vs_hqq": 0.0})
-            form = compute_form(codec, dev)
-            if not isinstance(form, PackedForm):
+            fmt = fused_format(dev)
+            if fmt is None or not all(fmt.supports(b, shape, group) for shape in codec.shapes.values()):
                 continue  # no fused kernel for this group size (the hqq row is the engine's path)
-            slot = torch.zeros(form.nbytes, dtype=torch.uint8, device=dev)
-            load_s = _timed(partial(form.load, record, slot), 2, dev)
-            packed = form.weights(slot)[:3]
+            fused = ExpertCodec(hidden, intermediate, b, group, True, compute_dtype, optimize=False, fmt=fmt)
+            record = fused.encode(*weights).to(dev)  # packed once, as the store does
+            slot = torch.zeros_like(record)
+            load_s = _timed(partial(slot.copy_, record), 2, dev)  # a load: one contiguous copy
+            packed = fused.weights(slot)[:3]
             fast_s = _timed(partial(expert_ffn, x.to(compute_dtype), *packed, F.silu), repeats, dev)
             fast = expert_ffn(x.to(compute_dtype), *packed, F.silu)
-            rows.append({"format": f"fused ({form.kind})", "bits": b, "group": group, "ms": fast_s * 1e3,
-                         "load_ms": load_s * 1e3, "slot_bytes": form.nbytes, "err_vs_fp32": _rel(fast, exact),
+            rows.append({"format": f"fused ({fmt.name})", "bits": b, "group": group, "ms": fast_s * 1e3,
+                         "load_ms": load_s * 1e3, "slot_bytes": fused.nbytes, "err_vs_fp32": _rel(fast, exact),
                          "err_vs_hqq": _rel(fast, reference)})
-            if form.kind == "triton":
-                rows.append(triton_record_row(x.to(compute_dtype), codec, record.cpu(), dev, repeats, exact, reference))
     return rows
 
 
-def triton_record_row(x, codec: ExpertCodec, record: torch.Tensor, dev: torch.device, repeats: int, exact,
-                       reference) -> dict:
-    """The triton-hqq record form: pieces packed once (as a store build does), read by the kernel as they lie."""
-    pieces, weights = 0, []
-    for name in ("gate", "up", "down"):
-        info = codec.layout.hqq_meta[name]
-        packed = {p: t.to(dev) for p, t in TRITON_HQQ.pack(codec.parts(record, name), info).items()}
-        pieces += TRITON_HQQ.nbytes(info)
-        weights.append(TRITON_HQQ.weight(packed, info))
-    seconds = _timed(partial(expert_ffn, x, *weights, F.silu), repeats, dev)
-    fast = expert_ffn(x, *weights, F.silu)
-    return {"format": "fused (triton-hqq record)", "bits": codec.bits, "group": codec.group_size,
-            "ms": seconds * 1e3, "load_ms": 0.0, "slot_bytes": pieces, "err_vs_fp32": _rel(fast, exact),
-            "err_vs_hqq": _rel(fast, reference)}
+PREVIOUS_2BIT_MIXTRAL_RECORD = 55.4e6  # store version 2's record (hqq's pieces) of a 2-bit Mixtral expert, group 32
 
 
-def record_size_markdown(hidden: int, intermediate: int, groups: dict[int, tuple[int, ...]]) -> str:
-    """One expert's record bytes per bit width and group: quant.ExpertCodec's beside the triton-hqq record's."""
-    lines = [f"**One expert's record (H {hidden}, I {intermediate}, 8-bit meta scale/zero)**", "",
-             "| bits | group | codec record bytes | triton-hqq record bytes | triton-hqq / codec |",
-             "| --- | --- | --- | --- | --- |"]
-    for b, group_sizes in groups.items():
-        for group in group_sizes:
-            (r,) = record_sizes(hidden, intermediate, (b,), group)
-            lines.append(f"| {b} | {group} | {r['codec_bytes']:,} | {r['triton_hqq_bytes']:,} | "
-                         f"{r['triton_hqq_bytes'] / r['codec_bytes']:.3f} |")
+def record_sizes(hidden: int = 4096, intermediate: int = 14336, bits: int = 2, group: int | None = None) -> list[dict]:
+    """The record of one expert in each target's form (layouts only: no weights, no memory): bytes and the
+    ratio to store version 2's single record format (hqq's pieces, converted at run time)."""
+    from .forms import FORMATS
+
+    group = group or DEFAULT_GROUP[bits]
+    rows = []
+    for name, fmt in FORMATS.items():
+        dtype = torch.float16 if name == "triton-hqq" else torch.float32
+        if not all(fmt.supports(bits, shape, group) for shape in ((intermediate, hidden), (hidden, intermediate))):
+            continue
+        codec = ExpertCodec(hidden, intermediate, bits, group, True, dtype, optimize=False, fmt=fmt)
+        target = {"int4-cpu": "CPU (torch int4 kernel)", "triton-hqq": "CUDA (Triton kernel)",
+                  "hqq": "any (hqq dequantize per use; = store version 2's record)"}[name]
+        rows.append({"form": name, "target": target, "bits": bits, "group": group, "bytes": codec.nbytes})
+    dense = ExpertCodec(hidden, intermediate, None, group, True, torch.bfloat16).nbytes
+    rows.append({"form": "dense", "target": "16-bit experts (any device)", "bits": 16, "group": None, "bytes": dense})
+    return rows
+
+
+def record_sizes_markdown(rows: list[dict], previous: float | None = None) -> str:
+    lines = ["| form | target | bits | group | MB per expert | × store version 2's record |", "|---|---|---:|---:|---:|---:|"]
+    base = previous or next((r["bytes"] for r in rows if r["form"] == "hqq"), None)
+    for r in rows:
+        ratio = f"{r['bytes'] / base:.2f}×" if base and r["bits"] != 16 else "–"
+        lines.append(f"| {r['form']} | {r['target']} | {r['bits']} | {r['group'] or '–'} | {r['bytes'] / 1e6:.1f} "
+                     f"| {ratio} |")
     return "\n".join(lines)
 
 
@@ -146,7 +146,7 @@ def to_markdown(rows: list[dict], title: str) -> str:
     bf16 = dense16["ms"]
     hqq = {(r["bits"], r["group"]): r["ms"] for r in rows if r["format"].startswith("hqq")}
     lines = [f"**{title}**", "",
-             "| format | bits | group | ms per expert FFN | × hqq path | × " + dense16["format"] + " | load into slot, ms "
+             "| format | bits | group | ms per expert FFN | × hqq path | × " + dense16["format"] + " | load into slot (a copy), ms "
              "| slot bytes | GB/s (slot bytes / time) | rel. error vs fp32 | rel. error vs hqq |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -170,13 +170,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="also 2/3-bit with groups of 16 (the paper's; hqq path only on CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--record-sizes", action="store_true",
+                        help="only print one expert's record size in each target's form (layouts, instant)")
     ns = parser.parse_args(argv)
+    if ns.record_sizes:
+        for b in (int(b) for b in ns.bits.split(",") if b.strip()):
+            print(record_sizes_markdown(record_sizes(ns.hidden, ns.intermediate, b),
+                                        PREVIOUS_2BIT_MIXTRAL_RECORD if (b, ns.hidden, ns.intermediate) == (2, 4096, 14336)
+                                        else None) + "\n")
+        return
     bits = tuple(int(b) for b in ns.bits.split(",") if b.strip())
     if any(b not in DEFAULT_GROUP for b in bits):
         parser.error(f"--bits={ns.bits!r} is not allowed: use comma-separated bits from 2, 3, 4, 8")
     extra = {2: (16,), 3: (16,)} if ns.group16 else None
-    print(record_size_markdown(ns.hidden, ns.intermediate,
-                               {b: (DEFAULT_GROUP[b],) + (extra or {}).get(b, ()) for b in bits}) + "\n")
     rows = expert_formats(ns.hidden, ns.intermediate, ns.batch, bits, extra, ns.repeats, device=ns.device)
     print(to_markdown(rows, f"One expert FFN (H {ns.hidden}, I {ns.intermediate}), batch {ns.batch}, "
                             f"{ns.device}, {torch.get_num_threads()} threads"))

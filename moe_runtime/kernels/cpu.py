@@ -16,14 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
+from ..quant import hqq_codes
+
 INT4_GROUPS = (32, 64, 128, 256)
 COMPUTE_DTYPE = torch.bfloat16  # measured: fp32/fp16 activations take the kernel's slow path (docs/results.md)
 
 
 def int4_supports(bits: int, shape: tuple[int, int], group_size: int) -> bool:
-    """Whether a [N, K] matrix quantized to `bits` with groups of `group_size` (axis 1) fits the kernel."""
-    _, k = shape
-    return bits in (2, 3, 4, 8) and group_size in INT4_GROUPS and k % group_size == 0
+    """Whether a [N, K] matrix quantized to `bits` with groups of `group_size` (axis 1) fits the kernel
+    (and a layout `int4_codes` reads back: N a multiple of 64, or N < 64 a multiple of 16)."""
+    n, k = shape
+    rows_ok = n % 64 == 0 or (n < 64 and n % 16 == 0)
+    return bits in (2, 3, 4, 8) and group_size in INT4_GROUPS and k % group_size == 0 and rows_ok
 
 
 def int4_shapes(bits: int, shape: tuple[int, int], group_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -122,3 +126,49 @@ class Int4CpuWeight:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size,
                                                        self.scale_bias)
         return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The kernel's packed layout [N, K/2] back to 4-bit codes uint8 [N, K] (plain PyTorch, for the
+    reference): per block of 64 rows, k-major bytes holding rows j (low nibble) and j + 32 (high);
+    below 64 rows, k-major bytes holding rows 2i (low) and 2i + 1 (high)."""
+    n, half = packed.shape
+    k = 2 * half
+    if n % 64 == 0:
+        tiles = packed.reshape(n // 64, k, 32).transpose(1, 2)  # [N/64, 32, K]
+        return torch.stack([tiles & 15, tiles >> 4], dim=1).reshape(n, k)  # [N/64, half, 32, K]
+    pairs = packed.reshape(k, n // 2).t()  # [N/2, K]
+    return torch.stack([pairs & 15, pairs >> 4], dim=1).reshape(n, k)  # rows 2i, 2i + 1
+
+
+class Int4CpuFormat:
+    """The matrix format of torch's int4 CPU kernel (a `kernels.forms.MatrixFormat`): codes as 4-bit
+    nibbles in the kernel's tiles, scale and bias interleaved in bf16. A 2/3-bit code takes 4 bits here
+    (2x a 2-bit record's codes), the price of computing in place with no conversion at load or use."""
+
+    name = "int4-cpu"
+    converts_per_use = False
+
+    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
+        return int4_supports(bits, shape, group_size)
+
+    def shapes(self, info: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return int4_shapes(info["nbits"], tuple(info["shape"]), info["group_size"])
+
+    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return int4_pack(*hqq_codes(tensors, info), info["nbits"], info["group_size"])
+
+    def weight(self, views: dict[str, torch.Tensor], info: dict) -> Int4CpuWeight:
+        return Int4CpuWeight(views["packed"], views["scale_bias"], info["group_size"], 2 if info["nbits"] == 8 else 1)
+
+    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
+        """W [N, K] = (q - 8) * scale + bias per group, summed over the splits of an 8-bit code."""
+        n, k = tuple(info["shape"])
+        group, splits = info["group_size"], 2 if info["nbits"] == 8 else 1
+        codes = int4_codes(views["packed"]).float().reshape(n, splits * k // group, group)  # [N, S*K/G, G]
+        scale, bias = views["scale_bias"].float().unbind(-1)  # [S*K/G, N] each
+        w = (codes - 8) * scale.t()[..., None] + bias.t()[..., None]  # [N, S*K/G, G]
+        return w.reshape(n, splits, k).sum(dim=1).to(dtype)  # hi and lo parts of an 8-bit code add up
+
+
+INT4_CPU = Int4CpuFormat()

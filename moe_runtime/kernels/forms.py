@@ -1,150 +1,118 @@
-"""What a cache slot holds for one expert, per device: the expert's compute form.
+"""Matrix formats: what one quantized matrix looks like in a record, for one kind of kernel.
 
-The store keeps the compact HQQ record (quant.ExpertCodec); when an expert enters a slot,
-`ComputeForm.load` writes the record into the slot in the form the device computes with fastest,
-and `weights` hands the slot's (gate, up, down) to `kernels.linear` as views (a hit costs only the
-matmuls). Forms:
+The store writes every expert in the form its target computes from (quant.ExpertCodec lays the
+record out from a format's `shapes` and fills it with `pack`, once, when the store is built). Every
+level then holds the same bytes: a move between levels is one contiguous copy, and computing is
+`kernels.linear(x, format.weight(views))` on views of wherever the record lies. Formats:
 
-- `StoredForm`: the slot holds the record itself. Unquantized experts (their record *is* the dense
-  matrices) and, as the fallback where no fused kernel fits, quantized ones dequantized per use by hqq.
-- `PackedForm`: fused low-bit kernels — torch's int4 CPU kernel (kernels/cpu.py) or the Triton
-  kernel on CUDA (kernels/triton_hqq.py). Codes are transcoded exactly; no dense matrix is ever made.
+- `INT4_CPU` (kernels/cpu.py): torch's int4 CPU kernel; codes as 4-bit nibbles in its tiles.
+- `TRITON_HQQ` (kernels/triton_hqq.py): the Triton kernel's record form, codes packed along K and
+  scales/zeros as stored (8-bit meta-quantized codes dequantized inside the kernel), no larger than
+  hqq's own record. `CUDA_FORMAT` names the format CUDA uses: the one place to change it.
+- `HQQ_STORED`: hqq's own pieces (packed codes, meta-quantized scale/zero), dequantized by hqq on
+  every use. The fallback where no fused kernel fits; the one format that converts per use
+  (`converts_per_use`, counted in `Counters.converted_bytes`).
+
+`choose_format(bits, group, shapes, device)` picks one for an expert's matrices. Unquantized
+experts have no matrix format: their record is the dense matrices.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import warnings
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
-from ..arch.base import ExpertWeights
-from ..quant import BIASES, MATRICES, ExpertCodec, ExpertLayout, hqq_codes
-from .cpu import Int4CpuWeight, int4_pack, int4_shapes, int4_supports
-from .triton_hqq import HqqTritonWeight, triton_pack, triton_shapes, triton_supports
-
-
-class ComputeForm(Protocol):
-    """nbytes: a slot's size; load(record uint8 [>= codec.nbytes], slot uint8 [>= nbytes]) on the slot's
-    device; weights(slot) -> ExpertWeights: gate [I, H], up [I, H], down [H, I], each a tensor or a packed
-    weight, and the expert's biases (dense, or None)."""
-
-    nbytes: int
-    transcodes: bool  # False: a slot is a plain copy of the record
-
-    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None: ...
-
-    def weights(self, slot: torch.Tensor) -> ExpertWeights: ...
+from ..quant import dequantize_matrix
+from .cpu import INT4_CPU
+from .triton_hqq import TRITON_HQQ
 
 
-class StoredForm:
-    transcodes = False
+class MatrixFormat(Protocol):
+    """One quantized [N, K] matrix (HQQ axis-1 groups) in a record, for one kind of kernel.
 
-    def __init__(self, codec: ExpertCodec) -> None:
-        self.codec, self.nbytes = codec, codec.nbytes
+    shapes(info, dtype): named pieces -> (shape, dtype); pack(tensors, info, dtype): quant.quantize_matrix's
+    (tensors, info) -> those pieces, exactly (codes bit-exact), at store build time only; weight(views, info):
+    what kernels.linear computes with, from views of the record (no copy, no conversion); reference(views,
+    info, dtype) -> the dense [N, K] matrix in plain PyTorch (tests: equals hqq's dequantize)."""
 
-    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
-        slot[: self.nbytes].copy_(record[: self.nbytes])
+    name: str
+    converts_per_use: bool
 
-    def weights(self, slot: torch.Tensor) -> ExpertWeights:
-        return self.codec.decode(slot)
+    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool: ...
 
+    def shapes(self, info: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]: ...
 
-class PackedForm:
-    """`kind` "int4-cpu" (torch's int4 CPU kernel) or "triton" (the HQQ Triton kernel, CUDA)."""
+    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
-    transcodes = True
+    def weight(self, views: dict[str, torch.Tensor], info: dict): ...
 
-    def __init__(self, codec: ExpertCodec, kind: str, dtype: torch.dtype = torch.float16) -> None:
-        if kind not in ("int4-cpu", "triton"):
-            raise ValueError(f"packed form kind={kind!r} is not allowed: use 'int4-cpu' or 'triton'")
-        self.codec, self.kind, self.dtype = codec, kind, dtype
-        self.layout = ExpertLayout()
-        for name in MATRICES:
-            for piece, (shape, piece_dtype) in self._shapes(codec.shapes[name]).items():
-                self.layout.add(f"{name}.{piece}", torch.empty(shape, dtype=piece_dtype, device="meta"))
-        self.biases = [name for name in BIASES if name in codec.layout.slots]  # kept dense, as stored
-        for name in self.biases:
-            stored = codec.layout.slots[name]
-            self.layout.add(name, torch.empty(stored.shape, dtype=stored.dtype, device="meta"))
-        self.nbytes = self.layout.nbytes
-        self._views: dict[tuple, ExpertWeights] = {}  # (device, slot address) -> that slot's weights
-
-    def _shapes(self, shape: tuple[int, int]) -> dict:
-        bits, group = self.codec.bits, self.codec.group_size
-        if self.kind == "int4-cpu":
-            return int4_shapes(bits, shape, group)
-        return triton_shapes(bits, shape, group, self.dtype)
-
-    def load(self, record: torch.Tensor, slot: torch.Tensor) -> None:
-        bits, group = self.codec.bits, self.codec.group_size
-        for name in MATRICES:
-            codes, scale, zero = hqq_codes(self.codec.parts(record, name), self.codec.layout.hqq_meta[name])
-            if self.kind == "int4-cpu":
-                pieces = int4_pack(codes, scale, zero, bits, group)
-            else:
-                pieces = triton_pack(codes, scale, zero, bits, self.dtype)
-            for piece, tensor in pieces.items():
-                self.layout.slots[f"{name}.{piece}"].view(slot).copy_(tensor)
-        for name in self.biases:
-            self.layout.slots[name].view(slot).copy_(self.codec.layout.slots[name].view(record))
-
-    def weights(self, slot: torch.Tensor) -> ExpertWeights:
-        """The slot's packed weights: views, made once per slot and reused (a reload rewrites the bytes
-        they view, not the views), so a hit costs no Python bookkeeping beyond a dict lookup."""
-        key = (slot.device, slot.data_ptr())
-        cached = self._views.get(key)
-        if cached is None:
-            cached = self._views[key] = self._make_views(slot)
-        return cached
-
-    def _make_views(self, slot: torch.Tensor) -> ExpertWeights:
-        out = []
-        for name in MATRICES:
-            view = {piece: s.view(slot) for piece, s in self.layout.slots.items() if piece.startswith(name + ".")}
-            view = {k.split(".", 1)[1]: v for k, v in view.items()}
-            out.append(packed_weight(self.kind, view, self.codec.layout.hqq_meta[name]))
-        return ExpertWeights(*out, *(self.layout.slots[name].view(slot) for name in self.biases))
+    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor: ...
 
 
-def pack_matrix(tensors: dict[str, torch.Tensor], info: dict, device: torch.device,
-                dtype: torch.dtype) -> tuple[str, dict[str, torch.Tensor]] | None:
-    """One HQQ-quantized matrix (quant.quantize_matrix's pieces) -> (kind, the fused kernel's pieces) for
-    `device`, or None where no fused kernel fits (attention projections: quant.HQQLinear)."""
-    bits, group, shape = info["nbits"], info["group_size"], tuple(info["shape"])
-    if info["axis"] != 1:
-        return None
-    if device.type == "cpu" and int4_supports(bits, shape, group):
-        return "int4-cpu", int4_pack(*hqq_codes(tensors, info), bits, group)
-    if device.type == "cuda" and triton_supports(bits, shape, group) and importlib.util.find_spec("triton"):
-        dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-        return "triton", triton_pack(*hqq_codes(tensors, info), bits, dtype)
+@dataclass(frozen=True)
+class HqqDequantWeight:
+    """hqq's pieces of one matrix, dequantized by hqq on each use (the fallback: slow, converts per use)."""
+
+    pieces: dict
+    info: dict
+    dtype: torch.dtype
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_matrix(self.pieces, self.info, self.dtype).reshape(tuple(self.info["shape"]))
+        return F.linear(x.to(self.dtype), weight).to(x.dtype)
+
+
+class HqqStoredFormat:
+    name = "hqq"
+    converts_per_use = True
+
+    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
+        return bits in (2, 3, 4, 8) and (shape[0] * shape[1]) % group_size == 0
+
+    def shapes(self, info: dict, dtype: torch.dtype) -> dict:
+        return {name: (tuple(shape), piece_dtype) for name, (shape, piece_dtype) in info["pieces"].items()}
+
+    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def weight(self, views: dict[str, torch.Tensor], info: dict) -> HqqDequantWeight:
+        return HqqDequantWeight(views, info, info["dtype"])
+
+    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_matrix(views, info, dtype).reshape(tuple(info["shape"]))
+
+
+HQQ_STORED = HqqStoredFormat()
+CUDA_FORMAT: MatrixFormat = TRITON_HQQ  # the format CUDA stores are written in (one place)
+FORMATS: dict[str, MatrixFormat] = {f.name: f for f in (INT4_CPU, TRITON_HQQ, HQQ_STORED)}
+
+
+def fused_format(device: torch.device) -> MatrixFormat | None:
+    """The fused-kernel format of a device type, or None (no kernel for it here)."""
+    if device.type == "cpu":
+        return INT4_CPU
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return CUDA_FORMAT
     return None
 
 
-def packed_weight(kind: str, pieces: dict[str, torch.Tensor], info: dict):
-    """The weight object `kernels.linear` computes with, from `pack_matrix`'s pieces."""
-    if kind == "int4-cpu":
-        return Int4CpuWeight(pieces["packed"], pieces["scale_bias"], info["group_size"], 2 if info["nbits"] == 8 else 1)
-    return HqqTritonWeight(pieces["codes"], pieces["scale"], pieces["zero"], info["nbits"], info["group_size"])
-
-
-def compute_form(codec: ExpertCodec, device: torch.device) -> ComputeForm:
-    """The fastest form `device` computes `codec`'s experts with (docs/results.md, "Fused quantized compute")."""
-    if codec.bits is None:
-        return StoredForm(codec)
-    matrices = [codec.shapes[name] for name in MATRICES]  # biases stay dense whatever the form
-    fits = {kind: all(check(codec.bits, shape, codec.group_size) for shape in matrices)
-            for kind, check in (("int4-cpu", int4_supports), ("triton", triton_supports))}
-    if device.type == "cpu" and fits["int4-cpu"]:
-        return PackedForm(codec, "int4-cpu")
-    if device.type == "cuda" and fits["triton"] and importlib.util.find_spec("triton") is not None:
-        dtype = codec.dtype if codec.dtype in (torch.float16, torch.bfloat16) else torch.float16
-        return PackedForm(codec, "triton", dtype)
-    inputs = sorted({shape[1] for shape in matrices})
-    warnings.warn(f"no fused kernel for {codec.bits}-bit experts with group size {codec.group_size} and input "
-                  f"sizes {inputs} on {device.type} (CPU: groups of 32/64/128/256 dividing the input size; CUDA: "
-                  "the triton package, input sizes divisible by 64 and by the group): experts are dequantized by "
-                  "hqq on every use, which is slow", stacklevel=2)
-    return StoredForm(codec)
+def choose_format(bits: int, group_size: int, shapes: list[tuple[int, int]], device: torch.device,
+                  warn: bool = True) -> MatrixFormat:
+    """The format `device` computes `bits`-bit matrices of these [N, K] shapes from: its fused kernel's
+    where every shape fits it, else hqq's pieces dequantized per use (with a warning)."""
+    fused = fused_format(torch.device(device))
+    if fused is not None and all(fused.supports(bits, tuple(shape), group_size) for shape in shapes):
+        return fused
+    if warn:
+        inputs = sorted({shape[1] for shape in shapes})
+        warnings.warn(f"no fused kernel for {bits}-bit matrices with group size {group_size} and input sizes "
+                      f"{inputs} on {torch.device(device).type} (CPU: groups of 32/64/128/256 dividing the input "
+                      "size, output sizes a multiple of 64 or of 16 below 64; CUDA: the triton package, input sizes "
+                      "divisible by 64 and by the group): they are dequantized by hqq on every use, which is slow",
+                      stacklevel=3)
+    return HQQ_STORED

@@ -238,6 +238,7 @@ class TritonHqqFormat:
     """The matrix format the Triton kernel reads (see the module docstring for the record's pieces)."""
 
     name = "triton-hqq"
+    converts_per_use = False  # the kernel reads the record as it lies
 
     def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
         """2/3/4/8 bits, groups dividing K, K a multiple of 8 (a packed row ends on a byte); any N."""
@@ -323,51 +324,3 @@ def record_sizes(hidden: int = 4096, intermediate: int = 14336, bits=(2, 3, 4, 8
             triton = -(-triton // ALIGN) * ALIGN + TRITON_HQQ.nbytes(codec.layout.hqq_meta[name])
         rows.append({"bits": b, "group": group, "codec_bytes": codec.nbytes, "triton_hqq_bytes": triton})
     return rows
-
-
-# --- the per-load transcode that kernels/forms.py's PackedForm("triton") still uses --------------------
-# (3-bit as 4-bit codes, scale/zero dense in the compute dtype). It goes when forms.py takes TRITON_HQQ
-# (issue 16: the record is the kernel's form); until then it runs on the same kernel.
-def stored_bits(bits: int) -> int:
-    return 4 if bits == 3 else bits
-
-
-def triton_supports(bits: int, shape: tuple[int, int], group_size: int) -> bool:
-    return TRITON_HQQ.supports(bits, shape, group_size)
-
-
-def triton_shapes(bits: int, shape: tuple[int, int], group_size: int, dtype: torch.dtype) -> dict:
-    n, k = shape
-    return {"codes": ((n, k * stored_bits(bits) // 8), torch.uint8),
-            "scale": ((n, k // group_size), dtype), "zero": ((n, k // group_size), dtype)}
-
-
-def triton_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HQQ pieces (codes uint8 [N, K], scale, zero fp32 [N, K/G]) -> the transcoded pieces."""
-    return {"codes": _pack_along_k(codes, stored_bits(bits)), "scale": scale.to(dtype).contiguous(),
-            "zero": zero.to(dtype).contiguous()}
-
-
-@dataclass(frozen=True)
-class HqqTritonWeight:
-    """A transcoded [N, K] weight (triton_pack's pieces), computed in its scale's dtype."""
-
-    codes: torch.Tensor  # uint8 [N, K*stored_bits/8]
-    scale: torch.Tensor  # [N, K/G], compute dtype
-    zero: torch.Tensor  # [N, K/G], compute dtype
-    bits: int
-    group_size: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.codes.shape[0], self.codes.shape[1] * 8 // stored_bits(self.bits)
-
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        check_kernel_dtype(x.device, self.scale.dtype)
-        n, k = self.shape
-        x2 = x.reshape(-1, k).to(self.scale.dtype).contiguous()  # [M, K]
-        pieces = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
-        y = hqq_matmul(x2, pieces, stored_bits(self.bits), self.group_size, n, k)
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
-

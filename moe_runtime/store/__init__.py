@@ -29,10 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar
 
 import torch
 import xxhash
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from ..quant import ExpertCodec
 
 PAGE = 4096
-STORE_VERSION = 2  # 2: checksums of records and dense tensors
+STORE_VERSION = 3  # 2: checksums of records and dense tensors; 3: records in the target's form (codec.form_name)
 CHECKSUM = "xxh3_64"
 STORE_FILE = "experts.safetensors"
 STORE_META = "store.json"
@@ -132,7 +133,8 @@ class StoreWriter:
             for layer in range(num_layers)
             for expert in range(num_experts)
         }
-        header["__metadata__"] = {"format": "moe-expert-store", "version": str(STORE_VERSION)}
+        header["__metadata__"] = {"format": "moe-expert-store", "version": str(STORE_VERSION),
+                                  "form": codec.form_name}
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (round_up(8 + len(text)) - 8 - len(text))  # records start page-aligned
         self.start = 8 + len(text)
@@ -166,7 +168,8 @@ class StoreWriter:
     def finish(self) -> Path:
         if self.todo:
             raise RuntimeError(f"expert store {self.folder}: {len(self.todo)} experts were never written")
-        meta = {"version": STORE_VERSION, "stride": self.stride, "expert_nbytes": self.codec.nbytes,
+        meta = {"version": STORE_VERSION, "form": self.codec.form_name, "stride": self.stride,
+                "expert_nbytes": self.codec.nbytes,
                 "num_layers": self.num_layers, "num_experts": self.num_experts, "data_start": self.start,
                 "identity": self.identity, "checksum": CHECKSUM, "record_checksums": self.sums}
         if self.dense is not None:
@@ -285,8 +288,11 @@ def open_store(folder: Path, num_layers: int, num_experts: int, codec: ExpertCod
     meta = read_meta(folder)
     if meta is None:
         return None
-    expected = (STORE_VERSION, num_layers, num_experts, codec.nbytes, round_up(codec.nbytes), CHECKSUM)
-    found = (meta.get("version"), meta.get("num_layers"), meta.get("num_experts"),
+    if meta.get("version") != STORE_VERSION or meta.get("form") != codec.form_name:
+        warnings.warn(f"{folder}: {stale_reason(meta, codec)}; rebuilding it", stacklevel=2)
+        return None
+    expected = (num_layers, num_experts, codec.nbytes, round_up(codec.nbytes), CHECKSUM)
+    found = (meta.get("num_layers"), meta.get("num_experts"),
              meta.get("expert_nbytes"), meta.get("stride"), meta.get("checksum"))
     file = folder / STORE_FILE
     if found != expected or not file.exists() or not _valid_sums(meta.get("record_checksums"), num_layers, num_experts):
@@ -302,6 +308,31 @@ def open_store(folder: Path, num_layers: int, num_experts: int, codec: ExpertCod
                       and _dense_intact(folder / DENSE_FILE, meta.get("dense_checksums"))):
         return None
     return meta
+
+
+def stale_reason(meta: dict, codec: ExpertCodec) -> str:
+    """Why a store's records cannot be read by this version with `codec`: another store version, or
+    records in another form than the one this device computes from."""
+    version, form = meta.get("version"), meta.get("form")
+    if version != STORE_VERSION:
+        return (f"it was built by an earlier version of moe-offload (store version {version}, one record "
+                f"format converted at run time; this version: {STORE_VERSION}, records in the form "
+                f"{codec.form_name!r} the device computes from)")
+    return f"its records are in the form {form!r}, this device computes from {codec.form_name!r}"
+
+
+def replace_legacy_store(legacy: Path, folder: Path) -> bool:
+    """A store an earlier version built for the same model and settings, under the folder name it
+    computed (`legacy`), cannot be read by this one: warn, naming it and its replacement `folder`, and
+    remove it (the disk may not hold both). Returns whether there was one."""
+    meta = read_meta(legacy)
+    if legacy == folder or meta is None or meta.get("version") == STORE_VERSION:
+        return False
+    warnings.warn(f"the expert store {legacy} was built by an earlier version of moe-offload (store version "
+                  f"{meta.get('version')}): this version stores records in the form the device computes from; "
+                  f"removing it and building {folder}", stacklevel=3)
+    shutil.rmtree(legacy, ignore_errors=True)
+    return True
 
 
 def _valid_sums(sums, num_layers: int, num_experts: int) -> bool:
@@ -388,38 +419,63 @@ def _data_start(file: Path) -> int:
         return 8 + int.from_bytes(f.read(8), "little")
 
 
-class SlowTier(Protocol):
-    """Where expert records come from when they are not in a device slot.
+class SlowTier:
+    """Where expert records come from when they are not in a device slot (the base of every tier).
 
     `copy_to(layer, expert, dst)` fills `dst` (uint8 [nbytes] or larger, on the compute device or the
     host) with the record of one expert; it may be called from the demand path and the prefetch worker
-    at once. `nbytes` is one record's size as moved (what a load costs in bytes); `close()` lets go of
-    files and buffers. `level_of(layer, expert)` names where the record is now ("ram", "disk"; a
-    tier with levels answers per expert), for the app's timeline and cache map.
+    at once. `nbytes` is one record's size as moved; `close()` lets go of files and buffers.
+    `level_of(layer, expert)` names where the record is now ("ram", "disk", "host"), for the app's
+    timeline and cache map.
+
+    Capabilities, declared per class (False by default) and checked where the plan needs them
+    (`require`), never discovered:
+    - `exchanges`: `exchange(layer, expert, evicted, dst)` takes the device slot's evicted record back
+      (exclusive levels, CUDA) with the load that overwrites it;
+    - `shares_memory`: the device computes from the tier's own memory (CPU): `attach(layer, expert)`
+      pins the record where it lies and returns a view of it (read from disk into RAM first if needed),
+      `detach(layer, expert)` lets it go; no device slot holds a second copy.
+    `direct_io`: whether disk reads bypass the page cache (None: this tier reads no disk).
     """
 
     nbytes: int
+    exchanges: ClassVar[bool] = False
+    shares_memory: ClassVar[bool] = False
+    direct_io: bool | None = None
 
-    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None: ...
+    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
+        raise NotImplementedError
 
-    def level_of(self, layer: int, expert: int) -> str: ...
+    def level_of(self, layer: int, expert: int) -> str:
+        return "slow tier"
 
-    def close(self) -> None: ...
+    def exchange(self, layer: int, expert: int, evicted: int, dst: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not take evicted experts back")
+
+    def attach(self, layer: int, expert: int) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not share its memory with the device")
+
+    def detach(self, layer: int, expert: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not share its memory with the device")
+
+    def close(self) -> None:
+        pass
+
+    def require(self, capability: str, why: str) -> None:
+        """Refuse a plan that needs `capability` ("exchanges", "shares_memory") of a tier without it."""
+        if not getattr(self, capability):
+            raise ValueError(f"{why} needs a slow tier that {capability.replace('_', ' ')}; "
+                             f"{type(self).__name__} does not")
 
 
-def level_of(tier, layer: int, expert: int) -> str:
-    """Where the slow tier holds an expert now ("ram", "disk", ...: `SlowTier.level_of`); tiers
-    without that method (test doubles) are "slow tier"."""
-    query = getattr(tier, "level_of", None)
-    return query(layer, expert) if query is not None else "slow tier"
+class RamTier(SlowTier):
+    """All expert records in host memory: `copy_to` is a (non-blocking on CUDA) copy; on a CPU device
+    the experts compute where they lie (`attach` returns the record itself)."""
 
-
-class RamTier:
-    """All expert records in host memory; `copy_to` is a (non-blocking on CUDA) copy."""
-
-    def __init__(self, records: list[torch.Tensor], nbytes: int) -> None:
+    def __init__(self, records: list[torch.Tensor], nbytes: int, shares_memory: bool = False) -> None:
         self.records = records  # per layer: uint8 [E, stride]
         self.nbytes = nbytes
+        self.shares_memory = shares_memory  # the device is the CPU: experts compute from these records
 
     @classmethod
     def from_file(cls, folder: Path, num_layers: int, num_experts: int, stride: int, nbytes: int,
@@ -437,7 +493,7 @@ class RamTier:
                 for expert in range(num_experts):
                     _verify(folder, sums, layer, expert, buf[expert])
                 records.append(buf)
-        return cls(records, nbytes)
+        return cls(records, nbytes, shares_memory=not pin)
 
     @classmethod
     def from_encoder(cls, codec: ExpertCodec, num_layers: int, num_experts: int, expert_weights,
@@ -451,10 +507,16 @@ class RamTier:
                     codec.encode(*expert_weights(layer, expert), out=buf[expert])
                     bar.update()
                 records.append(buf)
-        return cls(records, codec.nbytes)
+        return cls(records, codec.nbytes, shares_memory=not pin)
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         dst.copy_(self.records[layer][expert, : dst.numel()], non_blocking=True)
+
+    def attach(self, layer: int, expert: int) -> torch.Tensor:
+        return self.records[layer][expert]
+
+    def detach(self, layer: int, expert: int) -> None:
+        pass
 
     def level_of(self, layer: int, expert: int) -> str:
         return "ram"
@@ -463,7 +525,7 @@ class RamTier:
         self.records = []
 
 
-class DiskTier:
+class DiskTier(SlowTier):
     """Expert records read from the store file on every load (O_DIRECT where allowed)."""
 
     def __init__(self, folder: Path, num_experts: int, stride: int, nbytes: int, device: torch.device) -> None:
@@ -522,41 +584,3 @@ class DiskTier:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-class TranscodingTier:
-    """Any tier, converting on load: cache slots hold an expert's compute form (kernels.forms), e.g.
-    packed for a fused low-bit kernel. A miss or a prefetch (on its
-    worker thread) pays the conversion once; a hit costs only the compute. What moves from the slow
-    tier is still the record as stored.
-    """
-
-    def __init__(self, inner, codec: ExpertCodec, form) -> None:
-        self.inner, self.codec, self.form = inner, codec, form
-        self.nbytes = inner.nbytes
-        self.stride = round_up(codec.nbytes)
-        self._local = threading.local()
-
-    @property
-    def direct_io(self) -> bool | None:
-        return getattr(self.inner, "direct_io", None)
-
-    def _staging(self, device: torch.device) -> torch.Tensor:
-        """One buffer per thread for the record, on the compute device (converted there)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or buf.device != device:
-            buf = aligned_empty(self.stride, device)
-            self._local.buf = buf
-        return buf
-
-    def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        staging = self._staging(dst.device)
-        self.inner.copy_to(layer, expert, staging)
-        self.form.load(staging, dst)
-
-    def level_of(self, layer: int, expert: int) -> str:
-        return self.inner.level_of(layer, expert)
-
-    def close(self) -> None:
-        self.inner.close()
-
