@@ -40,7 +40,7 @@ def run_workload(job: Job):
     import torch
 
     device = torch.device(job.device)
-    spec = wl.spec_for(device, **{**job.spec, "device": job.device})
+    spec = wl.spec_for(device, **job.spec, records_for=job.device)
     replay = wl.map_trace(RoutingTrace.load(job.trace), spec.layers)
     facts = {"workload": wl.describe(spec, replay, packed=not job.variant.startswith("accelerate"))}
     if job.variant.startswith("accelerate"):

@@ -69,6 +69,9 @@ def spec_for(device, **fields) -> WorkloadSpec:
     the device's 16-bit dtype (bf16 on CPU and on GPUs of compute capability 8.0+, fp16 below) unless a
     dtype is given, which must be one the device computes in."""
     dtype = choose_compute(device, fields.pop("dtype", "half")).dtype
+    records_for = fields.pop("records_for", None)  # the device the records are formed for (WorkloadSpec.device)
+    if records_for is not None:
+        fields["device"] = str(records_for)
     return WorkloadSpec(**fields, dtype=str(dtype).removeprefix("torch."))
 
 
