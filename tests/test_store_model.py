@@ -202,3 +202,19 @@ def test_build_reuses_a_complete_store(embedded_store, tmp_path):
     first = build_store(source, OffloadConfig(device="cpu", expert_bits=4, hqq_optimize=False), tmp_path / "s")
     again = build_store(source, OffloadConfig(device="cpu", expert_bits=4, hqq_optimize=False), tmp_path / "s")
     assert (first.experts_built, again.experts_built, again.experts_reused) == (32, 0, 32)
+
+
+def test_a_store_built_for_another_device_is_refused_naming_both_forms(tmp_path):
+    """A store's records are in the form of the device it was built for: a 4-bit store built on this CPU
+    (int4-cpu records) is refused where another form is computed from (the CUDA record, triton-hqq) —
+    stood in for here by rewriting its store.json — with both forms named, never misread."""
+    source = tmp_path / "tiny-mixtral"
+    shutil.copytree(EMBEDDED_MODEL_DIR, source)
+    report = build_store(source, OffloadConfig(device="cpu", expert_bits=4, hqq_optimize=False), out=tmp_path / "s")
+    store = Path(report.store)
+    meta = json.loads((store / "store.json").read_text())
+    assert meta["form"] == "int4-cpu"
+    meta["form"] = "triton-hqq"
+    (store / "store.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"'triton-hqq', this device computes from 'int4-cpu'.*store build"):
+        load(store, OffloadConfig(device="cpu"))

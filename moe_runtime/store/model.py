@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..config import OffloadConfig
-from . import DENSE_FILE, STORE_META, DiskTier, RamTier, open_store, round_up
+from . import DENSE_FILE, STORE_META, STORE_VERSION, DiskTier, RamTier, open_store, read_meta, round_up, stale_reason
 
 SETTINGS_FILE = "offload.json"
 CARD = "README.md"
@@ -96,6 +96,11 @@ def open_store_model(folder: Path, offload: str, shape, codec, device):
     """(tier, folder, dense tensors by name -> reader) of a store folder; ValueError if it is incomplete."""
     from ..checkpoint import open_safetensors
 
+    meta = read_meta(folder) or {}
+    if meta.get("version") == STORE_VERSION and meta.get("form") != codec.form_name:
+        raise ValueError(f"the store {folder.name} cannot run here: {stale_reason(meta, codec)} (a store is written "
+                         f"in the form of the device it was built for); build one for this device from the original "
+                         f"checkpoint: python -m moe_runtime.store build MODEL --device {device.type} ...")
     if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
         raise ValueError(f"{folder} holds no complete, undamaged store for its own settings: "
                          f"`python -m moe_runtime.store verify {folder}` says what is wrong")
