@@ -36,6 +36,8 @@ class Job:
     expert_bits: int | None = None
     trace: str = ""
     spec: dict = field(default_factory=dict)
+    shape: str = ""  # the shape part: a name of bench/hub_shapes.py
+    max_rss_gb: float | None = None  # the shape part: refuse a variant predicted to need more RAM
 
 
 # --- counters of a window -----------------------------------------------------------------------
