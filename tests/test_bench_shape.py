@@ -94,3 +94,20 @@ def test_a_variant_over_the_memory_limit_is_reported_with_the_numbers(tmp_path):
     assert code == 1
     (row,) = json.loads((out / "bench.json").read_text())["results"]
     assert "does not fit --max-rss-gb 0.5" in row["error"] and "dense part" in row["error"]
+
+
+def test_uniform_routing_draws_distinct_experts_for_every_token(tmp_path):
+    folder, facts = bench_shape.build_shape_store("tiny-olmoe", 4, tmp_path)
+    engine = load(folder, OffloadConfig(device="cpu", offload="ram", cache_size=8, prefetch=0, record_trace=True))
+    try:
+        bench_shape.draw_uniform_routing(engine.experts, facts["experts"])
+        ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            engine.model(ids)
+        trace = engine.stats().trace
+    finally:
+        engine.close()
+    chosen = [sorted(token) for layer in trace.selected for token in layer]
+    assert len(chosen) == facts["layers"] * 24 and all(len(set(c)) == facts["top_k"] for c in chosen)
+    assert {e for c in chosen for e in c} == set(range(facts["experts"]))
+    assert len({tuple(c) for c in chosen}) > 10  # drawn anew for each token, not one choice repeated

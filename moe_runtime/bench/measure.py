@@ -38,6 +38,7 @@ class Job:
     spec: dict = field(default_factory=dict)
     shape: str = ""  # the shape part: a name of bench/hub_shapes.py
     max_rss_gb: float | None = None  # the shape part: refuse a variant predicted to need more RAM
+    routing: str = "model"  # the shape part: the random model's routers, or "uniform" draws (bench/shape.py)
 
 
 # --- counters of a window -----------------------------------------------------------------------

@@ -173,11 +173,15 @@ def _shape_line(rows: dict) -> str:
     f = ran[0]
     bits = f"{f['bits']}-bit HQQ (group {f['group_size']}, 8-bit meta)" if f["bits"] else "16-bit"
     built = f", built in {_f(f['build_seconds'], 0)} s" if f.get("build_seconds") is not None else ""
+    budgeted = [r["settings"] for r in ran if r["variant"] != "resident"]
+    cache = (f"host-budget variants: cache {budgeted[0]['cache_size']} experts/layer, prefetch "
+             f"{budgeted[0]['prefetch']}; " if budgeted else "")
     return (f"shape `{f['shape']}` ({f['hub_repo']}): {f['layers']} MoE layers × {f['experts']} experts "
             f"(top-{f['top_k']}), H {f['hidden']}, I {f['intermediate']}; experts {bits} in the `{f['form']}` form, "
             f"{_f(f['expert_bytes'] / MB, 2)} MB each, {_f(f['layers'] * f['experts'] * f['stride'] / 1e9, 2)} GB in "
             f"all; dense part {_f(f['dense_bytes'] / 1e9, 2)} GB; store {_f(f['store_bytes'] / 1e9, 2)} GB{built}; "
-            f"prompt {job['prompt_tokens']} tokens, {job['warmup']} warm-up + {job['tokens']} timed decode steps")
+            f"routing: {job.get('routing', 'model')}; {cache}prompt {job['prompt_tokens']} tokens, {job['warmup']} warm-up + {job['tokens']} "
+            "timed decode steps")
 
 
 def _error_line(error: str) -> str:

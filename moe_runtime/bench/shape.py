@@ -14,9 +14,13 @@ L * E (Qwen3-30B-A3B: 6,144 experts, ~0.4 s each on this CPU). Dense part: norm 
 every other tensor normal with the initializer's std, in the compute dtype.
 
 The run (`run_shape`) loads the folder with `moe_runtime.load` and decodes with the KV cache, each step
-fed the next token of a fixed random sequence (teacher forcing, the same tokens for every variant);
-the routing is what the random routers make of it, near uniform over the experts, so a partial budget
-sees more misses than a trained model's skewed routing would give.
+fed the next token of a fixed random sequence (teacher forcing, the same tokens for every variant).
+Routing, which decides what a partial budget misses, is not a trained model's either way (`ROUTINGS`):
+"model" keeps what the random routers choose, which barely changes from token to token (random attention
+averages the context into a residual stream much the same for every token: a cache's best case);
+"uniform" replaces each MoE layer's choice, before the experts run, by top_k experts drawn uniformly
+at random for every token (no locality at all: the worst case; the speculator still guesses from the
+random routers, so its prefetches miss).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from .hub_shapes import hub_shape
 from .measure import Job, timed
 
+ROUTINGS = ("model", "uniform")
 POOL_BYTES = 256 << 20  # distinct expert records made (at most 16)
 GB = 1e9
 RUNTIME_OVERHEAD_BYTES = 1 << 30  # Python, torch and transformers with a model built, before any weight
@@ -190,6 +195,22 @@ def predicted_bytes(settings: dict, facts: dict) -> int:
     return facts["dense_bytes"] + records * facts["stride"] + RUNTIME_OVERHEAD_BYTES
 
 
+def draw_uniform_routing(modules, num_experts: int, seed: int = 0) -> None:
+    """Make every offloaded experts module compute top_k experts drawn uniformly for each token (distinct,
+    weights 1/top_k), in place of the router's choice: a pre-hook on its (hidden_states, top_k_index,
+    top_k_weights) call. One generator, so every variant draws the same experts for the same steps."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(module, args, kwargs):
+        hidden_states, index, weights = (*args, *kwargs.values())  # as the MoE block passes them
+        tokens, top_k = index.shape
+        drawn = torch.rand(tokens, num_experts, generator=gen).argsort(dim=-1)[:, :top_k]  # [T, K]
+        return (hidden_states, drawn.to(index), torch.full_like(weights, 1.0 / top_k)), {}
+
+    for module in modules:
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def run_shape(job: Job):
     """Build (or reuse) the shape's store, load it with the variant's settings, decode: (measured, facts)."""
     from .. import OffloadConfig, load
@@ -215,6 +236,9 @@ def run_shape(job: Job):
                 for expert in range(facts["experts"]):
                     module.cache.acquire(expert)
                     module.cache.release(expert)
+        if job.routing == "uniform":
+            draw_uniform_routing(engine.experts, facts["experts"])
+        facts["routing"] = job.routing
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, engine.model.config.vocab_size, (1, job.prompt_tokens + job.warmup + job.tokens + 1),
                             generator=gen).to(job.device)
