@@ -74,7 +74,7 @@ def test_shape_store_is_a_model_that_computes_its_records(tmp_path, bits):
 def test_shape_part_runs_from_the_command_line(tmp_path):
     out = tmp_path / "out"
     code = cli.main(["--quick", "--shape", "tiny-olmoe", "--expert-bits", "4", "--out", str(out), "--store-dir",
-                     str(tmp_path / "store"), "--variants", "resident,lru+host-half,lru+host-quarter"])
+                     str(tmp_path / "store"), "--variants", "resident,lru+host-half,lru+host-quarter", "--attn-bits", "4"])
     assert code == 0
     report = json.loads((out / "bench.json").read_text())
     rows = {r["variant"]: r for r in report["results"]}
@@ -84,6 +84,7 @@ def test_shape_part_runs_from_the_command_line(tmp_path):
     every = 2 * 8  # tiny-olmoe: 2 layers x 8 experts
     assert rows["lru+host-half"]["engine"]["levels"]["host"]["slots"] == every // 2
     assert rows["lru+host-quarter"]["engine"]["levels"]["host"]["slots"] == every // 4
+    assert all(r["attn_bits"] == 4 and r["routing"] == "model" for r in rows.values())
     assert "tiny-olmoe" in (out / "bench.md").read_text()
 
 

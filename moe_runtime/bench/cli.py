@@ -93,6 +93,7 @@ class Plan:
     shape: str = ""  # the shape part's hub shape (bench/hub_shapes.py)
     max_rss_gb: float | None = None  # the shape part: refuse variants predicted to need more RAM
     routing: str = "model"  # the shape part's routing (bench/shape.py ROUTINGS)
+    attn_bits: int | None = None  # the shape part's attention (OffloadConfig.attn_bits)
 
     def jobs(self) -> list[Job]:
         return [job for job in self._all_jobs() if not self.variants or job.variant in self.variants]
@@ -114,7 +115,7 @@ class Plan:
             prompt, warm, tokens = (8, 2, 4) if self.quick else (16, 8, 32)
             for v in [v for v in SHAPE_VARIANTS if v in self.variants] or ["resident", "lru+host-half"]:
                 jobs.append(Job("shape", v, warm, tokens, prompt_tokens=prompt, expert_bits=self.expert_bits,
-                                shape=self.shape, max_rss_gb=self.max_rss_gb, routing=self.routing, **common))
+                                shape=self.shape, max_rss_gb=self.max_rss_gb, routing=self.routing, attn_bits=self.attn_bits, **common))
         dims = QUICK_DIMS if self.quick else MIXTRAL_DIMS
         for part, bits in WORKLOAD_PARTS.items():
             if part not in self.parts:
@@ -245,6 +246,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--shape-routing", choices=("model", "uniform"), default="model",
                     help="shape part: the random routers' own choice (little changes between tokens: a cache's "
                          "best case) or top-k experts drawn uniformly per token (no locality: its worst case)")
+    ap.add_argument("--attn-bits", type=int, choices=(4, 8), default=None,
+                    help="shape part: HQQ-quantize attention when loading (OffloadConfig.attn_bits; default: bf16)")
     ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
                 args.store_dir, args.device, args.threads, variants, args.expert_bits, args.shape, args.max_rss_gb,
-                args.shape_routing)
+                args.shape_routing, args.attn_bits)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)

@@ -180,6 +180,7 @@ def _shape_line(rows: dict) -> str:
             f"(top-{f['top_k']}), H {f['hidden']}, I {f['intermediate']}; experts {bits} in the `{f['form']}` form, "
             f"{_f(f['expert_bytes'] / MB, 2)} MB each, {_f(f['layers'] * f['experts'] * f['stride'] / 1e9, 2)} GB in "
             f"all; dense part {_f(f['dense_bytes'] / 1e9, 2)} GB; store {_f(f['store_bytes'] / 1e9, 2)} GB{built}; "
+            f"attention {str(job['attn_bits']) + '-bit HQQ' if job.get('attn_bits') else 'as stored'}; "
             f"routing: {job.get('routing', 'model')}; {cache}prompt {job['prompt_tokens']} tokens, {job['warmup']} warm-up + {job['tokens']} "
             "timed decode steps")
 

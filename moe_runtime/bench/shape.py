@@ -226,7 +226,7 @@ def run_shape(job: Job):
                          f"{(need - facts['dense_bytes'] - RUNTIME_OVERHEAD_BYTES) / GB:.2f} GB + "
                          f"{RUNTIME_OVERHEAD_BYTES / GB:.1f} GB runtime)")
     config = OffloadConfig(device=job.device, expert_bits=job.expert_bits, hqq_optimize=False, dtype=DTYPE,
-                           store_dir=job.store_dir, record_trace=False, **settings)
+                           attn_bits=job.attn_bits, store_dir=job.store_dir, record_trace=False, **settings)
     started = time.perf_counter()
     engine = load(folder, config)
     facts.update(load_seconds=round(time.perf_counter() - started, 1), engine=engine.describe())
@@ -238,7 +238,7 @@ def run_shape(job: Job):
                     module.cache.release(expert)
         if job.routing == "uniform":
             draw_uniform_routing(engine.experts, facts["experts"])
-        facts["routing"] = job.routing
+        facts.update(routing=job.routing, attn_bits=job.attn_bits)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, engine.model.config.vocab_size, (1, job.prompt_tokens + job.warmup + job.tokens + 1),
                             generator=gen).to(job.device)
