@@ -34,6 +34,7 @@ import torch
 
 from .hub_shapes import hub_shape
 from .measure import Job, timed
+from .model import _decoder
 
 ROUTINGS = ("model", "uniform")
 POOL_BYTES = 256 << 20  # distinct expert records made (at most 16)
@@ -242,8 +243,6 @@ def run_shape(job: Job):
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, engine.model.config.vocab_size, (1, job.prompt_tokens + job.warmup + job.tokens + 1),
                             generator=gen).to(job.device)
-        from .model import _decoder
-
         return timed(job, _decoder(engine.model, ids, job.prompt_tokens), engine.counters), facts
     finally:
         engine.close()
