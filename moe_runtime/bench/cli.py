@@ -4,6 +4,7 @@ with cache + speculative prefetch, and with every expert resident.
     python -m moe_runtime.bench [--quick] [--out bench-results] [--parts model,workload-2bit,workload-16bit]
     python -m moe_runtime.bench --parts kernels          # one Mixtral-shaped expert FFN per compute format
     python -m moe_runtime.bench --record-trace assets/traces/tiny-mixtral.json [--model assets/tiny-mixtral]
+    python -m moe_runtime.bench --shape qwen3-30b-a3b --expert-bits 2   # a hub-shaped model of random weights
 
 Parts (each a table in bench.md, a group of rows in bench.json, a panel in bench.html):
   model            a real checkpoint (default assets/tiny-mixtral). Every variant decodes the same
@@ -12,6 +13,12 @@ Parts (each a table in bench.md, a group of rows in bench.json, a panel in bench
   workload-2bit    the Mixtral-8x7B-shaped stack of workload.py (2-bit experts, group 32, 8-bit meta),
   workload-4bit    the same with 4-bit experts (group 64),
   workload-16bit   and with 16-bit experts, replaying a recorded routing trace.
+  shape            (with --shape NAME) a full model in a family's hub shape (bench/hub_shapes.py), all layers,
+                   random weights written straight into a store in the target's form (bench/shape.py), loaded
+                   with `moe_runtime.load` as a user would and decoded (random tokens, teacher-forced):
+                   resident (every expert in RAM) and lru+host-half (the disk store under a host budget of
+                   half the experts; also lru+host, lru+host-quarter with --variants). --max-rss-gb refuses
+                   a variant predicted to need more RAM, with the numbers.
   kernels          not a decode run: one expert FFN (H 4096, I 14336; small with --quick) at batch 1
                    per compute format (hqq's dequantize path, the fused kernels, dense fp32/bf16), as
                    ratios (kernels/bench.py); written to kernels.md and kernels.json.
@@ -58,12 +65,14 @@ VARIANTS = {
     "lru+host": "ours, lru+prefetch with a host-RAM cache of every record below it (each read from disk once; on a "
                 "CPU the experts compute in that cache)",
     "lru+host-half": "ours, lru+host with a host budget of half the experts (the rest read from disk again)",
+    "lru+host-quarter": "ours, lru+host with a host budget of a quarter of the experts (shape part)",
     "resident": "ours, cache of all E experts, loaded before timing (the limit)",
     "transformers": "plain transformers model, every weight in memory",
 }
 ENGINE_VARIANTS = ("no-cache", "lru", "lru+prefetch", "lru+host", "lru+host-half", "resident")
 WORKLOAD_PARTS = {"workload-16bit": None, "workload-2bit": 2, "workload-4bit": 4}  # part -> expert bits
-PARTS = ("model", *WORKLOAD_PARTS, "kernels")
+SHAPE_VARIANTS = ("resident", "lru+host", "lru+host-half", "lru+host-quarter")
+PARTS = ("model", *WORKLOAD_PARTS, "shape", "kernels")
 
 
 # --- planning and running -----------------------------------------------------------------------
@@ -80,7 +89,11 @@ class Plan:
     device: str
     threads: int
     variants: tuple[str, ...] = ()  # only these (all when empty)
-    expert_bits: int | None = None  # the model part's experts (None: as in the checkpoint)
+    expert_bits: int | None = None  # the model and shape parts' experts (None: as in the checkpoint / 16-bit)
+    shape: str = ""  # the shape part's hub shape (bench/hub_shapes.py)
+    max_rss_gb: float | None = None  # the shape part: refuse variants predicted to need more RAM
+    routing: str = "model"  # the shape part's routing (bench/shape.py ROUTINGS)
+    attn_bits: int | None = None  # the shape part's attention (OffloadConfig.attn_bits)
 
     def jobs(self) -> list[Job]:
         return [job for job in self._all_jobs() if not self.variants or job.variant in self.variants]
@@ -98,6 +111,11 @@ class Plan:
                 bits = None if v in ("accelerate", "transformers") else self.expert_bits
                 jobs.append(Job("model", v, warm, tokens, model=self.model, prompt_tokens=prompt, expert_bits=bits,
                                 **common))
+        if "shape" in self.parts:
+            prompt, warm, tokens = (8, 2, 4) if self.quick else (16, 8, 32)
+            for v in [v for v in SHAPE_VARIANTS if v in self.variants] or ["resident", "lru+host-half"]:
+                jobs.append(Job("shape", v, warm, tokens, prompt_tokens=prompt, expert_bits=self.expert_bits,
+                                shape=self.shape, max_rss_gb=self.max_rss_gb, routing=self.routing, attn_bits=self.attn_bits, **common))
         dims = QUICK_DIMS if self.quick else MIXTRAL_DIMS
         for part, bits in WORKLOAD_PARTS.items():
             if part not in self.parts:
@@ -203,17 +221,33 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _shape_names() -> list[str]:
+    from .hub_shapes import HUB_SHAPES
+
+    return list(HUB_SHAPES)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m moe_runtime.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small dimensions and few tokens (CI)")
     ap.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for bench.json/.md/.html")
-    ap.add_argument("--parts", default="model,workload-16bit,workload-2bit",
-                    help="comma-separated: " + ", ".join(PARTS))
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated: " + ", ".join(PARTS) + " (default: model,workload-16bit,workload-2bit; "
+                    "shape with --shape)")
     ap.add_argument("--variants", default="", help="comma-separated: run only these variants (default: all); "
                     "one of " + ", ".join(VARIANTS))
     ap.add_argument("--model", default=_shown(EMBEDDED_MODEL_DIR), help="checkpoint folder of the model part")
     ap.add_argument("--expert-bits", type=int, choices=(2, 3, 4, 8),
-                    help="HQQ experts for the engine's variants of the model part (default: unquantized)")
+                    help="HQQ experts for the engine's variants of the model and shape parts (default: unquantized)")
+    ap.add_argument("--shape", default="", metavar="NAME",
+                    help="the shape part's hub shape: one of " + ", ".join(_shape_names()))
+    ap.add_argument("--max-rss-gb", type=float, default=None,
+                    help="shape part: refuse (report, not run) a variant predicted to need more RAM than this")
+    ap.add_argument("--shape-routing", choices=("model", "uniform"), default="model",
+                    help="shape part: the random routers' own choice (little changes between tokens: a cache's "
+                         "best case) or top-k experts drawn uniformly per token (no locality: its worst case)")
+    ap.add_argument("--attn-bits", type=int, choices=(4, 8), default=None,
+                    help="shape part: HQQ-quantize attention when loading (OffloadConfig.attn_bits; default: bf16)")
     ap.add_argument("--trace", default=_shown(SHIPPED_TRACE), help="routing trace the workload replays")
     ap.add_argument("--layers", type=int, default=2, help="layers of the Mixtral-shaped workload")
     ap.add_argument("--cache-size", type=int, default=4, help="experts per layer in the cache (lru variants)")
@@ -255,10 +289,18 @@ def main(argv: list[str] | None = None) -> int:
         report = json.loads(args.from_json.read_text())
         print(write_reports(report["results"], report["meta"], args.out))
         return 0
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    default_parts = "shape" if args.shape else "model,workload-16bit,workload-2bit"
+    parts = [p.strip() for p in (args.parts or default_parts).split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         print(f"error: --parts {unknown[0]!r} is not allowed: use {', '.join(PARTS)}", file=sys.stderr)
+        return 2
+    if ("shape" in parts) != bool(args.shape):
+        print("error: the shape part and --shape NAME go together: --shape " + (args.shape or "is missing"),
+              file=sys.stderr)
+        return 2
+    if args.shape and args.shape not in _shape_names():
+        print(f"error: --shape {args.shape!r} is not allowed: use one of {', '.join(_shape_names())}", file=sys.stderr)
         return 2
     if "kernels" in parts:
         parts.remove("kernels")
@@ -276,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --variants {args.variants!r} is not allowed: use some of {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
     plan = Plan(parts, args.quick, args.model, args.trace, args.layers, args.cache_size, args.prefetch,
-                args.store_dir, args.device, args.threads, variants, args.expert_bits)
+                args.store_dir, args.device, args.threads, variants, args.expert_bits, args.shape, args.max_rss_gb,
+                args.shape_routing, args.attn_bits)
     isolate = (not args.quick) if args.isolate is None else args.isolate
     started = time.perf_counter()
     results = run_plan(plan, isolate)

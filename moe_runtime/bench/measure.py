@@ -36,6 +36,10 @@ class Job:
     expert_bits: int | None = None
     trace: str = ""
     spec: dict = field(default_factory=dict)
+    shape: str = ""  # the shape part: a name of bench/hub_shapes.py
+    max_rss_gb: float | None = None  # the shape part: refuse a variant predicted to need more RAM
+    routing: str = "model"  # the shape part: the random model's routers, or "uniform" draws (bench/shape.py)
+    attn_bits: int | None = None  # the shape part: HQQ attention as load() quantizes it (None: the dense dtype)
 
 
 # --- counters of a window -----------------------------------------------------------------------

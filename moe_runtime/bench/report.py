@@ -14,9 +14,10 @@ PARTS = {
     "workload-16bit": "Mixtral-8x7B-shaped experts, 16-bit, routing replayed from a trace",
     "workload-2bit": "Mixtral-8x7B-shaped experts, 2-bit HQQ, routing replayed from a trace",
     "workload-4bit": "Mixtral-8x7B-shaped experts, 4-bit HQQ, routing replayed from a trace",
+    "shape": "A hub-shaped full model of random weights, teacher-forced decode of random tokens",
 }
 ORDER = ("accelerate", "accelerate-per-expert", "no-cache", "lru", "lru+prefetch", "lru+host", "lru+host-half",
-         "resident", "transformers")
+         "lru+host-quarter", "resident", "transformers")
 TARGETS = {"vs_accelerate": 10.0, "vs_resident": 0.7, "host_vs_resident": 0.9, "lru_vs_belady": 0.95,
            "prefetch_recall": 0.85}
 MB = 1e6
@@ -147,6 +148,8 @@ def _f(value, digits: int = 2, suffix: str = "") -> str:
 def _settings_line(rows: dict) -> str:
     any_row = next(iter(rows.values()))
     job = any_row["job"]
+    if any_row["part"] == "shape":
+        return _shape_line(rows)
     if any_row["part"] == "model":
         bits = f"{job['expert_bits']}-bit HQQ" if job["expert_bits"] else "unquantized"
         return (f"model `{Path(job['model']).name}`, experts {bits}, cache {job['cache_size']} "
@@ -160,6 +163,26 @@ def _settings_line(rows: dict) -> str:
             f"{_f(w.get('store_bytes', 0) / 1e9, 2)} GB on disk; cache {job['cache_size']} experts/layer, prefetch "
             f"{job['prefetch']}; trace layers {w.get('trace_layers')} of {Path(job['trace']).name} "
             f"({w.get('trace_tokens')} decode tokens)")
+
+
+def _shape_line(rows: dict) -> str:
+    ran = [r for r in rows.values() if "error" not in r]
+    job = next(iter(rows.values()))["job"]
+    if not ran:
+        return f"shape `{job['shape']}`: no variant ran"
+    f = ran[0]
+    bits = f"{f['bits']}-bit HQQ (group {f['group_size']}, 8-bit meta)" if f["bits"] else "16-bit"
+    built = f", built in {_f(f['build_seconds'], 0)} s" if f.get("build_seconds") is not None else ""
+    budgeted = [r["settings"] for r in ran if r["variant"] != "resident"]
+    cache = (f"host-budget variants: cache {budgeted[0]['cache_size']} experts/layer, prefetch "
+             f"{budgeted[0]['prefetch']}; " if budgeted else "")
+    return (f"shape `{f['shape']}` ({f['hub_repo']}): {f['layers']} MoE layers × {f['experts']} experts "
+            f"(top-{f['top_k']}), H {f['hidden']}, I {f['intermediate']}; experts {bits} in the `{f['form']}` form, "
+            f"{_f(f['expert_bytes'] / MB, 2)} MB each, {_f(f['layers'] * f['experts'] * f['stride'] / 1e9, 2)} GB in "
+            f"all; dense part {_f(f['dense_bytes'] / 1e9, 2)} GB; store {_f(f['store_bytes'] / 1e9, 2)} GB{built}; "
+            f"attention {str(job['attn_bits']) + '-bit HQQ' if job.get('attn_bits') else 'as stored'}; "
+            f"routing: {job.get('routing', 'model')}; {cache}prompt {job['prompt_tokens']} tokens, {job['warmup']} warm-up + {job['tokens']} "
+            "timed decode steps")
 
 
 def _error_line(error: str) -> str:

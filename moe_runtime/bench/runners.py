@@ -10,6 +10,7 @@ from . import accelerate
 from . import workload as wl
 from .measure import Job, engine_knobs, loader_counters, summarize, timed
 from .model import run_model
+from .shape import run_shape
 
 
 def run_job(job: Job) -> dict:
@@ -31,7 +32,8 @@ def _measure(job: Job) -> dict:
     cuda = job.device.startswith("cuda")
     load_before = os.getloadavg()[0]
     with torch.inference_mode():
-        measured, facts = run_model(job) if job.part == "model" else run_workload(job)
+        run = {"model": run_model, "shape": run_shape}.get(job.part, run_workload)
+        measured, facts = run(job)
     return summarize(job, measured, facts, torch.cuda.max_memory_allocated() if cuda else None, load_before)
 
 

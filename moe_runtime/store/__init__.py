@@ -154,12 +154,18 @@ class StoreWriter:
     def put(self, layer: int, expert: int, *weights: torch.Tensor | None) -> None:
         """Write one expert: (gate, up, down[, biases]), e.g. an unpacked `ExpertWeights`."""
         self.codec.encode(*weights, out=self.record)
+        self.put_record(layer, expert, self.record)
+
+    def put_record(self, layer: int, expert: int, record: torch.Tensor) -> None:
+        """Write one expert's record as it is (uint8 [stride], already in the codec's form)."""
+        if record.dtype != torch.uint8 or record.numel() != self.stride:
+            raise ValueError(f"a record of this store is uint8 [{self.stride}], not {record.dtype} [{record.numel()}]")
         offset = self.start + (layer * self.num_experts + expert) * self.stride
-        view = memoryview(self.record.numpy()).cast("B")
+        view = memoryview(record.numpy()).cast("B")
         done = 0
         while done < self.stride:
             done += os.pwrite(self.file.fileno(), view[done:], offset + done)
-        self.sums[layer][expert] = checksum(self.record)
+        self.sums[layer][expert] = checksum(record)
         self.todo.discard((layer, expert))
 
     def put_dense(self, name: str, tensor: torch.Tensor) -> None:
