@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .arch.base import MoEShape
 from .config import OffloadConfig
 from .sampling import MAX_SEED, OwnGeneratorSampler, own_generator
 from .stats import Counters, Stats, StatsCollector
 from .store import round_up
+from .types import MoEShape
 
 
 @dataclass

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch.base import dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
 from .kernels import linear
 from .policies import make_policy
 from .quant import ExpertCodec
 from .stats import StatsCollector
 from .store import SlowTier, aligned_empty, round_up
+from .types import dense_linear, softmax_scores
 
 MAX_GUESS_RECORDED = 8
 

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .arch import ExpertWeights, adapter_for
+from .arch import adapter_for
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
 from .config import OffloadConfig
 from .engine import Engine
@@ -51,6 +51,7 @@ from .store import (
 from .store.build import JOURNAL, BuildReport, ResumableStoreWriter, StoreLock, store_bytes
 from .store.identity import source_identity
 from .store.model import find_built_from, is_store_model, open_store_model, package, settings_of, settle
+from .types import ExpertWeights
 
 
 def resolve_device(name: str) -> torch.device:

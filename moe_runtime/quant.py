@@ -19,7 +19,7 @@ import torch
 from hqq.core.quantize import Quantizer
 from torch import nn
 
-from .arch.base import ExpertWeights
+from .types import ExpertWeights
 
 MATRICES = ("gate", "up", "down")
 BIASES = ("gate_bias", "up_bias", "down_bias")

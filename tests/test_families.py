@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Mxfp4Config
 
 from moe_runtime import OffloadConfig, load
 from moe_runtime.arch import ADAPTERS, adapter_for
-from moe_runtime.arch.base import ExpertWeights
+from moe_runtime.types import ExpertWeights
 
 FAMILIES = sorted(family_configs())
 CASES = FAMILIES + ["gpt_oss:mxfp4"]  # gpt-oss also in the hub's MXFP4 expert layout

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..arch import swiglu
 from ..cache import ExpertCache
 from ..config import torch_dtype
 from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
@@ -32,6 +31,7 @@ from ..policies import make_policy
 from ..quant import ExpertCodec
 from ..stats import RoutingTrace, StatsCollector
 from ..store import DiskTier, open_store, round_up, store_folder, write_store
+from ..types import swiglu
 
 WEIGHT_STD = 0.02
 

@@ -22,8 +22,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..arch.base import ExpertWeights, swiglu
 from ..quant import ExpertCodec
+from ..types import ExpertWeights, swiglu
 from . import linear
 from .capability import choose_compute
 from .forms import HQQ_STORED, fused_format
