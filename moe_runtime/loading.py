@@ -35,8 +35,9 @@ from .experts import Speculator, build_offloaded_experts, link_speculators
 from .host_cache import HostCache, HostPrefetcher, Speculators, plan_host_memory
 from .kernels import choose_format
 from .kernels.capability import choose_compute
+from .kernels.hqq_linear import HQQLinear
 from .policies import EvictionPolicy, make_host_policy
-from .quant import MATRICES, ExpertCodec, HQQLinear
+from .quant import MATRICES, ExpertCodec
 from .stats import StatsCollector
 from .store import (
     DENSE_FILE,
@@ -49,6 +50,7 @@ from .store import (
     store_folder,
 )
 from .store.build import JOURNAL, BuildReport, ResumableStoreWriter, StoreLock, store_bytes
+from .store.hub import pull
 from .store.identity import source_identity
 from .store.model import find_built_from, is_store_model, open_store_model, package, settings_of, settle
 from .types import ExpertWeights
@@ -367,7 +369,7 @@ def build_store(model: str | Path, config: OffloadConfig | None = None, out: str
     `config.store_dir`, named as `load` names it)."""
     config = config or OffloadConfig()
     config.validate()
-    source = open_model(str(model))
+    source = open_model(str(model), pull_store=pull)
     if is_store_model(source.folder):
         raise ValueError(f"{model} is a store already: load it, or build from the original checkpoint")
     hf_config = _read_config(source.folder)
@@ -545,7 +547,7 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     if levels is not None and levels not in LEVELS:
         raise ValueError(f"levels={levels!r} is not allowed: use one of {', '.join(LEVELS)} (or None)")
     model_name = str(model)
-    source = open_model(model_name)
+    source = open_model(model_name, pull_store=pull)
     model_dir = source.folder
     packaged = is_store_model(model_dir)  # a store folder or repository: its own settings (store.model)
     if packaged:

@@ -26,7 +26,7 @@ from ..quant import ExpertCodec
 from ..types import ExpertWeights, swiglu
 from . import linear
 from .capability import choose_compute
-from .forms import HQQ_STORED, fused_format
+from .forms import FORMATS, HQQ_STORED, fused_format
 
 DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 8: 64}  # OffloadConfig.expert_group's defaults
 
@@ -114,8 +114,6 @@ PREVIOUS_2BIT_MIXTRAL_RECORD = 55.4e6  # store version 2's record (hqq's pieces)
 def record_sizes(hidden: int = 4096, intermediate: int = 14336, bits: int = 2, group: int | None = None) -> list[dict]:
     """The record of one expert in each target's form (layouts only: no weights, no memory): bytes and the
     ratio to store version 2's single record format (hqq's pieces, converted at run time)."""
-    from .forms import FORMATS
-
     group = group or DEFAULT_GROUP[bits]
     rows = []
     for name, fmt in FORMATS.items():
