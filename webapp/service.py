@@ -28,6 +28,7 @@ from moe_runtime.config import OffloadConfig
 from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
 from moe_runtime.loading import load
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
+from moe_runtime.sim.throughput import ModelShape
 from moe_runtime.stats import RoutingTrace, Stats
 from webapp.limits import (
     MAX_CONTENT_PARTS,
@@ -38,6 +39,7 @@ from webapp.limits import (
     check_text,
     text_bytes,
 )
+from webapp.whatif import served_shape
 
 EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
 # hub checkpoints of every supported family (each adapter lists its own), Mixtral first
@@ -372,6 +374,12 @@ class EngineService:
     def describe(self) -> dict:
         """`Engine.describe()` under the name the user picked."""
         return {**self.engine.describe(), "model": self.model}
+
+    def served_shape(self) -> ModelShape:
+        """The throughput model's shape of the model served now, with its quantization (What-if)."""
+        engine, c = self.engine, self.config
+        return served_shape(engine.shape, engine.model.config, c.expert_bits, c.attn_bits,
+                            expert_group_size=c.expert_group_size, attn_group_size=c.attn_group_size)
 
     def save_trace(self, stats: Stats) -> Path | None:
         """The routing trace of `stats` (its newest MAX_TRACE_TOKENS tokens) as JSON in a fresh temp
