@@ -98,6 +98,10 @@ class FusedKeys:
         return ExpertWeights(gate, up, checkpoint.get_slice(down_key, expert))
 
 
+# transformers' own fused modules (`mlp.experts.gate_up_proj` / `down_proj`), as its checkpoints save them
+TRANSFORMERS_FUSED = FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj")
+
+
 class MoEAdapter(Protocol):
     """One MoE family. Registered in `moe_runtime.arch.ADAPTERS` under `model_type`."""
 
