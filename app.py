@@ -651,7 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     s.add_argument("--allow-local-paths", action="store_true",
                    help="let the Settings tab load any local model folder (otherwise only the embedded model, "
-                        "--model and known Mixtral hub ids)")
+                        "--model and the known hub ids of every supported family)")
     s.add_argument("--max-new-tokens", type=int, default=128,
                    help="initial value of the Max new tokens slider, and the API's max_tokens when a request has none")
     s.add_argument("--api-key", default=os.environ.get("MOE_API_KEY") or None,

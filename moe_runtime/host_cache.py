@@ -45,6 +45,8 @@ from .slots import SlotTable
 from .stats import StatsCollector
 from .store import SlowTier, aligned_empty
 
+IO_THREAD = "host-cache-io"  # name of the host cache's disk-read thread
+
 GB = 1e9
 HOST_HEADROOM_GB = 2.0  # left free by host_cache_gb="auto": activations, tokenizer, Python's own growth
 
@@ -469,7 +471,7 @@ class _IoThread:
                 return
             self.pending = list(keys)
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="host-cache-io", daemon=True)
+                self.thread = threading.Thread(target=self._run, name=IO_THREAD, daemon=True)
                 self.thread.start()
             self.cond.notify_all()
 

@@ -127,8 +127,8 @@ def hqq_codes(tensors: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tenso
     """One matrix's HQQ pieces unpacked: codes uint8 [N, K], scale and zero fp32 [N, K/G], such that
     hqq's dequantization is w = (codes - zero) * scale, group g covering columns g*G..(g+1)*G-1.
 
-    That reading holds for axis=1 with G dividing K (a group never spans two rows), which
-    `compute_groups_ok` checks; the fused kernels (moe_runtime.kernels) are built from these.
+    That reading holds for axis=1 with G dividing K (a group never spans two rows), which this
+    function checks (ValueError otherwise); the fused kernels (moe_runtime.kernels) are built from these.
     """
     (n, k), group = info["shape"], info["group_size"]
     if info["axis"] != 1 or k % group:

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
+from moe_runtime.cache import PREFETCH_THREAD
 from moe_runtime.store import SlowTier as Tier
 
 
@@ -54,7 +55,7 @@ def test_prefetch_loads_start_before_the_layer_runs(tiny_dir, tmp_path):
     try:
         ids = engine.tokenizer("To be, or not", return_tensors="pt")["input_ids"]
         engine.model.generate(ids, max_new_tokens=4, do_sample=False)
-        ahead = [(layer, t) for layer, _, thread, t in slow.log if thread.startswith("expert-prefetch")]
+        ahead = [(layer, t) for layer, _, thread, t in slow.log if thread.startswith(PREFETCH_THREAD)]
         assert ahead, "no prefetch load was issued"
         # a prefetch for layer L+1 is issued during layer L, i.e. before layer L+1's experts start
         early = 0

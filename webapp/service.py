@@ -397,8 +397,7 @@ class EngineService:
         with self._trace_lock:
             self._trace_count += 1
             path = trace.save(folder / f"routing-trace-{self._trace_count}.json")
-            for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
-                old.unlink(missing_ok=True)
+            _keep_newest(folder, "routing-trace-*.json")
         return path
 
     def trace_file(self, every: float = TRACE_EVERY_SECONDS) -> Path | None:
@@ -422,8 +421,7 @@ class EngineService:
             self._trace_count += 1
             path = folder / f"counters-{self._trace_count}.json"
             path.write_text(json.dumps(counters, indent=1))
-            for old in sorted(folder.glob("counters-*.json"), key=_trace_number)[:-KEEP_TRACES]:
-                old.unlink(missing_ok=True)
+            _keep_newest(folder, "counters-*.json")
         return path
 
 
@@ -473,6 +471,12 @@ def prompt_within_context(engine: Engine, messages: list[dict], max_new_tokens: 
         else:
             low = mid + 1
     return best
+
+
+def _keep_newest(folder: Path, pattern: str, keep: int = KEEP_TRACES) -> None:
+    """Delete all but the newest `keep` files of `folder` matching `pattern` (numbered as saved)."""
+    for old in sorted(folder.glob(pattern), key=_trace_number)[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def _trace_number(path: Path) -> int:
