@@ -177,6 +177,11 @@ class ExpertCache:
         with self._cond:
             return self.table.keys()
 
+    def describe(self) -> dict:
+        """This layer's device level now: records held and its slots (cache_size)."""
+        with self._cond:
+            return {"held": len(self.table.keys()), "slots": self.cache_size}
+
     def states(self) -> dict[int, str]:
         """expert -> "device" (in a slot, ready) or "loading (demand)" / "loading (prefetch)", for the
         experts of this layer that have a slot (the others are only in the slow tier)."""

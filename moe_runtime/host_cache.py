@@ -176,6 +176,13 @@ class HostCache(SlowTier):
     def arena_bytes(self) -> int:
         return self.arena.numel()
 
+    def describe(self) -> dict:
+        """This level now: bytes held, its budget (bytes and records), its arena, whether it is
+        exclusive with the device level, whether its arena is pinned."""
+        with self._cond:
+            return {"held_bytes": self.held_bytes(), "budget_bytes": self.slots * self.stride, "slots": self.slots,
+                    "arena_bytes": self.arena_bytes(), "exclusive": self.exclusive, "pinned": self.arena.is_pinned()}
+
     def _wait_copied(self, slot: int) -> None:
         event = self.copied[slot]
         if event is not None:  # the slot's previous record may still be on its way to the device
