@@ -151,6 +151,8 @@ class MatrixFormat(Protocol):
 
     name: str
     converts_per_use: bool
+    device_type: str | None  # the device type whose kernel computes from it ("cpu", "cuda"); None: any
+    target: str  # what computes from it, in words (reports)
 
     def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool: ...
 
@@ -179,6 +181,8 @@ class HqqDequantWeight:
 class HqqStoredFormat:
     name = "hqq"
     converts_per_use = True
+    device_type = None
+    target = "any (hqq dequantize per use; = store version 2's record)"
 
     def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
         return bits in (2, 3, 4, 8) and (shape[0] * shape[1]) % group_size == 0

@@ -239,6 +239,8 @@ class TritonHqqFormat:
 
     name = "triton-hqq"
     converts_per_use = False  # the kernel reads the record as it lies
+    device_type = "cuda"
+    target = "CUDA (Triton kernel)"
 
     def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
         """2/3/4/8 bits, groups dividing K, K a multiple of 8 (a packed row ends on a byte); any N."""
