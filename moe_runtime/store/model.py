@@ -17,9 +17,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ..checkpoint import open_safetensors
 from ..config import OffloadConfig
-from . import DENSE_FILE, STORE_META, DiskTier, RamTier, open_store, read_meta, round_up
+from . import DENSE_FILE, STORE_META, DiskTier, RamTier, open_store, round_up
 
 SETTINGS_FILE = "offload.json"
 CARD = "README.md"
@@ -95,6 +94,8 @@ def settle(folder: Path, config: OffloadConfig) -> OffloadConfig:
 
 def open_store_model(folder: Path, offload: str, shape, codec, device):
     """(tier, folder, dense tensors by name -> reader) of a store folder; ValueError if it is incomplete."""
+    from ..checkpoint import open_safetensors
+
     if open_store(folder, shape.num_layers, shape.num_experts, codec, dense=True) is None:
         raise ValueError(f"{folder} holds no complete, undamaged store for its own settings: "
                          f"`python -m moe_runtime.store verify {folder}` says what is wrong")
@@ -111,6 +112,8 @@ def open_store_model(folder: Path, offload: str, shape, codec, device):
 def find_built_from(store_dir: Path, source_path: Path, identity: dict) -> Path | None:
     """A store in `store_dir` built from the local folder `source_path` with the settings of `identity`
     (all but its weights' part, which needs the shards): how a folder whose shards are gone finds its store."""
+    from . import read_meta
+
     wanted = str(Path(source_path).resolve())
     settings = {k: v for k, v in identity.items() if k != "weights"}
     for info_file in sorted(Path(store_dir).glob(f"*/{SETTINGS_FILE}")):
