@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 from collections import OrderedDict
+from types import SimpleNamespace
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # works offline, sends nothing
 
@@ -37,17 +38,19 @@ import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from moe_runtime import GenerationSettings, OffloadConfig  # noqa: E402
-from moe_runtime.config import ATTN_BITS, DTYPES, EXPERT_BITS, OFFLOAD_TIERS  # noqa: E402
+from moe_runtime.config import DTYPES, OFFLOAD_TIERS  # noqa: E402
 from moe_runtime.policies import HOST_POLICIES, POLICIES  # noqa: E402
 from webapp import limits, plots, redact, views, whatif  # noqa: E402
 from webapp.openai_api import OpenAIServer  # noqa: E402
-from webapp.service import (  # noqa: E402
-    EMBEDDED_MODEL,
-    EngineService,
-    Operator,
-    build_messages,
-    device_choices,
-    public_name,
+from webapp.service import EMBEDDED_MODEL, EngineService, Operator, build_messages, public_name  # noqa: E402
+from webapp.settings_form import (  # noqa: E402
+    ROWS,
+    SETTINGS,
+    apply_signature,
+    bits_text,
+    host_cache_value,
+    parse_bits,
+    whole_number,
 )
 
 TITLE = "Mixture-of-Experts with expert offloading"
@@ -62,7 +65,7 @@ STATS_POLL_SECONDS = 1.0  # the Stats tab's timer, while that tab is open
 MAX_SESSIONS_TRACKED = 4096  # sessions whose last Stats view is remembered (the oldest are forgotten)
 MAX_POLLS_AT_ONCE = 2  # Stats timer ticks served at once; more get nothing this tick (they run outside the queue)
 PAGE_VISIBLE_JS = "(tokens, visible) => [tokens, document.visibilityState !== 'hidden']"
-SETTINGS_WIDGETS = 11  # the 9 settings, Apply and Reset stats: what Unlock makes editable
+LOCKABLE = ("model", *(setting.name for setting in SETTINGS), "apply", "reset")  # what Unlock makes editable
 DEFAULT_SYSTEM_PROMPT = ""
 FINISH_REASONS = {"stop": "finished", "length": "max new tokens reached", "cancelled": "stopped",
                   "context": "context window full", "time": "time limit reached"}
@@ -72,53 +75,11 @@ STATS_VIEW = "stats-view"  # concurrency group of every Stats view request: one 
 MAX_UPLOAD = "1mb"  # the only upload is a What-if trace file (webapp.whatif caps it too)
 CACHE_SECONDS = 600  # gradio's copies of trace files are deleted after this long
 WHATIF_SESSION, WHATIF_UPLOAD = "this session's trace", "an uploaded trace file"
+PRIVATE = {"api_visibility": "private"}  # an event that is no API endpoint
 TOKEN_ENV = "MOE_OPERATOR_TOKEN"  # the operator token on a public host (a Space: a secret of that name)
 
 
 # --- values between widgets and the engine --------------------------------------------------------
-def bits_choices(allowed: tuple) -> list[tuple[str, str]]:
-    return [("none (full precision)" if b is None else f"{b}-bit", bits_text(b)) for b in allowed]
-
-
-def bits_text(bits: int | None) -> str:
-    return "none" if bits is None else str(bits)
-
-
-def parse_bits(name: str, value) -> int | None:
-    text = str(value).strip().lower() if value is not None else "none"
-    if text in ("none", ""):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not allowed: use none or a number of bits") from None
-
-
-def host_cache_value(value) -> float | str:
-    """The Settings tab's host-cache box: "auto" or a number of GB."""
-    text = str(value).strip().lower() if value is not None else "auto"
-    if text in ("auto", ""):
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"host_cache_gb={value!r} is not allowed: use a number of GB or auto") from None
-
-
-def whole_number(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not allowed: give a whole number")
-    if value is None or value == "":
-        raise ValueError(f"{name} is empty: give a whole number")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not allowed: give a whole number") from None
-    if not number.is_integer():
-        raise ValueError(f"{name}={value!r} is not allowed: give a whole number")
-    return int(number)
-
-
 def generation_settings(temperature, top_p, max_new_tokens) -> GenerationSettings:
     try:
         temperature, top_p = float(temperature), float(top_p)
@@ -333,12 +294,7 @@ class Handlers:
                 raise ValueError("this engine records no routing trace (started with --no-trace): upload one")
             else:
                 trace = stats.trace
-            c = self.service.config
-            engine = self.service.engine
-            model_shape = whatif.served_shape(engine.shape, engine.model.config, c.expert_bits, c.attn_bits,
-                                              expert_group_size=c.expert_group_size,
-                                              attn_group_size=c.attn_group_size) \
-                if shape == whatif.SERVED_SHAPE else whatif.MODELS.get(shape)
+            model_shape = self.service.served_shape() if shape == whatif.SERVED_SHAPE else whatif.MODELS.get(shape)
             if model_shape is None:
                 raise ValueError(f"model shape {shape!r} is not allowed: use one of {', '.join(whatif.model_choices())}")
             result = whatif.replay(trace, policy, whole_number("cache size", cache_size),
@@ -350,25 +306,24 @@ class Handlers:
         return whatif.rows(result), whatif.notes(result)
 
     # settings --------------------------------------------------------------------------------------
-    def apply(self, model: str, expert_bits: str, attn_bits: str, cache_size: float, prefetch: float,
-              offload: str, device: str, policy: str, host_cache_gb="auto", operator_token: str = "",
-              progress=LOADING_PROGRESS):
-        """Reload the engine; returns (status, engine facts, header). On failure the running engine
-        keeps serving and the status says why. On a public host only the operator may."""
+    def apply(self, *args, **kwargs):
+        """Reload the engine: apply(model, <each settings_form.SETTINGS entry by name>, operator_token,
+        progress) (`APPLY_SIGNATURE`); returns (status, engine facts, header). On failure the running
+        engine keeps serving and the status says why. On a public host only the operator may."""
+        given = APPLY_SIGNATURE.bind(self, *args, **kwargs)
+        given.apply_defaults()
+        values = given.arguments
         try:
-            for name, value in (("model", model), ("device", device), ("host_cache_gb", host_cache_gb),
-                                ("operator token", operator_token), ("expert_bits", expert_bits),
-                                ("attn_bits", attn_bits), ("offload", offload), ("policy", policy)):
-                limits.check_text(name, value, limits.MAX_FIELD_BYTES)
-            self.operator.check(operator_token, "changing the settings")
-            model = self.model_names().get(model, model)  # a display name -> the name to load
-            config = self.service.settings(
-                expert_bits=parse_bits("expert_bits", expert_bits), attn_bits=parse_bits("attn_bits", attn_bits),
-                cache_size=whole_number("cache_size", cache_size), prefetch=whole_number("prefetch", prefetch),
-                offload=offload, device=(device or "").strip(), policy=policy,
-                host_cache_gb=host_cache_value(host_cache_gb),
-            )
-            progress(0, desc=f"loading {model}")
+            limits.check_text("model", values["model"], limits.MAX_FIELD_BYTES)
+            limits.check_text("operator token", values["operator_token"], limits.MAX_FIELD_BYTES)
+            for setting in SETTINGS:
+                if setting.text:
+                    limits.check_text(setting.name, values[setting.name], limits.MAX_FIELD_BYTES)
+            self.operator.check(values["operator_token"], "changing the settings")
+            model = self.model_names().get(values["model"], values["model"])  # a display name -> the name to load
+            config = self.service.settings(**{setting.name: setting.value(values[setting.name])
+                                              for setting in SETTINGS})
+            values["progress"](0, desc=f"loading {model}")
             self.service.reload(model, config)
         except ValueError as err:
             gr.Warning(f"Settings not applied: {self.shown(err)}")
@@ -377,18 +332,19 @@ class Handlers:
         return f"**Applied.** Now serving `{self.display_name(self.service.model)}`.", self.engine_facts(), self.header()
 
     def current_settings(self):
-        """Widget values of the running engine's settings (for a page that just opened)."""
+        """Widget values of the running engine's settings (for a page that just opened): the model,
+        each setting, the engine facts and the header."""
         c = self.service.config
-        return (self.display_name(self.service.model), bits_text(c.expert_bits), bits_text(c.attn_bits), c.cache_size, c.prefetch,
-                c.offload, c.device, c.policy, str(c.host_cache_gb), self.engine_facts(), self.header())
+        shown = (setting.show(getattr(c, setting.name)) for setting in SETTINGS)
+        return (self.display_name(self.service.model), *shown, self.engine_facts(), self.header())
 
     def unlock(self, operator_token: str):
-        """The settings widgets made editable for this page when the token is the operator's."""
+        """The settings widgets (`LOCKABLE`) made editable for this page when the token is the operator's."""
         allowed = self.operator.allows(operator_token)
         if not allowed:
             gr.Warning("That is not the operator token: the settings stay read-only")
         note = "**Unlocked**: you may change the settings." if allowed else "**Read-only.**"
-        return (*(gr.update(interactive=allowed) for _ in range(SETTINGS_WIDGETS)), note)
+        return (*(gr.update(interactive=allowed) for _ in LOCKABLE), note)
 
     def display_name(self, model: str) -> str:
         """A model as this host shows it: a public host never shows a server path."""
@@ -419,15 +375,137 @@ class Handlers:
         return f"{self.display_name(self.service.model)} on {engine.device}"
 
 
+APPLY_SIGNATURE = apply_signature(LOADING_PROGRESS)
+Handlers.apply.__signature__ = APPLY_SIGNATURE  # gradio reads Apply's (and /apply_settings') parameters here
+
+
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "direct-call"
 
 
-# --- layout ---------------------------------------------------------------------------------------
+# --- layout: one function per tab, then the events between them -------------------------------------
+def chat_tab(default_max_new_tokens: int) -> SimpleNamespace:
+    with gr.Tab("Chat", id="chat") as tab:
+        chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", buttons=["copy", "copy_all"],
+                             feedback_options=None, placeholder="Replies stream here, with tokens/s "
+                             "and the expert-cache hit rate under each one.")
+        with gr.Row():
+            message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
+                                 scale=6, elem_id="message", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            clear = gr.Button("Clear", scale=1, elem_id="clear")
+        with gr.Accordion("System prompt and sampling", open=False):
+            system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2,
+                                       placeholder="Optional; used only if the chat template supports it")
+            with gr.Row():
+                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
+                max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
+                                           label="Max new tokens", elem_id="max-new-tokens")
+    return SimpleNamespace(tab=tab, chatbot=chatbot, message=message, send=send, stop=stop, clear=clear,
+                           system_prompt=system_prompt, temperature=temperature, top_p=top_p,
+                           max_new_tokens=max_new_tokens)
+
+
+def settings_tab(h: Handlers, editable: bool) -> SimpleNamespace:
+    """The model and every `SETTINGS` entry in its row; `inputs` in Apply's order."""
+    service = h.service
+    widgets = {}
+    with gr.Tab("Settings", id="settings", elem_id="settings-tab") as tab:
+        for row in ROWS:
+            with gr.Row():
+                if row == 0:
+                    local = service.policy.allow_local_paths
+                    widgets["model"] = gr.Dropdown(
+                        list(h.model_names()), value=h.display_name(service.model), label="Model",
+                        allow_custom_value=local, scale=3, interactive=editable,
+                        info="A listed model or a local folder" if local
+                        else "Local folders are accepted only with --allow-local-paths")
+                for setting in SETTINGS:
+                    if setting.row == row:
+                        widgets[setting.name] = setting.make(service.config, editable)
+        with gr.Row(visible=not editable):
+            token = gr.Textbox("", label="Operator token", type="password", scale=4, elem_id="operator-token",
+                               info="this is a public host: only its operator changes the shared engine")
+            unlock = gr.Button("Unlock", scale=1, elem_id="unlock")
+        apply = gr.Button("Apply", variant="primary", elem_id="apply", interactive=editable)
+        status = gr.Markdown(elem_id="settings-status")
+        facts = gr.Markdown(h.engine_facts())
+    inputs = [widgets["model"], *(widgets[setting.name] for setting in SETTINGS)]
+    return SimpleNamespace(tab=tab, inputs=inputs, token=token, unlock=unlock, apply=apply, status=status,
+                           facts=facts)
+
+
+def stats_tab(editable: bool) -> SimpleNamespace:
+    with gr.Tab("Stats", id="stats") as tab:
+        with gr.Row():
+            refresh = gr.Button("Refresh", elem_id="refresh")
+            reset = gr.Button("Reset stats", elem_id="reset", interactive=editable)
+            prepare = gr.Button("Prepare downloads", elem_id="prepare-trace")
+            download = gr.DownloadButton("Download routing trace (JSON)", elem_id="download-trace")
+            download_counters = gr.DownloadButton("Download counters (JSON)", elem_id="download-counters")
+        counters = gr.JSON(visible=False)  # the counters as data, for API clients (/stats)
+        table = gr.Dataframe(headers=plots.COUNTER_COLUMNS, label="Counters", interactive=False, wrap=True,
+                             elem_id="counters", column_widths=["22%", "22%", "56%"])
+        plotted = {}  # figure name -> its gr.Plot
+
+        def figure(name: str, label: str, elem_id: str | None = None) -> None:
+            plotted[name] = gr.Plot(label=label, elem_id=elem_id)
+            gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
+
+        figure("cache_map", "Live cache map", "cache-map")
+        timeline_tokens = gr.Slider(1, 256, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
+                                    label="Timeline: newest tokens shown")
+        figure("timeline", "Load/compute timeline", "timeline")
+        figure("experts", "Expert selections", "expert-heatmap")
+        side_by_side = ((("hit_rate", "Cache hit rate"), ("prefetch_recall", "Prefetch recall")),
+                        (("tokens_per_second", "Tokens per second"), ("bytes_moved", "Bytes moved")))
+        for pair in side_by_side:
+            with gr.Row():
+                for name, label in pair:
+                    with gr.Column():
+                        figure(name, label)
+    return SimpleNamespace(tab=tab, refresh=refresh, reset=reset, prepare=prepare, download=download,
+                           download_counters=download_counters, timeline_tokens=timeline_tokens,
+                           outputs=[counters, table, *(plotted[name] for name in STATS_FIGURES)])
+
+
+def whatif_tab(config: OffloadConfig) -> SimpleNamespace:
+    with gr.Tab("What-if", id="whatif", elem_id="whatif-tab") as tab:
+        gr.Markdown("Replay the routing trace through the simulator (`moe_runtime.sim`) with other cache "
+                    "settings and predict tokens/s on other hardware, beside what this session measured.",
+                    elem_classes="caption")
+        with gr.Row():
+            source = gr.Radio([WHATIF_SESSION, WHATIF_UPLOAD], value=WHATIF_SESSION, label="Routing trace")
+            upload = gr.File(label="Trace file (JSON from Prepare downloads or moe_runtime; at most 1 MiB)",
+                             file_types=[".json"], type="filepath", elem_id="whatif-upload")
+        with gr.Row():
+            policy = gr.Dropdown(whatif.policy_choices(), value=config.policy, label="Replay policy",
+                                 info="belady: the optimum that knows the future", elem_id="whatif-policy")
+            cache = gr.Number(config.cache_size, precision=0, label="Replay cache size per layer",
+                              elem_id="whatif-cache")
+            prefetch = gr.Number(config.prefetch, precision=0, label="Replay prefetch width", elem_id="whatif-prefetch")
+            hardware = gr.Dropdown(list(whatif.HARDWARE), value="cpu-space", label="Hardware profile",
+                                   elem_id="whatif-hardware")
+            shape = gr.Dropdown(whatif.model_choices(), value=whatif.SERVED_SHAPE, label="Model shape",
+                                info="whose bytes and compute the prediction uses", elem_id="whatif-shape")
+            prefill = gr.Checkbox(True, label="include prompt tokens", info="the counters include them")
+        run = gr.Button("Replay", variant="primary", elem_id="whatif-run")
+        table = gr.Dataframe(headers=whatif.COLUMNS, label="Measured beside replayed", interactive=False,
+                             wrap=True, elem_id="whatif-table")
+        gr.Markdown("Each row: what this session measured, what the simulator counts when it replays the "
+                    "same routing with the chosen settings, and what the throughput model predicts on "
+                    "the chosen hardware.", elem_classes="caption")
+        notes = gr.Markdown(elem_id="whatif-notes")
+    return SimpleNamespace(tab=tab, run=run, inputs=[source, upload, policy, cache, prefetch, hardware, shape, prefill],
+                           outputs=[table, notes])
+
+
 def build_app(service: EngineService, *, default_max_new_tokens: int = 128, operator: Operator | None = None
               ) -> gr.Blocks:
     h = Handlers(service, operator)
-    private = {"api_visibility": "private"}
     editable = not h.operator.public  # a visitor of a public host sees the settings read-only
     # trace files returned to the browser are copied into gradio's cache: drop copies older than CACHE_SECONDS
     with gr.Blocks(title=TITLE, delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as demo:
@@ -436,172 +514,72 @@ def build_app(service: EngineService, *, default_max_new_tokens: int = 128, oper
         timer = gr.Timer(STATS_POLL_SECONDS, active=False)  # ticks while the Stats tab is open
         page_visible = gr.Checkbox(True, visible=False)  # set by PAGE_VISIBLE_JS at each tick
         with gr.Tabs():
-            with gr.Tab("Chat", id="chat") as chat_tab:
-                chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot", buttons=["copy", "copy_all"],
-                                     feedback_options=None, placeholder="Replies stream here, with tokens/s "
-                                     "and the expert-cache hit rate under each one.")
-                with gr.Row():
-                    message = gr.Textbox(show_label=False, placeholder="Type a message and press Enter",
-                                         scale=6, elem_id="message", autofocus=True)
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                    stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-                    clear = gr.Button("Clear", scale=1, elem_id="clear")
-                with gr.Accordion("System prompt and sampling", open=False):
-                    system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2,
-                                               placeholder="Optional; used only if the chat template supports it")
-                    with gr.Row():
-                        temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)",
-                                                elem_id="temperature")
-                        top_p = gr.Slider(0.05, 1, value=0.95, step=0.05, label="Top-p")
-                        max_new_tokens = gr.Slider(1, 1024, value=default_max_new_tokens, step=1,
-                                                   label="Max new tokens", elem_id="max-new-tokens")
-            with gr.Tab("Settings", id="settings", elem_id="settings-tab") as settings_tab:
-                with gr.Row():
-                    model = gr.Dropdown(list(h.model_names()), value=h.display_name(service.model), label="Model",
-                                        allow_custom_value=service.policy.allow_local_paths, scale=3,
-                                        interactive=editable,
-                                        info="Local folders are accepted only with --allow-local-paths"
-                                        if not service.policy.allow_local_paths else "A listed model or a local folder")
-                    device = gr.Dropdown(device_choices(), value=service.config.device, label="Device",
-                                         allow_custom_value=True, info="auto, cpu, cuda or cuda:N",
-                                         interactive=editable)
-                with gr.Row():
-                    expert_bits = gr.Dropdown(bits_choices(EXPERT_BITS), value=bits_text(service.config.expert_bits),
-                                              label="Expert bits (HQQ)", interactive=editable)
-                    attn_bits = gr.Dropdown(bits_choices(ATTN_BITS), value=bits_text(service.config.attn_bits),
-                                            label="Attention bits (HQQ)", interactive=editable)
-                    cache_size = gr.Number(service.config.cache_size, precision=0, label="Cache size per layer",
-                                           info="experts kept on the device per layer", interactive=editable)
-                    prefetch = gr.Number(service.config.prefetch, precision=0, label="Prefetch",
-                                         info="experts of the next layer loaded ahead (0 = off)",
-                                         interactive=editable)
-                with gr.Row():
-                    offload = gr.Radio(list(OFFLOAD_TIERS), value=service.config.offload, label="Offload tier",
-                                       interactive=editable)
-                    policy = gr.Radio(list(POLICIES), value=service.config.policy, label="Eviction policy",
-                                      interactive=editable)
-                    host_cache = gr.Textbox(str(service.config.host_cache_gb), label="Host RAM cache (GB)",
-                                            info="between the GPU slots and the disk store: a number or auto",
-                                            interactive=editable)
-                with gr.Row(visible=not editable):
-                    token = gr.Textbox("", label="Operator token", type="password", scale=4, elem_id="operator-token",
-                                       info="this is a public host: only its operator changes the shared engine")
-                    unlock = gr.Button("Unlock", scale=1, elem_id="unlock")
-                apply = gr.Button("Apply", variant="primary", elem_id="apply", interactive=editable)
-                status = gr.Markdown(elem_id="settings-status")
-                facts = gr.Markdown(h.engine_facts())
-            with gr.Tab("Stats", id="stats") as stats_tab:
-                with gr.Row():
-                    refresh = gr.Button("Refresh", elem_id="refresh")
-                    reset = gr.Button("Reset stats", elem_id="reset", interactive=editable)
-                    prepare = gr.Button("Prepare downloads", elem_id="prepare-trace")
-                    download = gr.DownloadButton("Download routing trace (JSON)", elem_id="download-trace")
-                    download_counters = gr.DownloadButton("Download counters (JSON)", elem_id="download-counters")
-                counters = gr.JSON(visible=False)  # the counters as data, for API clients (/stats)
-                table = gr.Dataframe(headers=plots.COUNTER_COLUMNS, label="Counters", interactive=False, wrap=True,
-                                     elem_id="counters", column_widths=["22%", "22%", "56%"])
-                plotted = {}  # figure name -> its gr.Plot
-
-                def figure(name: str, label: str, elem_id: str | None = None) -> None:
-                    plotted[name] = gr.Plot(label=label, elem_id=elem_id)
-                    gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
-
-                figure("cache_map", "Live cache map", "cache-map")
-                timeline_tokens = gr.Slider(1, 256, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
-                                            label="Timeline: newest tokens shown")
-                figure("timeline", "Load/compute timeline", "timeline")
-                figure("experts", "Expert selections", "expert-heatmap")
-                with gr.Row():
-                    with gr.Column():
-                        figure("hit_rate", "Cache hit rate")
-                    with gr.Column():
-                        figure("prefetch_recall", "Prefetch recall")
-                with gr.Row():
-                    with gr.Column():
-                        figure("tokens_per_second", "Tokens per second")
-                    with gr.Column():
-                        figure("bytes_moved", "Bytes moved")
-                figures = [plotted[name] for name in STATS_FIGURES]
-
-            with gr.Tab("What-if", id="whatif", elem_id="whatif-tab") as whatif_tab:
-                gr.Markdown("Replay the routing trace through the simulator (`moe_runtime.sim`) with other cache "
-                            "settings and predict tokens/s on other hardware, beside what this session measured.",
-                            elem_classes="caption")
-                with gr.Row():
-                    wi_source = gr.Radio([WHATIF_SESSION, WHATIF_UPLOAD], value=WHATIF_SESSION, label="Routing trace")
-                    wi_upload = gr.File(label="Trace file (JSON from Prepare downloads or moe_runtime; at most 1 MiB)",
-                                        file_types=[".json"], type="filepath", elem_id="whatif-upload")
-                with gr.Row():
-                    wi_policy = gr.Dropdown(whatif.policy_choices(), value=service.config.policy, label="Replay policy",
-                                            info="belady: the optimum that knows the future", elem_id="whatif-policy")
-                    wi_cache = gr.Number(service.config.cache_size, precision=0, label="Replay cache size per layer",
-                                         elem_id="whatif-cache")
-                    wi_prefetch = gr.Number(service.config.prefetch, precision=0, label="Replay prefetch width",
-                                            elem_id="whatif-prefetch")
-                    wi_hardware = gr.Dropdown(list(whatif.HARDWARE), value="cpu-space", label="Hardware profile",
-                                              elem_id="whatif-hardware")
-                    wi_shape = gr.Dropdown(whatif.model_choices(), value=whatif.SERVED_SHAPE, label="Model shape",
-                                           info="whose bytes and compute the prediction uses", elem_id="whatif-shape")
-                    wi_prefill = gr.Checkbox(True, label="include prompt tokens",
-                                             info="the counters include them")
-                wi_run = gr.Button("Replay", variant="primary", elem_id="whatif-run")
-                wi_table = gr.Dataframe(headers=whatif.COLUMNS, label="Measured beside replayed", interactive=False,
-                                        wrap=True, elem_id="whatif-table")
-                gr.Markdown("Each row: what this session measured, what the simulator counts when it replays the "
-                            "same routing with the chosen settings, and what the throughput model predicts on "
-                            "the chosen hardware.", elem_classes="caption")
-                wi_notes = gr.Markdown(elem_id="whatif-notes")
-
-        stats_outputs = [counters, table, *figures]
-        chat_inputs = [message, history, system_prompt, temperature, top_p, max_new_tokens]
-        replies = []
-        for trigger in (message.submit, send.click):
-            reply = trigger(h.respond, chat_inputs, [chatbot, history, message], concurrency_id=ENGINE,
-                            concurrency_limit=1, show_progress="minimal", **private)
-            reply.then(h.after_reply, timeline_tokens, stats_outputs, show_progress="hidden",
-                       concurrency_id=STATS_VIEW, concurrency_limit=1, **private)
-            replies.append(reply)
-        stop.click(h.stop, None, None, queue=False, **private)
-        clear.click(h.clear, None, [chatbot, history, message], cancels=replies, queue=False, **private)
-        chatbot.clear(h.clear, None, [chatbot, history, message], cancels=replies, queue=False, **private)
-        # the timer runs while the Stats tab is open; hidden pages skip; polls share one bounded lane
-        stats_tab.select(lambda: gr.Timer(active=True), None, timer, queue=False, **private)
-        for tab in (chat_tab, settings_tab, whatif_tab):
-            tab.select(lambda: gr.Timer(active=False), None, timer, queue=False, **private)
-        # the tick skips gradio's queue (a poll with nothing new then costs a few ms, not a queued event's
-        # ~15): Handlers.stats_poll bounds it itself (MAX_POLLS_AT_ONCE; builds one at a time in views)
-        timer.tick(h.stats_poll, [timeline_tokens, page_visible], stats_outputs, js=PAGE_VISIBLE_JS,
-                   show_progress="hidden", queue=False, trigger_mode="once", **private)
-        gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
-
-        refresh.click(h.stats_view, timeline_tokens, stats_outputs, api_name="stats", concurrency_id=STATS_VIEW,
-                      concurrency_limit=1)
-        timeline_tokens.release(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden",
-                                concurrency_id=STATS_VIEW, concurrency_limit=1, **private)
-        prepare.click(h.trace_download, None, download, api_name="trace", concurrency_id="trace",
-                      concurrency_limit=1)
-        prepare.click(h.counters_download, None, download_counters, concurrency_limit=4, **private)
-        reset.click(h.reset_stats, token, stats_outputs, api_name="reset_stats",
-                    concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
-
-        wi_run.click(h.what_if, [wi_source, wi_upload, wi_policy, wi_cache, wi_prefetch, wi_hardware, wi_shape,
-                                 wi_prefill], [wi_table, wi_notes], api_name="what_if", concurrency_id="what-if",
-                     concurrency_limit=1)
-
-        settings_inputs = [model, expert_bits, attn_bits, cache_size, prefetch, offload, device, policy, host_cache]
-        unlock.click(h.unlock, token, [*settings_inputs, apply, reset, status], queue=False, **private)
-        apply.click(h.apply, [*settings_inputs, token], [status, facts, header], api_name="apply_settings",
-                    concurrency_id=ENGINE, concurrency_limit=1, show_progress="full").then(
-            h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
-            concurrency_limit=1, **private)
-
-        demo.load(h.current_settings, None, [*settings_inputs, facts, header], **private)
-        demo.load(h.stats_view, timeline_tokens, stats_outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
-                  concurrency_limit=1, **private)
+            chat = chat_tab(default_max_new_tokens)
+            settings = settings_tab(h, editable)
+            stats = stats_tab(editable)
+            what = whatif_tab(service.config)
+        wire_chat(h, chat, history, stats)
+        wire_stats(h, stats, timer, page_visible, (chat.tab, settings.tab, what.tab))
+        what.run.click(h.what_if, what.inputs, what.outputs, api_name="what_if", concurrency_id="what-if",
+                       concurrency_limit=1)
+        wire_settings(h, settings, stats, header)
+        demo.load(h.current_settings, None, [*settings.inputs, settings.facts, header], **PRIVATE)
+        demo.load(h.stats_view, stats.timeline_tokens, stats.outputs, show_progress="hidden",
+                  concurrency_id=STATS_VIEW, concurrency_limit=1, **PRIVATE)
     demo.request_guard = h.guard  # launch() installs it in front of the server
     h.guard.public = h.operator.public
     h.guard.blocks = demo
     return demo
+
+
+def wire_chat(h: Handlers, chat: SimpleNamespace, history: gr.State, stats: SimpleNamespace) -> None:
+    outputs = [chat.chatbot, history, chat.message]
+    inputs = [chat.message, history, chat.system_prompt, chat.temperature, chat.top_p, chat.max_new_tokens]
+    replies = []
+    for trigger in (chat.message.submit, chat.send.click):
+        reply = trigger(h.respond, inputs, outputs, concurrency_id=ENGINE, concurrency_limit=1,
+                        show_progress="minimal", **PRIVATE)
+        reply.then(h.after_reply, stats.timeline_tokens, stats.outputs, show_progress="hidden",
+                   concurrency_id=STATS_VIEW, concurrency_limit=1, **PRIVATE)
+        replies.append(reply)
+    chat.stop.click(h.stop, None, None, queue=False, **PRIVATE)
+    chat.clear.click(h.clear, None, outputs, cancels=replies, queue=False, **PRIVATE)
+    chat.chatbot.clear(h.clear, None, outputs, cancels=replies, queue=False, **PRIVATE)
+    gr.api(h.chat_api, api_name="chat", concurrency_id=ENGINE, concurrency_limit=1)
+
+
+def wire_stats(h: Handlers, stats: SimpleNamespace, timer: gr.Timer, page_visible: gr.Checkbox,
+               other_tabs: tuple) -> None:
+    # the timer runs while the Stats tab is open; hidden pages skip; polls share one bounded lane
+    stats.tab.select(lambda: gr.Timer(active=True), None, timer, queue=False, **PRIVATE)
+    for tab in other_tabs:
+        tab.select(lambda: gr.Timer(active=False), None, timer, queue=False, **PRIVATE)
+    # the tick skips gradio's queue (a poll with nothing new then costs a few ms, not a queued event's
+    # ~15): Handlers.stats_poll bounds it itself (MAX_POLLS_AT_ONCE; builds one at a time in views)
+    timer.tick(h.stats_poll, [stats.timeline_tokens, page_visible], stats.outputs, js=PAGE_VISIBLE_JS,
+               show_progress="hidden", queue=False, trigger_mode="once", **PRIVATE)
+    stats.refresh.click(h.stats_view, stats.timeline_tokens, stats.outputs, api_name="stats",
+                        concurrency_id=STATS_VIEW, concurrency_limit=1)
+    stats.timeline_tokens.release(h.stats_view, stats.timeline_tokens, stats.outputs, show_progress="hidden",
+                                  concurrency_id=STATS_VIEW, concurrency_limit=1, **PRIVATE)
+    stats.prepare.click(h.trace_download, None, stats.download, api_name="trace", concurrency_id="trace",
+                        concurrency_limit=1)
+    stats.prepare.click(h.counters_download, None, stats.download_counters, concurrency_limit=4, **PRIVATE)
+
+
+def wire_settings(h: Handlers, settings: SimpleNamespace, stats: SimpleNamespace, header: gr.Markdown) -> None:
+    token = settings.token
+    stats.reset.click(h.reset_stats, token, stats.outputs, api_name="reset_stats",
+                      concurrency_id=ENGINE, concurrency_limit=1)  # after a reply in progress, not mid-token
+    lockable = {"apply": settings.apply, "reset": stats.reset,
+                **dict(zip(("model", *(s.name for s in SETTINGS)), settings.inputs, strict=True))}
+    settings.unlock.click(h.unlock, token, [*(lockable[name] for name in LOCKABLE), settings.status],
+                          queue=False, **PRIVATE)
+    settings.apply.click(h.apply, [*settings.inputs, token], [settings.status, settings.facts, header],
+                         api_name="apply_settings", concurrency_id=ENGINE, concurrency_limit=1,
+                         show_progress="full").then(
+        h.stats_view, stats.timeline_tokens, stats.outputs, show_progress="hidden", concurrency_id=STATS_VIEW,
+        concurrency_limit=1, **PRIVATE)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True,
@@ -673,7 +651,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
     s.add_argument("--allow-local-paths", action="store_true",
                    help="let the Settings tab load any local model folder (otherwise only the embedded model, "
-                        "--model and known Mixtral hub ids)")
+                        "--model and the known hub ids of every supported family)")
     s.add_argument("--max-new-tokens", type=int, default=128,
                    help="initial value of the Max new tokens slider, and the API's max_tokens when a request has none")
     s.add_argument("--api-key", default=os.environ.get("MOE_API_KEY") or None,
@@ -691,7 +669,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _host_cache_arg(text: str):
     try:
-        return host_cache_value(text)
+        return host_cache_value("host_cache_gb", text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 

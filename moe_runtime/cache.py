@@ -32,6 +32,7 @@ from .slots import SlotTable
 from .stats import StatsCollector
 from .store import SlowTier
 
+PREFETCH_THREAD = "expert-prefetch"  # name (prefix) of a layer cache's prefetch worker thread
 WAIT_TIMEOUT_S = 120.0  # a slot or another thread's load; far above any sane single expert load
 
 
@@ -74,7 +75,7 @@ class Transfer:
         self.device = device
         self.stats = stats  # gets a "demand"/"prefetch" span of the timeline per load
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-prefetch")
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=PREFETCH_THREAD)
 
     def _copy(self, layer: int, expert: int, dst: torch.Tensor | None, write_back: int | None,
               ticket: LoadTicket) -> None:
@@ -175,6 +176,11 @@ class ExpertCache:
     def resident(self) -> set[int]:
         with self._cond:
             return self.table.keys()
+
+    def describe(self) -> dict:
+        """This layer's device level now: records held and its slots (cache_size)."""
+        with self._cond:
+            return {"held": len(self.table.keys()), "slots": self.cache_size}
 
     def states(self) -> dict[int, str]:
         """expert -> "device" (in a slot, ready) or "loading (demand)" / "loading (prefetch)", for the

@@ -15,6 +15,7 @@ import json
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -73,11 +74,12 @@ class ModelSource:
             file.unlink(missing_ok=True)
 
 
-def open_model(name_or_path: str) -> ModelSource:
+def open_model(name_or_path: str, pull_store: Callable[[str, Path, str | None], Path]) -> ModelSource:
     """A local folder as is; otherwise a hub repo id, of which only the small files are fetched now.
 
     A hub checkpoint without a safetensors index cannot say which shards it has without them, so
-    its weights are fetched here too (such checkpoints are small: one file).
+    its weights are fetched here too (such checkpoints are small: one file). A store repository's
+    files are fetched by `pull_store(repo, small_files_folder, revision) -> folder` (store.hub.pull).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -100,10 +102,8 @@ def open_model(name_or_path: str) -> ModelSource:
     except Exception as err:  # offline, unknown repo, gated repo, ...
         raise _hub_error(f"model {name_or_path!r}", err) from None
     if is_store:  # its store's files, not any original checkpoint's shards
-        from .store.hub import pull
-
         try:
-            folder = pull(name_or_path, folder, revision)
+            folder = pull_store(name_or_path, folder, revision)
         except ValueError:
             raise
         except Exception as err:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from .arch.base import MoEShape
 from .config import OffloadConfig
 from .sampling import MAX_SEED, OwnGeneratorSampler, own_generator
 from .stats import Counters, Stats, StatsCollector
 from .store import round_up
+from .types import MoEShape
 
 
 @dataclass
@@ -175,17 +175,14 @@ class Engine:
     def _levels(self, slot_bytes: int, expert_bytes: int) -> dict:
         """Bytes each level holds now, and its budget."""
         n = self.shape.num_layers * self.shape.num_experts
-        device_held = sum(len(m.cache.resident()) for m in self.experts) * slot_bytes
+        device_held = sum(m.cache.describe()["held"] for m in self.experts) * slot_bytes
         # on a CPU the device level's slots are views of records the host (arena or RAM tier) holds
         levels = {"device": {"held_bytes": device_held,
                              "budget_bytes": slot_bytes * self.shape.num_layers * self.config.cache_size,
                              "shares_host_memory": self.tier.shares_memory}}
         host = self.host_cache
         if host is not None:
-            levels["host"] = {"held_bytes": host.held_bytes(), "budget_bytes": host.slots * host.stride,
-                              "setting_bytes": self.host_plan.budget_bytes, "slots": host.slots,
-                              "arena_bytes": host.arena_bytes(), "exclusive": host.exclusive,
-                              "pinned": host.arena.is_pinned()}
+            levels["host"] = {**host.describe(), "setting_bytes": self.host_plan.budget_bytes}
             levels["disk"] = {"held_bytes": n * expert_bytes, "budget_bytes": None}
         else:
             levels["host"] = {"held_bytes": n * expert_bytes, "budget_bytes": n * expert_bytes,
@@ -271,11 +268,8 @@ class Engine:
     def _update(self, text: str, count: int, start: Counters, finished=False, reason=None,
                 prompt_tokens: int = 0) -> StreamUpdate:
         """The reply so far; its hit rate is over this reply's window of the counters."""
-        times = self._stats.token_times
-        elapsed = times[-1] if times else 0.0
-        tps = (len(times) - 1) / elapsed if elapsed > 0 else 0.0
-        return StreamUpdate(text, count, tps, (self._stats.counters() - start).hit_rate, finished, reason,
-                            prompt_tokens)
+        return StreamUpdate(text, count, self._stats.tokens_per_second(), (self._stats.counters() - start).hit_rate,
+                            finished, reason, prompt_tokens)
 
     def _finish_reason(self, count: int, settings: GenerationSettings) -> str:
         return "length" if count >= settings.max_new_tokens else "stop"

@@ -17,28 +17,26 @@ S = T*K assignments):
 
 `dispatch` and `combine` are shared with `reference_moe`, the plain in-memory path the tests compare
 against. The slow tier (store.SlowTier), the eviction policy (policies.EvictionPolicy) and the
-speculator (`Speculation` below) are declared seams.
+speculator (speculation.Speculation: returns the `Guess` the next layer receives) are declared seams.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .arch.base import dense_linear, softmax_scores
 from .cache import ExpertCache, Transfer
 from .kernels import linear
 from .policies import make_policy
 from .quant import ExpertCodec
+from .speculation import Guess, Speculation
 from .stats import StatsCollector
 from .store import SlowTier, aligned_empty, round_up
-
-MAX_GUESS_RECORDED = 8
+from .types import dense_linear
 
 
 @dataclass
@@ -104,65 +102,6 @@ def reference_moe(hidden_states, top_k_index, top_k_weights, weights, expert_fn,
     return out
 
 
-class Speculation(Protocol):
-    """Guesses the next layer's experts while this layer runs, and may start loading them.
-
-    Called with this layer's MoE input hidden_states [T, H]; afterwards `last_guess` holds, per token,
-    the next layer's experts ranked most likely first (None: no guess), which the next layer records
-    for the prefetch-recall statistics.
-    """
-
-    last_guess: list[list[int]] | None
-
-    def __call__(self, hidden_states: torch.Tensor) -> None: ...
-
-
-class Speculator:
-    """Guesses layer L+1's experts from layer L's MoE input and starts loading them.
-
-    Layer L's MoE input is x = n(r) * w_L + b_L (r: residual stream, n: RMS or layer
-    normalization, w_L, b_L: L's norm weight and bias, b = 0 for RMSNorm). Layer L+1's router
-    would see n(r') * w_{L+1} + b_{L+1}; taking r' ~ r, that is (x - b_L) * ratio + b_{L+1} with
-    ratio = w_{L+1} / w_L, so the ratio and the biases are folded into the next router's weight
-    and bias once, and a guess is one small matmul. `scores` (the adapter's) turns the router's
-    logits into scores that rank experts as the family's router does.
-    """
-
-    def __init__(self, next_router: torch.Tensor, norm_here: torch.Tensor, norm_next: torch.Tensor,
-                 next_cache: ExpertCache, prefetch: int, *, router_bias: torch.Tensor | None = None,
-                 norm_here_bias: torch.Tensor | None = None, norm_next_bias: torch.Tensor | None = None,
-                 scores=softmax_scores) -> None:
-        ratio = norm_next.float() / torch.where(norm_here.float().abs() < 1e-6, 1e-6, norm_here.float())
-        self.weight = (next_router.float() * ratio[None, :]).to(next_router.dtype)  # [E, H]
-        shift = torch.zeros_like(ratio)  # [H]: what the norms' biases add to the next router's input
-        if norm_next_bias is not None:
-            shift += norm_next_bias.float()
-        if norm_here_bias is not None:
-            shift -= norm_here_bias.float() * ratio
-        bias = next_router.float() @ shift  # [E]
-        if router_bias is not None:
-            bias += router_bias.float()
-        has_bias = router_bias is not None or norm_here_bias is not None or norm_next_bias is not None
-        self.bias = bias.to(next_router.dtype) if has_bias else None
-        self.scores = scores
-        self.next_cache = next_cache
-        self.prefetch = prefetch
-        self.last_guess: list[list[int]] | None = None  # per token, ranking of L+1's experts
-        self.last_resident: set[int] | None = None  # L+1's experts on the device when guessed
-
-    def __call__(self, hidden_states: torch.Tensor) -> None:
-        logits = F.linear(hidden_states.to(self.weight.dtype), self.weight, self.bias)  # [T, E]
-        scores = self.scores(logits).float()  # [T, E]
-        ranking = torch.argsort(scores, dim=-1, descending=True)
-        self.last_guess = ranking[:, :MAX_GUESS_RECORDED].tolist()
-        self.last_resident = self.next_cache.resident()
-        if self.prefetch:
-            # one token: its ranking; a prompt: experts ranked by mean routing score
-            mean_prob = scores.mean(dim=0)
-            wanted = torch.argsort(mean_prob, descending=True)[: self.prefetch].tolist()
-            self.next_cache.prefetch(wanted)
-
-
 class OffloadedExperts(nn.Module):
     """forward(hidden_states [T, H], top_k_index [T, K], top_k_weights [T, K]) -> [T, H]."""
 
@@ -177,8 +116,9 @@ class OffloadedExperts(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.guess_width = prefetch or top_k
-        self.speculator: Speculation | None = None  # guesses layer + 1 (set by the loader)
-        self.previous_speculator: Speculation | None = None  # guessed this layer, from layer - 1
+        self.speculator: Speculation | None = None  # guesses layer + 1 (link_speculators)
+        self.send_guess: Callable[[Guess | None], None] | None = None  # hands the guess to layer + 1
+        self.guess: Guess | None = None  # this layer's experts as layer - 1 guessed them this step
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, experts={self.num_experts}, cache_size={self.cache.cache_size}"
@@ -187,7 +127,7 @@ class OffloadedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         start = time.perf_counter()
         if self.speculator is not None:
-            self.speculator(hidden_states)
+            self.send_guess(self.speculator(hidden_states))
         routing = top_k_index.cpu()  # [T, K]: the layer's one host sync (stats and dispatch read it)
         self._record(routing)
         plan = dispatch(routing, self.num_experts)
@@ -222,13 +162,14 @@ class OffloadedExperts(nn.Module):
         self.stats.record_span("compute", self.layer, -1, start, time.perf_counter())
         return out
 
+    def receive_guess(self, guess: Guess | None) -> None:
+        self.guess = guess
+
     def _record(self, top_k_index: torch.Tensor) -> None:
         selected = top_k_index.tolist()
-        guess = self.previous_speculator.last_guess if self.previous_speculator is not None else None
-        if guess is not None and len(guess) != len(selected):
-            guess = None
-        resident = getattr(self.previous_speculator, "last_resident", None) if guess is not None else None
-        self.stats.record_routing(self.layer, selected, guess, self.guess_width, resident)
+        guess = self.guess if self.guess is not None and len(self.guess.ranking) == len(selected) else None
+        ranking, resident = (guess.ranking, guess.resident) if guess is not None else (None, None)
+        self.stats.record_routing(self.layer, selected, ranking, self.guess_width, resident)
 
 
 def build_offloaded_experts(tier: SlowTier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
@@ -249,8 +190,7 @@ def build_offloaded_experts(tier: SlowTier, codec: ExpertCodec, *, num_layers: i
 
 
 def link_speculators(modules: list[OffloadedExperts], speculators: list[Speculation]) -> None:
-    """speculators[i] guesses layer i + 1's experts while layer i runs."""
+    """speculators[i] guesses layer i + 1's experts while layer i runs; layer i + 1 receives the guess."""
     for layer, speculator in enumerate(speculators):
         modules[layer].speculator = speculator
-        modules[layer + 1].previous_speculator = speculator
-
+        modules[layer].send_guess = modules[layer + 1].receive_guess

@@ -24,7 +24,7 @@ Three ways to stack the levels:
   copies the record.
 
 Prefetch by level: host -> device one layer ahead is the speculator's (experts.py); disk -> host
-several layers ahead is `HostPrefetcher` (below), on this cache's own I/O thread, which reads only
+several layers ahead is `speculation.DiskPrefetcher`, on this cache's own I/O thread, which reads only
 while no load is using the tier: demand loads, then host -> device prefetches, then disk -> host
 guesses, so a guess never delays a demand load (it may finish the one read it started).
 
@@ -44,6 +44,8 @@ from .policies import EvictionPolicy
 from .slots import SlotTable
 from .stats import StatsCollector
 from .store import SlowTier, aligned_empty
+
+IO_THREAD = "host-cache-io"  # name of the host cache's disk-read thread
 
 GB = 1e9
 HOST_HEADROOM_GB = 2.0  # left free by host_cache_gb="auto": activations, tokenizer, Python's own growth
@@ -149,7 +151,6 @@ class HostCache(SlowTier):
         self.reading: dict[tuple[int, int], threading.Event] = {}  # disk reads into the arena in flight
         self.copied: list[torch.cuda.Event | None] = [None] * physical  # CUDA: last async copy out of the slot
         self.active = 0  # device loads running (the I/O thread waits for 0)
-        self.on_device: Callable[[tuple[int, int]], bool] | None = None  # exclusive: is (layer, expert) in a slot?
         self._cond = threading.Condition()
         self._local = threading.local()
         self._io = _IoThread(self)
@@ -174,6 +175,13 @@ class HostCache(SlowTier):
 
     def arena_bytes(self) -> int:
         return self.arena.numel()
+
+    def describe(self) -> dict:
+        """This level now: bytes held, its budget (bytes and records), its arena, whether it is
+        exclusive with the device level, whether its arena is pinned."""
+        with self._cond:
+            return {"held_bytes": self.held_bytes(), "budget_bytes": self.slots * self.stride, "slots": self.slots,
+                    "arena_bytes": self.arena_bytes(), "exclusive": self.exclusive, "pinned": self.arena.is_pinned()}
 
     def _wait_copied(self, slot: int) -> None:
         event = self.copied[slot]
@@ -392,12 +400,13 @@ class HostCache(SlowTier):
         return buf
 
     # --- disk -> host prefetch --------------------------------------------------------------------
-    def prefetch(self, keys: list[tuple[int, int]]) -> None:
+    def prefetch(self, keys: list[tuple[int, int]], on_device: Callable[[tuple[int, int]], bool]) -> None:
         """Read these records into the arena on the I/O thread, in order, when the tier is idle.
-        A newer call replaces the guesses not started yet."""
-        self._io.submit(keys)
+        A newer call replaces the guesses not started yet. `on_device(key)`: whether the device level
+        holds the record now (exclusive levels then skip it)."""
+        self._io.submit(keys, on_device)
 
-    def _prefetch_one(self, key: tuple[int, int], protect: set) -> bool:
+    def _prefetch_one(self, key: tuple[int, int], protect: set, on_device: Callable[[tuple[int, int]], bool]) -> bool:
         with self._cond:
             while self.active:  # demand and host -> device loads first
                 self._cond.wait()
@@ -418,7 +427,7 @@ class HostCache(SlowTier):
                         return False
                     slot = self.table.slot_of[victim]
                     self.table.unmap(slot)
-            if self.exclusive and self.on_device is not None and self.on_device(key):
+            if self.exclusive and on_device(key):
                 return True  # on the device already: a copy here would hold it twice
             self.table.map(slot, key)
             self.table.pins[slot] += 1
@@ -458,18 +467,19 @@ class _IoThread:
     def __init__(self, cache: HostCache) -> None:
         self.cache = cache
         self.pending: list[tuple[int, int]] = []
+        self.on_device: Callable[[tuple[int, int]], bool] = lambda key: False  # the newest submit's
         self.busy = False
         self.closed = False
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
 
-    def submit(self, keys: list[tuple[int, int]]) -> None:
+    def submit(self, keys: list[tuple[int, int]], on_device: Callable[[tuple[int, int]], bool]) -> None:
         with self.cond:
             if self.closed:
                 return
-            self.pending = list(keys)
+            self.pending, self.on_device = list(keys), on_device
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="host-cache-io", daemon=True)
+                self.thread = threading.Thread(target=self._run, name=IO_THREAD, daemon=True)
                 self.thread.start()
             self.cond.notify_all()
 
@@ -482,9 +492,10 @@ class _IoThread:
                     return
                 key = self.pending.pop(0)
                 protect = set(self.pending) | {key}
+                on_device = self.on_device
                 self.busy = True
             try:
-                if not self.cache._prefetch_one(key, protect):
+                if not self.cache._prefetch_one(key, protect, on_device):
                     with self.cond:
                         self.pending = []  # no evictable slot: the rest would not fit either
             finally:
@@ -504,47 +515,3 @@ class _IoThread:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join()
-
-
-class HostPrefetcher:
-    """At layer L, guesses the experts of layers L+1..L+n and hands the ones not on the device to the
-    host cache's I/O thread, nearest layer first, then most often ranked first.
-
-    `far`: (layer j, a speculator guessing layer j from L's MoE input: experts.Speculator with
-    prefetch 0, the same fold of norms and router as the one-layer-ahead guess)."""
-
-    def __init__(self, far: list, host: HostCache, per_layer: int) -> None:
-        self.far, self.host, self.per_layer = far, host, per_layer
-        self.last_guess = None  # not the device speculator: the next layer records nothing from it
-
-    def __call__(self, hidden_states: torch.Tensor) -> None:
-        keys = []
-        for target, speculator in self.far:
-            speculator(hidden_states)  # ranking per token; last_resident: the target's device experts
-            votes: dict[int, int] = {}
-            for ranking in speculator.last_guess:  # [T] rankings: count each token's top per_layer
-                for e in ranking[: self.per_layer]:
-                    votes[e] = votes.get(e, 0) + 1
-            ranked = sorted(votes, key=lambda e: -votes[e])[: self.per_layer]
-            keys += [(target, e) for e in ranked if e not in speculator.last_resident]
-        self.host.prefetch(keys)
-
-
-class Speculators:
-    """Several speculators called in turn at one layer; `last_guess` is the first one's (the device
-    speculator's), which the next layer records."""
-
-    def __init__(self, *speculators) -> None:
-        self.speculators = speculators
-
-    @property
-    def last_guess(self):
-        return self.speculators[0].last_guess
-
-    @property
-    def last_resident(self):
-        return getattr(self.speculators[0], "last_resident", None)
-
-    def __call__(self, hidden_states: torch.Tensor) -> None:
-        for speculator in self.speculators:
-            speculator(hidden_states)

@@ -27,16 +27,18 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .arch import ExpertWeights, adapter_for
+from .arch import adapter_for
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
 from .config import OffloadConfig
 from .engine import Engine
-from .experts import Speculator, build_offloaded_experts, link_speculators
-from .host_cache import HostCache, HostPrefetcher, Speculators, plan_host_memory
+from .experts import build_offloaded_experts, link_speculators
+from .host_cache import HostCache, plan_host_memory
 from .kernels import choose_format
 from .kernels.capability import choose_compute
+from .kernels.hqq_linear import HQQLinear
 from .policies import EvictionPolicy, make_host_policy
-from .quant import MATRICES, ExpertCodec, HQQLinear
+from .quant import MATRICES, ExpertCodec
+from .speculation import build_speculators
 from .stats import StatsCollector
 from .store import (
     DENSE_FILE,
@@ -49,8 +51,10 @@ from .store import (
     store_folder,
 )
 from .store.build import JOURNAL, BuildReport, ResumableStoreWriter, StoreLock, store_bytes
+from .store.hub import pull
 from .store.identity import source_identity
 from .store.model import find_built_from, is_store_model, open_store_model, package, settings_of, settle
+from .types import ExpertWeights
 
 
 def resolve_device(name: str) -> torch.device:
@@ -366,7 +370,7 @@ def build_store(model: str | Path, config: OffloadConfig | None = None, out: str
     `config.store_dir`, named as `load` names it)."""
     config = config or OffloadConfig()
     config.validate()
-    source = open_model(str(model))
+    source = open_model(str(model), pull_store=pull)
     if is_store_model(source.folder):
         raise ValueError(f"{model} is a store already: load it, or build from the original checkpoint")
     hf_config = _read_config(source.folder)
@@ -460,40 +464,6 @@ def _load_dense(model, tensors: dict, where: Path, device) -> None:
             model._init_weights(module)
 
 
-def _speculators(adapter, hf_config, moe_layers: list, modules: list, prefetch: int) -> list[Speculator]:
-    """speculators[i]: MoE layer i + 1's router and norm, applied to MoE layer i's input."""
-    views = [adapter.router_view(layer) for layer in moe_layers]
-
-    def detached(t):
-        return None if t is None else t.detach()
-
-    return [
-        Speculator(detached(nxt.weight), detached(here.norm_weight), detached(nxt.norm_weight), modules[i + 1].cache,
-                   prefetch, router_bias=detached(nxt.bias), norm_here_bias=detached(here.norm_bias),
-                   norm_next_bias=detached(nxt.norm_bias), scores=adapter.guess_scores(hf_config, moe_layers[i + 1]))
-        for i, (here, nxt) in enumerate(zip(views, views[1:]))
-    ]
-
-
-def _link_host_prefetchers(adapter, hf_config, moe_layers: list, modules: list, host_cache: HostCache, ahead: int,
-                           per_layer: int) -> None:
-    """At MoE layer i, also guess layers i+1..i+ahead (the same fold as `_speculators`, from farther
-    away) for the disk -> host prefetch."""
-    views = [adapter.router_view(layer) for layer in moe_layers]
-
-    def detached(t):
-        return None if t is None else t.detach()
-
-    for i, module in enumerate(modules[:-1]):
-        here = views[i]
-        far = [(j, Speculator(detached(views[j].weight), detached(here.norm_weight), detached(views[j].norm_weight),
-                              modules[j].cache, 0, router_bias=detached(views[j].bias),
-                              norm_here_bias=detached(here.norm_bias), norm_next_bias=detached(views[j].norm_bias),
-                              scores=adapter.guess_scores(hf_config, moe_layers[j])))
-               for j in range(i + 1, min(len(modules), i + 1 + ahead))]
-        module.speculator = Speculators(module.speculator, HostPrefetcher(far, host_cache, per_layer))
-
-
 def _quantize_attention(model, adapter, config: OffloadConfig) -> None:
     layers = adapter.layers(model)
     for layer in tqdm(layers, desc=f"quantizing attention to {config.attn_bits} bits", unit="layer"):
@@ -544,7 +514,7 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     if levels is not None and levels not in LEVELS:
         raise ValueError(f"levels={levels!r} is not allowed: use one of {', '.join(LEVELS)} (or None)")
     model_name = str(model)
-    source = open_model(model_name)
+    source = open_model(model_name, pull_store=pull)
     model_dir = source.folder
     packaged = is_store_model(model_dir)  # a store folder or repository: its own settings (store.model)
     if packaged:
@@ -600,12 +570,11 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     _load_dense(hf_model, dense, store_path or model_dir, device)
     del dense  # lets go of the dense file (or the checkpoint's shards)
     moe_layers = [layers[i] for i in shape.moe_layers]
-    link_speculators(modules, _speculators(adapter, hf_config, moe_layers, modules, config.prefetch))
-    if host_cache is not None:
-        host_cache.on_device = lambda key: key[1] in modules[key[0]].cache.resident()
-    if host_cache is not None and config.disk_prefetch_layers and host.host_slots:
-        _link_host_prefetchers(adapter, hf_config, moe_layers, modules, host_cache, config.disk_prefetch_layers,
-                               max(config.prefetch, shape.top_k))
+    disk_prefetch = host_cache is not None and config.disk_prefetch_layers and host.host_slots
+    link_speculators(modules, build_speculators(
+        adapter, hf_config, moe_layers, [module.cache for module in modules], config.prefetch,
+        host=host_cache if disk_prefetch else None, ahead=config.disk_prefetch_layers,
+        per_layer=max(config.prefetch, shape.top_k)))
     if config.attn_bits is not None:
         _quantize_attention(hf_model, adapter, config)
     if (model_dir / "generation_config.json").exists():

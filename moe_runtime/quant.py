@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from hqq.core.quantize import Quantizer
-from torch import nn
 
-from .arch.base import ExpertWeights
+from .types import ExpertWeights
 
 MATRICES = ("gate", "up", "down")
 BIASES = ("gate_bias", "up_bias", "down_bias")
@@ -126,8 +127,8 @@ def hqq_codes(tensors: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tenso
     """One matrix's HQQ pieces unpacked: codes uint8 [N, K], scale and zero fp32 [N, K/G], such that
     hqq's dequantization is w = (codes - zero) * scale, group g covering columns g*G..(g+1)*G-1.
 
-    That reading holds for axis=1 with G dividing K (a group never spans two rows), which
-    `compute_groups_ok` checks; the fused kernels (moe_runtime.kernels) are built from these.
+    That reading holds for axis=1 with G dividing K (a group never spans two rows), which this
+    function checks (ValueError otherwise); the fused kernels (moe_runtime.kernels) are built from these.
     """
     (n, k), group = info["shape"], info["group_size"]
     if info["axis"] != 1 or k % group:
@@ -138,6 +139,68 @@ def hqq_codes(tensors: dict[str, torch.Tensor], info: dict) -> tuple[torch.Tenso
     if info["packing"]:
         codes = Quantizer.unpack[info["packing"]](codes, dtype=torch.uint8)[: n * k // group]
     return codes.reshape(n, k), scale.reshape(n, k // group), zero.reshape(n, k // group)
+
+
+class MatrixFormat(Protocol):
+    """One quantized [N, K] matrix (HQQ axis-1 groups) in a record, for one kind of kernel.
+
+    shapes(info, dtype): named pieces -> (shape, dtype); pack(tensors, info, dtype): quant.quantize_matrix's
+    (tensors, info) -> those pieces, exactly (codes bit-exact), at store build time only; weight(views, info):
+    what kernels.linear computes with, from views of the record (no copy, no conversion); reference(views,
+    info, dtype) -> the dense [N, K] matrix in plain PyTorch (tests: equals hqq's dequantize)."""
+
+    name: str
+    converts_per_use: bool
+    device_type: str | None  # the device type whose kernel computes from it ("cpu", "cuda"); None: any
+    target: str  # what computes from it, in words (reports)
+
+    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool: ...
+
+    def shapes(self, info: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]: ...
+
+    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
+    def weight(self, views: dict[str, torch.Tensor], info: dict): ...
+
+    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class HqqDequantWeight:
+    """hqq's pieces of one matrix, dequantized by hqq on each use (the fallback: slow, converts per use)."""
+
+    pieces: dict
+    info: dict
+    dtype: torch.dtype
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_matrix(self.pieces, self.info, self.dtype).reshape(tuple(self.info["shape"]))
+        return F.linear(x.to(self.dtype), weight).to(x.dtype)
+
+
+class HqqStoredFormat:
+    name = "hqq"
+    converts_per_use = True
+    device_type = None
+    target = "any (hqq dequantize per use; = store version 2's record)"
+
+    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
+        return bits in (2, 3, 4, 8) and (shape[0] * shape[1]) % group_size == 0
+
+    def shapes(self, info: dict, dtype: torch.dtype) -> dict:
+        return {name: (tuple(shape), piece_dtype) for name, (shape, piece_dtype) in info["pieces"].items()}
+
+    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def weight(self, views: dict[str, torch.Tensor], info: dict) -> HqqDequantWeight:
+        return HqqDequantWeight(views, info, info["dtype"])
+
+    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_matrix(views, info, dtype).reshape(tuple(info["shape"]))
+
+
+HQQ_STORED = HqqStoredFormat()
 
 
 class ExpertCodec:
@@ -166,8 +229,6 @@ class ExpertCodec:
                         f"expert_group_size={group_size} does not divide the {name} matrix {shape}: "
                         "use a power of two that divides hidden_size * intermediate_size"
                     )
-        from .kernels.forms import HQQ_STORED  # here: the kernels package imports this module
-
         self.fmt = None if bits is None else (fmt or HQQ_STORED)
         if self.fmt is not None and not all(self.fmt.supports(bits, self.shapes[n], group_size) for n in MATRICES):
             raise ValueError(f"the {self.fmt.name} format cannot hold {bits}-bit matrices {[self.shapes[n] for n in MATRICES]} "
@@ -272,35 +333,3 @@ class ExpertCodec:
             return ExpertWeights(*(slots[name].view(buffer) for name in MATRICES), *biases)
         return ExpertWeights(*(self.fmt.reference(self.parts(buffer, name), self.layout.hqq_meta[name], self.dtype)
                                for name in MATRICES), *biases)
-
-
-class HQQLinear(nn.Module):
-    """A linear layer whose weight is kept HQQ-quantized (its bias stays as is), packed once into the
-    format its device computes from (`kernels.forms.choose_format`: a fused kernel where one fits, else
-    hqq's pieces dequantized per call)."""
-
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int, quantize_meta: bool,
-                 optimize: bool = True) -> None:
-        super().__init__()
-        from .kernels.forms import choose_format  # here: the kernels package imports this module
-
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dtype = linear.weight.dtype
-        device = linear.weight.device
-        tensors, self.info = quantize_matrix(linear.weight.detach(), bits, group_size, quantize_meta, optimize,
-                                             str(device))
-        self.info["dtype"] = self.dtype
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.fmt = choose_format(bits, group_size, [(self.out_features, self.in_features)], device, warn=False)
-        self.kind = self.fmt.name
-        tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
-        pieces = self.fmt.pack(tensors, self.info, self.dtype)
-        for name, tensor in pieces.items():
-            self.register_buffer(name, tensor.to(device))
-        self.names = list(pieces)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import linear
-
-        weight = self.fmt.weight({name: getattr(self, name) for name in self.names}, self.info)
-        return linear(x, weight, self.bias)

@@ -427,6 +427,13 @@ class StatsCollector:
             self._last_token = now
             self.token_times.append(now - self._first_token)
 
+    def tokens_per_second(self) -> float:
+        """The reply in progress: tokens/s between its first token and its newest (0 before two)."""
+        with self._lock:
+            times = self.token_times
+            elapsed = times[-1] if times else 0.0
+            return (len(times) - 1) / elapsed if elapsed > 0 else 0.0
+
     def counters(self) -> Counters:
         """The counters now (cheap: no trace, no per-expert counts)."""
         with self._lock:

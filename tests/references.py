@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear, Quantizer
 
-from moe_runtime.arch.base import ExpertWeights, swiglu
 from moe_runtime.bench import workload as wl
 from moe_runtime.experts import reference_moe
+from moe_runtime.types import ExpertWeights, swiglu
 
 
 def hqq_dequantized(weight: torch.Tensor, bits: int, group_size: int, quantize_meta: bool,

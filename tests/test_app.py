@@ -1,6 +1,7 @@
 """The web app: its command line, the engine service, the event handlers called directly (baby model),
 and `python app.py` itself, launched once and driven through gradio_client (embedded model)."""
 
+import inspect
 import json
 import threading
 from dataclasses import fields
@@ -409,3 +410,16 @@ def test_dockerfile_and_colab_notebook_start_the_app_with_valid_flags():
     assert (args.model, settings["SHARE"]) == (KNOWN_MODELS[0], True)
     assert (config.expert_bits, config.expert_group, config.attn_bits, config.cache_size, config.offload,
             config.host_cache_gb) == (2, 32, 4, 4, "auto", "auto")  # the engine sizes the host cache itself (issue 9)
+
+
+def test_the_settings_declaration_gives_apply_its_parameters_and_round_trips_every_value():
+    from webapp.settings_form import SETTINGS
+
+    names = [setting.name for setting in SETTINGS]
+    assert list(inspect.signature(app.Handlers.apply).parameters) == ["self", "model", *names, "operator_token",
+                                                                       "progress"]
+    assert app.LOCKABLE == ("model", *names, "apply", "reset")
+    defaults = OffloadConfig()
+    for setting in SETTINGS:  # a field's value shown in its widget parses back to the same value
+        assert setting.value(setting.show(getattr(defaults, setting.name))) == getattr(defaults, setting.name)
+        assert setting.help == OffloadConfig.field_docs()[setting.name]

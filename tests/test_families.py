@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Mxfp4Config
 
 from moe_runtime import OffloadConfig, load
 from moe_runtime.arch import ADAPTERS, adapter_for
-from moe_runtime.arch.base import ExpertWeights
+from moe_runtime.types import ExpertWeights
 
 FAMILIES = sorted(family_configs())
 CASES = FAMILIES + ["gpt_oss:mxfp4"]  # gpt-oss also in the hub's MXFP4 expert layout
@@ -171,7 +171,7 @@ def test_pre_quantized_checkpoints_other_than_mxfp4_gpt_oss_are_refused(tmp_path
 @pytest.mark.parametrize("name", ["deepseek_v2", "deepseek_v3", "gpt_oss", "qwen2_moe"])
 def test_quantized_attention_matches_transformers_with_the_dequantized_projections(name, tmp_path):
     """MLA's projections (DeepSeek) and projections with biases (gpt-oss, Qwen2) are HQQ-quantized."""
-    from moe_runtime.quant import HQQLinear
+    from moe_runtime.kernels.hqq_linear import HQQLinear
 
     path = save_baby(name, tmp_path / "model")
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
-from moe_runtime.cache import ExpertCache, ExpertLoadError, Transfer
+from moe_runtime.cache import PREFETCH_THREAD, ExpertCache, ExpertLoadError, Transfer
 from moe_runtime.policies import LRU
 from moe_runtime.stats import StatsCollector
 from moe_runtime.store import RamTier, SlowTier
@@ -32,7 +32,7 @@ class FaultyTier(SlowTier):
     def _fails(self) -> bool:
         if not self.broken:
             return False
-        on_worker = threading.current_thread().name.startswith("expert-prefetch")
+        on_worker = threading.current_thread().name.startswith(PREFETCH_THREAD)
         if self.mode == "once":
             self.broken = False
             return True
@@ -156,7 +156,7 @@ def test_failed_prefetch_wakes_a_waiter_and_leaves_nothing_pinned():
 
     class BlockedFailingPrefetch(RamTier):
         def copy_to(self, layer, expert, dst):
-            if threading.current_thread().name.startswith("expert-prefetch"):
+            if threading.current_thread().name.startswith(PREFETCH_THREAD):
                 gate.wait(10)
                 raise OSError("injected")
             super().copy_to(layer, expert, dst)

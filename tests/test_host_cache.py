@@ -17,7 +17,7 @@ from test_faults import FaultyTier, calls_through_a_fault
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
-from moe_runtime.host_cache import plan_host_memory
+from moe_runtime.host_cache import IO_THREAD, plan_host_memory
 from moe_runtime.sim.hierarchy import simulate_hierarchy
 from moe_runtime.stats import RoutingTrace
 from moe_runtime.store import SlowTier
@@ -154,7 +154,7 @@ def test_disk_prefetch_reads_several_layers_ahead(baby, tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
         engine.host_cache.drain()
-        ahead = [read - now for thread, read, now in disk.reads if thread == "host-cache-io"]
+        ahead = [read - now for thread, read, now in disk.reads if thread == IO_THREAD]
         assert ahead and max(ahead) >= 2, disk.reads  # guesses for layers beyond the next one
         c = engine.counters()
         assert sum(c.disk_prefetch_reads) == len(ahead)

@@ -168,8 +168,8 @@ def test_offloaded_experts_layer_equals_plain_reference_moe(tiny_dir, tmp_path, 
     own weights of that layer, for random hidden states and random routing."""
     import torch.nn.functional as F
 
-    from moe_runtime.arch.base import ExpertWeights, swiglu
     from moe_runtime.experts import reference_moe
+    from moe_runtime.types import ExpertWeights, swiglu
 
     reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     engine = load(tiny_dir, OffloadConfig(device="cpu", offload=offload, cache_size=cache_size, prefetch=2,

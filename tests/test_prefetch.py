@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe_runtime import OffloadConfig, load
+from moe_runtime.cache import PREFETCH_THREAD
 from moe_runtime.store import SlowTier as Tier
 
 
@@ -54,7 +55,7 @@ def test_prefetch_loads_start_before_the_layer_runs(tiny_dir, tmp_path):
     try:
         ids = engine.tokenizer("To be, or not", return_tensors="pt")["input_ids"]
         engine.model.generate(ids, max_new_tokens=4, do_sample=False)
-        ahead = [(layer, t) for layer, _, thread, t in slow.log if thread.startswith("expert-prefetch")]
+        ahead = [(layer, t) for layer, _, thread, t in slow.log if thread.startswith(PREFETCH_THREAD)]
         assert ahead, "no prefetch load was issued"
         # a prefetch for layer L+1 is issued during layer L, i.e. before layer L+1's experts start
         early = 0
@@ -76,7 +77,7 @@ def test_wrong_guesses_change_no_output(tiny_dir, tmp_path):
     try:
         for module in engine.experts:
             if module.speculator is not None:
-                module.speculator.weight.neg_()  # now it guesses the least likely experts
+                module.speculator.fold.weight.neg_()  # now it guesses the least likely experts
         ids = torch.randint(0, engine.model.config.vocab_size, (1, 7))
         with torch.no_grad():
             torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)

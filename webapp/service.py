@@ -28,6 +28,7 @@ from moe_runtime.config import OffloadConfig
 from moe_runtime.engine import Engine, GenerationSettings, StreamUpdate
 from moe_runtime.loading import load
 from moe_runtime.paths import EMBEDDED_MODEL_DIR, REPO_ROOT
+from moe_runtime.sim.throughput import ModelShape
 from moe_runtime.stats import RoutingTrace, Stats
 from webapp.limits import (
     MAX_CONTENT_PARTS,
@@ -38,6 +39,7 @@ from webapp.limits import (
     check_text,
     text_bytes,
 )
+from webapp.whatif import served_shape
 
 EMBEDDED_MODEL = str(EMBEDDED_MODEL_DIR.relative_to(REPO_ROOT))  # the name users see and pick
 # hub checkpoints of every supported family (each adapter lists its own), Mixtral first
@@ -373,6 +375,12 @@ class EngineService:
         """`Engine.describe()` under the name the user picked."""
         return {**self.engine.describe(), "model": self.model}
 
+    def served_shape(self) -> ModelShape:
+        """The throughput model's shape of the model served now, with its quantization (What-if)."""
+        engine, c = self.engine, self.config
+        return served_shape(engine.shape, engine.model.config, c.expert_bits, c.attn_bits,
+                            expert_group_size=c.expert_group_size, attn_group_size=c.attn_group_size)
+
     def save_trace(self, stats: Stats) -> Path | None:
         """The routing trace of `stats` (its newest MAX_TRACE_TOKENS tokens) as JSON in a fresh temp
         file (None when trace recording is off). The newest KEEP_TRACES files are kept, so a web
@@ -389,8 +397,7 @@ class EngineService:
         with self._trace_lock:
             self._trace_count += 1
             path = trace.save(folder / f"routing-trace-{self._trace_count}.json")
-            for old in sorted(folder.glob("routing-trace-*.json"), key=_trace_number)[:-KEEP_TRACES]:
-                old.unlink(missing_ok=True)
+            _keep_newest(folder, "routing-trace-*.json")
         return path
 
     def trace_file(self, every: float = TRACE_EVERY_SECONDS) -> Path | None:
@@ -414,8 +421,7 @@ class EngineService:
             self._trace_count += 1
             path = folder / f"counters-{self._trace_count}.json"
             path.write_text(json.dumps(counters, indent=1))
-            for old in sorted(folder.glob("counters-*.json"), key=_trace_number)[:-KEEP_TRACES]:
-                old.unlink(missing_ok=True)
+            _keep_newest(folder, "counters-*.json")
         return path
 
 
@@ -465,6 +471,12 @@ def prompt_within_context(engine: Engine, messages: list[dict], max_new_tokens: 
         else:
             low = mid + 1
     return best
+
+
+def _keep_newest(folder: Path, pattern: str, keep: int = KEEP_TRACES) -> None:
+    """Delete all but the newest `keep` files of `folder` matching `pattern` (numbered as saved)."""
+    for old in sorted(folder.glob(pattern), key=_trace_number)[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def _trace_number(path: Path) -> int:

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moe_runtime.arch.base import MoEShape
 from moe_runtime.sim.replay import (
     MAX_EXPERTS,
     MAX_LAYERS,
@@ -34,6 +33,7 @@ from moe_runtime.sim.throughput import (
     paper_errors,
 )
 from moe_runtime.stats import TRACE_FORMAT, RoutingTrace, Stats
+from moe_runtime.types import MoEShape
 
 SERVED_SHAPE = "served model"  # the model-shape choice that means "the model the app serves"
 MAX_REPLAY_TOKENS = 20_000  # the newest this many tokens are replayed (a replay stays within seconds)

@@ -1,9 +1,13 @@
-"""Architecture adapters, one file per MoE family; `adapter_for(config)` picks one by model type."""
+"""Architecture adapters, one file per MoE family; `adapter_for(config)` picks one by model type.
+
+The adapters build on the core (`moe_runtime.types` and friends); the core never imports this package.
+"""
 
 from __future__ import annotations
 
+from ..types import ExpertWeights, MoEShape, RouterView, dense_linear, swiglu
 from . import deepseek, gpt_oss, granitemoe, mixtral, olmoe, phimoe, qwen_moe
-from .base import ExpertWeights, MoEAdapter, MoEShape, RouterView, dense_linear, swiglu
+from .base import MoEAdapter
 
 ADAPTERS: dict[str, MoEAdapter] = {
     adapter.model_type: adapter

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Family, FusedKeys, PerExpertKeys
+from .base import TRANSFORMERS_FUSED, Family, PerExpertKeys
 
 EXPERT = "model.layers.{layer}.mlp.experts.{expert}"
 LAYOUTS = (
     PerExpertKeys(f"{EXPERT}.gate_proj.weight", f"{EXPERT}.up_proj.weight", f"{EXPERT}.down_proj.weight"),
-    FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+    TRANSFORMERS_FUSED,
 )
 # MLA: q_proj (no q LoRA, V2-Lite) or q_a_proj/q_b_proj; the compressed kv projections; o_proj
 MLA_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from .base import ExpertWeights, Family, key_pattern
+from ..types import ExpertWeights
+from .base import Family, key_pattern
 
 EXPERTS = "model.layers.{layer}.mlp.experts"
 

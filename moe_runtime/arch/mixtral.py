@@ -3,7 +3,7 @@ w3 = up, w2 = down) or the fused `mlp.experts.gate_up_proj` / `down_proj` of tra
 
 from __future__ import annotations
 
-from .base import Family, FusedKeys, PerExpertKeys
+from .base import TRANSFORMERS_FUSED, Family, PerExpertKeys
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
@@ -13,7 +13,7 @@ ADAPTER = Family(
              "mistralai/Mixtral-8x22B-Instruct-v0.1"),
     layout_list=(
         PerExpertKeys(f"{EXPERT}.w1.weight", f"{EXPERT}.w3.weight", f"{EXPERT}.w2.weight"),
-        FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+        TRANSFORMERS_FUSED,
     ),
     renames=((r"\.block_sparse_moe\.", ".mlp."),),
 )

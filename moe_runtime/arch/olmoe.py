@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Family, FusedKeys, PerExpertKeys
+from .base import TRANSFORMERS_FUSED, Family, PerExpertKeys
 
 EXPERT = "model.layers.{layer}.mlp.experts.{expert}"
 
@@ -11,7 +11,7 @@ ADAPTER = Family(
     hub_ids=("allenai/OLMoE-1B-7B-0924-Instruct", "allenai/OLMoE-1B-7B-0125-Instruct"),
     layout_list=(
         PerExpertKeys(f"{EXPERT}.gate_proj.weight", f"{EXPERT}.up_proj.weight", f"{EXPERT}.down_proj.weight"),
-        FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+        TRANSFORMERS_FUSED,
     ),
     num_experts_attr="num_experts",
 )

@@ -4,7 +4,7 @@ which the speculator folds in; sparsemixer routing picks the top logits in eval 
 
 from __future__ import annotations
 
-from .base import Family, FusedKeys, PerExpertKeys
+from .base import TRANSFORMERS_FUSED, Family, PerExpertKeys
 
 EXPERT = "model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
@@ -13,7 +13,7 @@ ADAPTER = Family(
     hub_ids=("microsoft/Phi-3.5-MoE-instruct",),
     layout_list=(
         PerExpertKeys(f"{EXPERT}.w1.weight", f"{EXPERT}.w3.weight", f"{EXPERT}.w2.weight"),
-        FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+        TRANSFORMERS_FUSED,
     ),
     router="router",
     renames=((r"\.block_sparse_moe\.", ".mlp."), (r"\.mlp\.gate\.weight$", ".mlp.router.weight")),

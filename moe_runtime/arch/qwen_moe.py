@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Family, FusedKeys, PerExpertKeys
+from .base import TRANSFORMERS_FUSED, Family, PerExpertKeys
 
 EXPERT = "model.layers.{layer}.mlp.experts.{expert}"
 LAYOUTS = (
     PerExpertKeys(f"{EXPERT}.gate_proj.weight", f"{EXPERT}.up_proj.weight", f"{EXPERT}.down_proj.weight"),
-    FusedKeys("model.layers.{layer}.mlp.experts.gate_up_proj", "model.layers.{layer}.mlp.experts.down_proj"),
+    TRANSFORMERS_FUSED,
 )
 
 

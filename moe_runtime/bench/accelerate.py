@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from ..arch.base import ExpertWeights, swiglu
 from ..experts import reference_moe
 from ..store import store_folder
+from ..types import ExpertWeights, swiglu
 from .workload import Replay, WorkloadSpec, check_replay, expert_weights, first_hidden, residual_step, routing
 
 

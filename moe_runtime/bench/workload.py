@@ -21,17 +21,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..arch import swiglu
 from ..cache import ExpertCache
 from ..config import torch_dtype
-from ..experts import MAX_GUESS_RECORDED, build_offloaded_experts, link_speculators
+from ..experts import build_offloaded_experts, link_speculators
 from ..host_cache import HostCache
 from ..kernels import choose_format
 from ..kernels.capability import choose_compute
 from ..policies import make_policy
 from ..quant import ExpertCodec
+from ..speculation import MAX_GUESS_RECORDED, Guess
 from ..stats import RoutingTrace, StatsCollector
 from ..store import DiskTier, open_store, round_up, store_folder, write_store
+from ..types import swiglu
 
 WEIGHT_STD = 0.02
 
@@ -131,10 +132,10 @@ def map_trace(trace: RoutingTrace, layers: int, first_layer: int | None = None) 
 
 
 class ReplaySpeculator:
-    """Stands in for `experts.Speculator`: prefetches the guess the trace recorded for layer L+1.
+    """Stands in for `speculation.Speculator`: prefetches the guess the trace recorded for layer L+1.
 
-    `token` is set by the stack before each step; `last_guess` feeds the recall statistics of
-    layer L+1 exactly as the real speculator's does.
+    `token` is set by the stack before each step; the `Guess` it returns feeds the recall statistics
+    of layer L+1 exactly as the real speculator's does (what was resident is not known: None).
     """
 
     def __init__(self, guesses: list[list[int]], next_cache: ExpertCache, prefetch: int) -> None:
@@ -142,13 +143,12 @@ class ReplaySpeculator:
         self.next_cache = next_cache
         self.prefetch = prefetch
         self.token = 0
-        self.last_guess: list[list[int]] | None = None
 
-    def __call__(self, hidden_states: torch.Tensor) -> None:
+    def __call__(self, hidden_states: torch.Tensor) -> Guess | None:
         ranking = self.guesses[self.token][:MAX_GUESS_RECORDED]
-        self.last_guess = [list(ranking)] * hidden_states.shape[0] if ranking else None
         if self.prefetch and ranking:
             self.next_cache.prefetch(ranking[: self.prefetch])
+        return Guess([list(ranking)] * hidden_states.shape[0]) if ranking else None
 
 
 def check_replay(spec: WorkloadSpec, replay: Replay) -> None:

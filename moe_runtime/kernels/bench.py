@@ -22,11 +22,11 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..arch.base import ExpertWeights, swiglu
 from ..quant import ExpertCodec
+from ..types import ExpertWeights, swiglu
 from . import linear
 from .capability import choose_compute
-from .forms import HQQ_STORED, fused_format
+from .forms import FORMATS, HQQ_STORED, choose_format
 
 DEFAULT_GROUP = {2: 32, 3: 32, 4: 64, 8: 64}  # OffloadConfig.expert_group's defaults
 
@@ -92,8 +92,8 @@ def expert_formats(hidden: int = 4096, intermediate: int = 14336, batch: int = 1
             rows.append({"format": "hqq dequantize + matmul", "bits": b, "group": group, "ms": hqq_s * 1e3,
                          "load_ms": None, "slot_bytes": codec.nbytes, "err_vs_fp32": _rel(reference, exact),
                          "err_vs_hqq": 0.0})
-            fmt = fused_format(dev)
-            if fmt is None or not all(fmt.supports(b, shape, group) for shape in codec.shapes.values()):
+            fmt = choose_format(b, group, list(codec.shapes.values()), dev, warn=False)
+            if fmt is HQQ_STORED:
                 continue  # no fused kernel for this group size (the hqq row is the engine's path)
             fused = ExpertCodec(hidden, intermediate, b, group, True, compute_dtype, optimize=False, fmt=fmt)
             record = fused.encode(*weights).to(dev)  # packed once, as the store does
@@ -114,18 +114,14 @@ PREVIOUS_2BIT_MIXTRAL_RECORD = 55.4e6  # store version 2's record (hqq's pieces)
 def record_sizes(hidden: int = 4096, intermediate: int = 14336, bits: int = 2, group: int | None = None) -> list[dict]:
     """The record of one expert in each target's form (layouts only: no weights, no memory): bytes and the
     ratio to store version 2's single record format (hqq's pieces, converted at run time)."""
-    from .forms import FORMATS
-
     group = group or DEFAULT_GROUP[bits]
     rows = []
     for name, fmt in FORMATS.items():
-        dtype = torch.float16 if name == "triton-hqq" else torch.float32
+        dtype = torch.float16 if fmt.device_type == "cuda" else torch.float32  # the device's usual compute dtype
         if not all(fmt.supports(bits, shape, group) for shape in ((intermediate, hidden), (hidden, intermediate))):
             continue
         codec = ExpertCodec(hidden, intermediate, bits, group, True, dtype, optimize=False, fmt=fmt)
-        target = {"int4-cpu": "CPU (torch int4 kernel)", "triton-hqq": "CUDA (Triton kernel)",
-                  "hqq": "any (hqq dequantize per use; = store version 2's record)"}[name]
-        rows.append({"form": name, "target": target, "bits": bits, "group": group, "bytes": codec.nbytes})
+        rows.append({"form": name, "target": fmt.target, "bits": bits, "group": group, "bytes": codec.nbytes})
     dense = ExpertCodec(hidden, intermediate, None, group, True, torch.bfloat16).nbytes
     rows.append({"form": "dense", "target": "16-bit experts (any device)", "bits": 16, "group": None, "bytes": dense})
     return rows

@@ -148,6 +148,8 @@ class Int4CpuFormat:
 
     name = "int4-cpu"
     converts_per_use = False
+    device_type = "cpu"
+    target = "CPU (torch int4 kernel)"
 
     def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
         return int4_supports(bits, shape, group_size)

@@ -9,9 +9,10 @@ level then holds the same bytes: a move between levels is one contiguous copy, a
 - `TRITON_HQQ` (kernels/triton_hqq.py): the Triton kernel's record form, codes packed along K and
   scales/zeros as stored (8-bit meta-quantized codes dequantized inside the kernel), no larger than
   hqq's own record. `CUDA_FORMAT` names the format CUDA uses: the one place to change it.
-- `HQQ_STORED`: hqq's own pieces (packed codes, meta-quantized scale/zero), dequantized by hqq on
-  every use. The fallback where no fused kernel fits; the one format that converts per use
-  (`converts_per_use`, counted in `Counters.converted_bytes`).
+- `HQQ_STORED` (quant.py, hqq's own form): hqq's pieces (packed codes, meta-quantized scale/zero),
+  dequantized by hqq on every use. The fallback where no fused kernel fits; the one format that
+  converts per use (`converts_per_use`, counted in `Counters.converted_bytes`). The `MatrixFormat`
+  contract lives in quant.py too, beside the codec that lays records out from it.
 
 `choose_format(bits, group, shapes, device)` picks one for an expert's matrices. Unquantized
 experts have no matrix format: their record is the dense matrices.
@@ -21,73 +22,13 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from ..quant import dequantize_matrix
+from ..quant import HQQ_STORED, MatrixFormat
 from .cpu import INT4_CPU
 from .triton_hqq import TRITON_HQQ
 
-
-class MatrixFormat(Protocol):
-    """One quantized [N, K] matrix (HQQ axis-1 groups) in a record, for one kind of kernel.
-
-    shapes(info, dtype): named pieces -> (shape, dtype); pack(tensors, info, dtype): quant.quantize_matrix's
-    (tensors, info) -> those pieces, exactly (codes bit-exact), at store build time only; weight(views, info):
-    what kernels.linear computes with, from views of the record (no copy, no conversion); reference(views,
-    info, dtype) -> the dense [N, K] matrix in plain PyTorch (tests: equals hqq's dequantize)."""
-
-    name: str
-    converts_per_use: bool
-
-    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool: ...
-
-    def shapes(self, info: dict, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]: ...
-
-    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
-
-    def weight(self, views: dict[str, torch.Tensor], info: dict): ...
-
-    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor: ...
-
-
-@dataclass(frozen=True)
-class HqqDequantWeight:
-    """hqq's pieces of one matrix, dequantized by hqq on each use (the fallback: slow, converts per use)."""
-
-    pieces: dict
-    info: dict
-    dtype: torch.dtype
-
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_matrix(self.pieces, self.info, self.dtype).reshape(tuple(self.info["shape"]))
-        return F.linear(x.to(self.dtype), weight).to(x.dtype)
-
-
-class HqqStoredFormat:
-    name = "hqq"
-    converts_per_use = True
-
-    def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
-        return bits in (2, 3, 4, 8) and (shape[0] * shape[1]) % group_size == 0
-
-    def shapes(self, info: dict, dtype: torch.dtype) -> dict:
-        return {name: (tuple(shape), piece_dtype) for name, (shape, piece_dtype) in info["pieces"].items()}
-
-    def pack(self, tensors: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return tensors
-
-    def weight(self, views: dict[str, torch.Tensor], info: dict) -> HqqDequantWeight:
-        return HqqDequantWeight(views, info, info["dtype"])
-
-    def reference(self, views: dict[str, torch.Tensor], info: dict, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_matrix(views, info, dtype).reshape(tuple(info["shape"]))
-
-
-HQQ_STORED = HqqStoredFormat()
 CUDA_FORMAT: MatrixFormat = TRITON_HQQ  # the format CUDA stores are written in (one place)
 FORMATS: dict[str, MatrixFormat] = {f.name: f for f in (INT4_CPU, TRITON_HQQ, HQQ_STORED)}
 

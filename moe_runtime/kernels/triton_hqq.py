@@ -41,7 +41,7 @@ from functools import lru_cache
 
 import torch
 
-from ..quant import ALIGN, hqq_codes
+from ..quant import ALIGN, MATRICES, ExpertCodec, hqq_codes
 from .capability import check_kernel_dtype, device_info
 
 META_PIECES = ("scale_q", "zero_q", "scale_scale", "scale_zero", "zero_scale", "zero_zero")
@@ -239,6 +239,8 @@ class TritonHqqFormat:
 
     name = "triton-hqq"
     converts_per_use = False  # the kernel reads the record as it lies
+    device_type = "cuda"
+    target = "CUDA (Triton kernel)"
 
     def supports(self, bits: int, shape: tuple[int, int], group_size: int) -> bool:
         """2/3/4/8 bits, groups dividing K, K a multiple of 8 (a packed row ends on a byte); any N."""
@@ -313,8 +315,6 @@ def record_sizes(hidden: int = 4096, intermediate: int = 14336, bits=(2, 3, 4, 8
                  quantize_meta: bool = True) -> list[dict]:
     """Per bit width: one expert's record bytes as quant.ExpertCodec lays it out today and as
     `TRITON_HQQ` pieces (gate, up, down), from shapes only (meta tensors: no memory, no math)."""
-    from ..quant import MATRICES, ExpertCodec
-
     rows = []
     for b in bits:
         group = group_size[b] if isinstance(group_size, dict) else group_size

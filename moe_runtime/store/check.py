@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -42,8 +43,6 @@ def damaged_parts(folder: Path) -> list[str]:
 
 
 def _damaged_dense(file: Path, sums: dict) -> list[str]:
-    import json
-
     try:
         with open(file, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
