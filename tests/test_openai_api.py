@@ -8,8 +8,7 @@ import threading
 import time
 
 import pytest
-import torch
-from servers import free_port
+from servers import free_port, transformers_greedy
 
 import app
 from moe_runtime.engine import StreamUpdate
@@ -103,22 +102,7 @@ def client(served):
 @pytest.fixture(scope="module")
 def reference():
     """transformers' own model and tokenizer of the embedded checkpoint: greedy replies to compare with."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True,
-                                                 dtype=torch.float32).eval()
-
-    def greedy(messages, max_new_tokens):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        new = out[0, ids.shape[-1]:]
-        return tokenizer.decode(new, skip_special_tokens=True), ids.shape[-1], new.shape[-1]
-
-    return greedy
+    return transformers_greedy(EMBEDDED_MODEL_DIR)
 
 
 def test_models_lists_the_served_model(client):
