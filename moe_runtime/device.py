@@ -166,6 +166,56 @@ def device_thread(device: Device, target: Callable, *, name: str, args: tuple = 
     return threading.Thread(target=on_device(device)(target), args=args, name=name, daemon=daemon)
 
 
+# --- buffers reused across loads ----------------------------------------------------------------
+class BufferPool:
+    """Buffers of one size, each lent to one user at a time: the disk tier's pinned staging buffers, the
+    host cache's spare device buffers of the write-back. `take()` returns (buffer, event): the device is
+    done with the buffer once `event` is (None: at once), so a user orders its first device work on it
+    after that event; `give(buffer, event)` hands it back with the event after the user's last device
+    work on it. At most `limit` exist (one per thread that loads: a take beyond that waits for a give);
+    each is made on first need by `make()` and released by `release(buffer)` on `close()`."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], release: Callable[[torch.Tensor], None] | None,
+                 limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        self.make, self.release, self.limit = make, release, limit
+        self.free: list[tuple[torch.Tensor, Event | None]] = []
+        self.made: list[torch.Tensor] = []
+        self._cond = threading.Condition()
+
+    def take(self) -> tuple[torch.Tensor, Event | None]:
+        with self._cond:
+            while not self.free and len(self.made) >= self.limit:
+                self._cond.wait()
+            if self.free:
+                return self.free.pop()
+            buffer = self.make()
+            self.made.append(buffer)
+            return buffer, None
+
+    def fill(self) -> None:
+        """Make every buffer now (what is pinned is then the planned amount from the start)."""
+        with self._cond:
+            while len(self.made) < self.limit:
+                buffer = self.make()
+                self.made.append(buffer)
+                self.free.append((buffer, None))
+
+    def give(self, buffer: torch.Tensor, event: Event | None = None) -> None:
+        with self._cond:
+            self.free.append((buffer, event))
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Release every buffer (the caller has synchronized the device: none is in use)."""
+        with self._cond:
+            made, self.made, self.free = self.made, [], []
+        if self.release is not None:
+            for buffer in made:
+                self.release(buffer)
+
+
 # --- real CUDA -------------------------------------------------------------------------------------
 class CudaDevice:
     """torch.cuda on `cuda:index`; pinned memory registered with cudaHostRegister at its exact size."""
