@@ -417,7 +417,7 @@ class EmulatedDevice:
             raise ValueError(f"copy: dst shape {tuple(dst.shape)} != src shape {tuple(src.shape)}")
         stream = self.current_stream()
         source = src if self._late(src) else src.clone()
-        self._enqueue(stream, ("run", lambda: dst.copy_(source)))
+        self._enqueue(stream, ("run", lambda: _raw_copy(dst, source)))
         if not non_blocking or not self._late(dst):
             stream.synchronize()
 
@@ -520,6 +520,13 @@ class EmulatedDevice:
                     # an emulator bug ends in an error, not a hang
                     raise RuntimeError("emulated device: the host waits for work that can never run")
                 self._step(self._rng.choice(ready))
+
+
+def _raw_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """A copy as the device runs it: whichever thread runs it, in no autograd mode (inference mode: a
+    slot view taken under inference mode may be written by work another thread runs later)."""
+    with torch.inference_mode():
+        dst.copy_(src)
 
 
 def _waited(arg: tuple[EmulatedEvent, int]) -> bool:

@@ -165,7 +165,7 @@ class HostCache(SlowTier):
         self.dev = dev
         self.wb_stream = None  # the write-back's device -> host copies
         self.spares: BufferPool | None = None  # spare device buffers the evicted slot is copied to first
-        if dev is None:
+        if dev is None or not physical:  # (an empty arena pins nothing)
             self.arena = aligned_empty(physical * stride, torch.device("cpu")).view(physical, stride)
         else:
             with device_guard(dev):
@@ -512,7 +512,8 @@ class HostCache(SlowTier):
             self.dev.synchronize()  # no copy into or out of the arena or a spare is still queued
             if self.spares is not None:
                 self.spares.close()
-            self.dev.unpin(self.arena.view(-1))
+            if self.arena.numel():
+                self.dev.unpin(self.arena.view(-1))
             self.arena = None
         self.inner.close()
 

@@ -101,7 +101,8 @@ def test_level_counters_add_up_and_match_the_simulator(baby, tmp_path, exclusive
     try:
         trace = _one_token_at_a_time(engine, 24, never_in_both)
         c = engine.counters()
-        sim = simulate_hierarchy(trace, cache_size, slots, stride, exclusive=exclusive)
+        sim = simulate_hierarchy(trace, cache_size, slots, stride, exclusive=exclusive,
+                                 host_policy=engine.config.host_policy)
         assert c.hits == sim.hits and c.misses == sim.misses
         assert c.host_hits == sim.host_hits and c.disk_reads == sim.disk_reads
         assert c.write_back_bytes == [w * stride for w in sim.write_backs]

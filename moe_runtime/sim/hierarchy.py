@@ -117,8 +117,9 @@ class HostCacheSim:
             self.disk_rereads[key[0]] += 1
         self.ever_read.add(key)
 
-    def load(self, layer: int, expert: int, pinned=frozenset()) -> None:
-        """The device level loads (layer, expert), or (single level) a token's layer uses it."""
+    def load(self, layer: int, expert: int, pinned=frozenset(), reserved: bool = False) -> None:
+        """The device level loads (layer, expert), or (single level) a token's layer uses it. `reserved`:
+        the load comes with a write-back, for which HostCache.exchange holds a free slot during the load."""
         key = (layer, expert)
         if key in self.held:
             self.host_hits[layer] += 1
@@ -130,7 +131,7 @@ class HostCacheSim:
         self._disk_read(key)
         if self.level != "exclusive":
             self._insert(key, pinned)  # as HostCache: the insertion is the record's first use
-        elif len(self.held) < self.slots:  # as HostCache: staged through a free slot, then on the device
+        elif len(self.held) + reserved < self.slots:  # as HostCache: staged through a free slot, then on the device
             self.policy.insert(key)
             self.policy.evict(key)
 
@@ -214,7 +215,8 @@ def replay_host(requests: HostRequests, slots: int, host_policy="lru") -> tuple[
         if op == WRITE_BACK:
             host.write_back(layer, expert)
         else:
-            host.load(layer, expert, requests.pinned[i] if requests.pinned else frozenset())
+            reserved = i + 1 < len(requests.requests) and requests.requests[i + 1][0] == WRITE_BACK
+            host.load(layer, expert, requests.pinned[i] if requests.pinned else frozenset(), reserved)
     if requests.half >= len(requests.requests):
         late = -sum(host.disk_reads)
     return host, late + sum(host.disk_reads)
