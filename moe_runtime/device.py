@@ -45,6 +45,7 @@ from typing import Protocol
 import torch
 
 PAGE = 4096  # bytes; cudaHostRegister and O_DIRECT both work on whole pages
+POISON = 0xA5  # what the emulator's fresh device memory holds
 
 
 class WrongDeviceError(RuntimeError):
@@ -343,7 +344,9 @@ class EmulatedDevice:
 
     `seed` fixes the order in which deferred work runs; `lateness` in [0, 1] is the chance that a device
     call stops running pending work (higher: work stays queued longer; 1: queued work runs only when
-    something waits for it, the latest CUDA may run it)."""
+    something waits for it, the latest CUDA may run it). Device memory from `empty` starts filled with
+    POISON (CUDA's holds whatever was there): a read that overtakes the write it should wait for then
+    sees bytes that cannot pass for a record, not a lucky leftover."""
 
     def __init__(self, index: int = 0, seed: int = 0, lateness: float = 0.7) -> None:
         if index < 0:
@@ -438,7 +441,7 @@ class EmulatedDevice:
     # --- memory --------------------------------------------------------------------------------
     def empty(self, nbytes: int) -> torch.Tensor:
         self._check_thread()
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = torch.full((nbytes,), POISON, dtype=torch.uint8)
         with self._lock:
             self._device_ranges.append((buffer.data_ptr(), buffer.data_ptr() + nbytes))
         return buffer

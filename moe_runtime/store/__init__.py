@@ -602,8 +602,10 @@ class DiskTier(SlowTier):
         _verify(self.folder, self.sums, layer, expert, dst)
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        aligned_cpu = dst.device.type == "cpu" and dst.numel() == self.stride and dst.data_ptr() % PAGE == 0
-        if aligned_cpu:
+        # straight into host memory (the arena); never into device memory, which a CPU tensor can be under
+        # an emulated device: the read would overtake copies queued on the slot
+        host = dst.device.type == "cpu" and (self.dev is None or self.dev.is_pinned(dst))
+        if host and dst.numel() == self.stride and dst.data_ptr() % PAGE == 0:
             self.read(layer, expert, dst)
             return
         staging, _ = self.staging.take()  # copies out of it are blocking: it is free when given back
