@@ -209,7 +209,7 @@ class HostCache(SlowTier):
 
     @property
     def pinned(self) -> bool:
-        return self.dev is not None and self.dev.is_pinned(self.arena)
+        return self.dev is not None and self.arena is not None and self.dev.is_pinned(self.arena)
 
     def _wait_copied(self, slot: int) -> None:
         """Before the host writes into `slot`: every device copy into or out of it has run."""
