@@ -592,7 +592,7 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
 
     hf_model = _build_model(hf_config, dtype, adapter.attn_implementation)  # meta device: names and shapes only
     if packaged:
-        tier, store_path, dense = open_store_model(model_dir, host.offload, shape, codec, dev)
+        tier, store_path, dense = open_store_model(model_dir, host.offload, shape, codec, device, dev)
     else:
         _check_weight_names(weights, hf_model, adapter, shape, hf_config)
         _check_dense_shapes(weights, hf_model, adapter, hf_config)  # before any store is written

@@ -92,7 +92,7 @@ def settle(folder: Path, config: OffloadConfig) -> OffloadConfig:
     return OffloadConfig.from_dict({**config.to_dict(), **adopted})
 
 
-def open_store_model(folder: Path, offload: str, shape, codec, dev=None):
+def open_store_model(folder: Path, offload: str, shape, codec, device, dev=None):
     """(tier, folder, dense tensors by name -> reader) of a store folder; ValueError if it is incomplete.
     `dev`: the engine's Device (device.py) the tier pins and copies with, None on a CPU."""
     from ..checkpoint import open_safetensors
