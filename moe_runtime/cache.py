@@ -8,8 +8,10 @@ a hit); no second copy exists. Which expert sits in which slot is decided
 here under one lock per layer; *which* expert to evict is the policy's call (policies.py). An
 expert is pinned while it is being loaded or computed with, so neither a prefetch nor another load
 can overwrite it. Loads go through `Transfer`: demand loads run in the caller's thread, prefetch
-loads on a background worker; on CUDA both copy on a side stream and hand back an event, so the
-compute stream waits on the GPU, not the host.
+loads on a background worker (bound to the engine's device); on CUDA both copy on a side stream and
+hand back an event, so the compute stream waits on the GPU, not the host. Every stream, event, copy
+and device buffer goes through the engine's `device.Device` (CudaDevice on CUDA; an EmulatedDevice
+runs the same path on CPU tensors with CUDA's ordering rules, for tests); on a CPU there is none.
 
 Failures poison nothing: a load that raises leaves its slot unmapped and every pin it took
 released, and whoever waits on it is woken. A demand load that fails raises `ExpertLoadError`
@@ -27,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .device import Device, Event, device_executor, device_guard
 from .policies import EvictionPolicy
 from .slots import SlotTable
 from .stats import StatsCollector
@@ -45,12 +48,13 @@ class ExpertLoadError(RuntimeError):
 
 
 class LoadTicket:
-    """Completion of one load: a host-side flag, plus a CUDA event when the copy is asynchronous."""
+    """Completion of one load: a host-side flag (the copy was issued, or failed), plus the device's
+    event after the copy when it is asynchronous (`dev`)."""
 
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.device = device
+    def __init__(self, dev: Device | None = None) -> None:
+        self.dev = dev
         self.done = threading.Event()
-        self.cuda_event: torch.cuda.Event | None = None
+        self.event: Event | None = None
         self.error: BaseException | None = None
         self.view: torch.Tensor | None = None  # shared memory: the record where it lies (tier.attach)
 
@@ -61,21 +65,32 @@ class LoadTicket:
             raise TimeoutError(f"the load did not end within {timeout:g} s")
         if self.error is not None:
             raise self.error
-        if self.cuda_event is not None:
-            torch.cuda.current_stream(self.device).wait_event(self.cuda_event)
+        if self.event is not None:  # the compute stream waits for the copy on the device, not the host
+            self.dev.current_stream().wait_event(self.event)
 
 
 class Transfer:
-    """Moves expert records from the slow tier into device slots."""
+    """Moves expert records from the slow tier into device slots. `dev`: the Device the copies go
+    through (a side stream, an event per load, the prefetch worker bound to it); None on a CPU."""
 
-    def __init__(self, tier: SlowTier, device: torch.device, stats: StatsCollector | None = None) -> None:
-        if tier.shares_memory and device.type != "cpu":
-            raise ValueError(f"a slow tier that shares its memory with the device needs a CPU device, not {device}")
+    def __init__(self, tier: SlowTier, device: torch.device, stats: StatsCollector | None = None,
+                 dev: Device | None = None) -> None:
+        if tier.shares_memory and (device.type != "cpu" or dev is not None):
+            raise ValueError(f"a slow tier that shares its memory with the device needs a CPU device without "
+                             f"device operations, not {device}" + (f" with {type(dev).__name__}" if dev else ""))
+        if device.type == "cuda" and dev is None:
+            raise ValueError(f"{device} needs a Device for its copies (moe_runtime.device.CudaDevice)")
         self.tier = tier
         self.device = device
+        self.dev = dev
         self.stats = stats  # gets a "demand"/"prefetch" span of the timeline per load
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=PREFETCH_THREAD)
+        self.stream = None
+        if dev is not None:
+            with device_guard(dev):
+                self.stream = dev.new_stream()
+            self.worker = device_executor(dev, 1, PREFETCH_THREAD)  # its thread binds itself to dev
+        else:
+            self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=PREFETCH_THREAD)
 
     def _copy(self, layer: int, expert: int, dst: torch.Tensor | None, write_back: int | None,
               ticket: LoadTicket) -> None:
@@ -93,7 +108,7 @@ class Transfer:
             self.stats.record_level_copy(layer, self.tier.nbytes)
 
     def _run(self, layer: int, expert: int, dst: torch.Tensor | None, ticket: LoadTicket,
-             wait_for: torch.cuda.Event | None, on_done: Callable[[], None] | None,
+             wait_for: Event | None, on_done: Callable[[], None] | None,
              write_back: int | None = None, kind: str = "demand") -> None:
         start, level = time.perf_counter(), ""
         try:
@@ -101,14 +116,14 @@ class Transfer:
                 level = self.tier.level_of(layer, expert)  # asked before the copy moves the expert
             # inference mode: a slot view taken under inference_mode (the bench's prefetches) is an
             # inference tensor, which this worker thread, outside that thread-local mode, may not update
-            if self.stream is not None:
-                with torch.inference_mode(), torch.cuda.stream(self.stream):
+            if self.dev is not None:
+                with torch.inference_mode(), self.dev.stream(self.stream):
                     if wait_for is not None:
                         self.stream.wait_event(wait_for)  # the slot's previous expert is done with
                     self._copy(layer, expert, dst, write_back, ticket)
-                    event = torch.cuda.Event()
+                    event = self.dev.new_event()
                     event.record(self.stream)
-                    ticket.cuda_event = event
+                    ticket.event = event
             else:
                 with torch.inference_mode():
                     self._copy(layer, expert, dst, write_back, ticket)
@@ -131,6 +146,8 @@ class Transfer:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+        if self.dev is not None:
+            self.dev.synchronize()  # every copy queued by a load has run: its buffers may be released
 
 
 class ExpertCache:
@@ -153,9 +170,9 @@ class ExpertCache:
         size = slots.shape[0] if slots is not None else cache_size
         self.table = SlotTable(size, policy)  # expert -> slot, slot -> expert, pins (a load, a layer computing)
         self.tickets: list[LoadTicket | None] = [None] * size  # [C] the slot's latest load
-        # [C] CUDA: recorded on the compute stream when the slot was last released; a new load into the
-        # slot waits on it so it never overwrites an expert a queued kernel still reads
-        self.slot_free_events: list[torch.cuda.Event | None] = [None] * size
+        # [C] with a Device: recorded on the compute stream when the slot was last released; a new load
+        # into the slot waits on it so it never overwrites an expert a queued kernel still reads
+        self.slot_free_events: list[Event | None] = [None] * size
         self.prefetched: set[int] = set()  # experts loaded by prefetch and not used yet
         self.evicted: dict[int, int] = {}  # slot -> the expert just evicted from it (for a write-back)
         self.wait_timeout_s = WAIT_TIMEOUT_S
@@ -216,7 +233,7 @@ class ExpertCache:
     def _assign(self, slot: int, expert: int) -> LoadTicket:
         self.table.map(slot, expert)
         self.table.pins[slot] += 1
-        ticket = LoadTicket(self.slots.device if self.slots is not None else torch.device("cpu"))
+        ticket = LoadTicket(self.transfer.dev)
         self.tickets[slot] = ticket
         return ticket
 
@@ -299,9 +316,10 @@ class ExpertCache:
         with self._cond:
             slot = self.table.slot_of[expert]
             self.table.pins[slot] -= 1
-            if self.slots is not None and self.slots.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.slots.device))
+            dev = self.transfer.dev
+            if dev is not None and not self.shared:
+                event = dev.new_event()
+                event.record(dev.current_stream())
                 self.slot_free_events[slot] = event
             self._cond.notify_all()
 

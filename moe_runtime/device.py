@@ -45,6 +45,7 @@ from typing import Protocol
 import torch
 
 PAGE = 4096  # bytes; cudaHostRegister and O_DIRECT both work on whole pages
+POISON = 0xA5  # what the emulator's fresh device memory holds
 
 
 class WrongDeviceError(RuntimeError):
@@ -164,6 +165,56 @@ def device_thread(device: Device, target: Callable, *, name: str, args: tuple = 
                   ) -> threading.Thread:
     """A threading.Thread (not started) whose target runs on `device`."""
     return threading.Thread(target=on_device(device)(target), args=args, name=name, daemon=daemon)
+
+
+# --- buffers reused across loads ----------------------------------------------------------------
+class BufferPool:
+    """Buffers of one size, each lent to one user at a time: the disk tier's pinned staging buffers, the
+    host cache's spare device buffers of the write-back. `take()` returns (buffer, event): the device is
+    done with the buffer once `event` is (None: at once), so a user orders its first device work on it
+    after that event; `give(buffer, event)` hands it back with the event after the user's last device
+    work on it. At most `limit` exist (one per thread that loads: a take beyond that waits for a give);
+    each is made on first need by `make()` and released by `release(buffer)` on `close()`."""
+
+    def __init__(self, make: Callable[[], torch.Tensor], release: Callable[[torch.Tensor], None] | None,
+                 limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        self.make, self.release, self.limit = make, release, limit
+        self.free: list[tuple[torch.Tensor, Event | None]] = []
+        self.made: list[torch.Tensor] = []
+        self._cond = threading.Condition()
+
+    def take(self) -> tuple[torch.Tensor, Event | None]:
+        with self._cond:
+            while not self.free and len(self.made) >= self.limit:
+                self._cond.wait()
+            if self.free:
+                return self.free.pop()
+            buffer = self.make()
+            self.made.append(buffer)
+            return buffer, None
+
+    def fill(self) -> None:
+        """Make every buffer now (what is pinned is then the planned amount from the start)."""
+        with self._cond:
+            while len(self.made) < self.limit:
+                buffer = self.make()
+                self.made.append(buffer)
+                self.free.append((buffer, None))
+
+    def give(self, buffer: torch.Tensor, event: Event | None = None) -> None:
+        with self._cond:
+            self.free.append((buffer, event))
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Release every buffer (the caller has synchronized the device: none is in use)."""
+        with self._cond:
+            made, self.made, self.free = self.made, [], []
+        if self.release is not None:
+            for buffer in made:
+                self.release(buffer)
 
 
 # --- real CUDA -------------------------------------------------------------------------------------
@@ -293,7 +344,9 @@ class EmulatedDevice:
 
     `seed` fixes the order in which deferred work runs; `lateness` in [0, 1] is the chance that a device
     call stops running pending work (higher: work stays queued longer; 1: queued work runs only when
-    something waits for it, the latest CUDA may run it)."""
+    something waits for it, the latest CUDA may run it). Device memory from `empty` starts filled with
+    POISON (CUDA's holds whatever was there): a read that overtakes the write it should wait for then
+    sees bytes that cannot pass for a record, not a lucky leftover."""
 
     def __init__(self, index: int = 0, seed: int = 0, lateness: float = 0.7) -> None:
         if index < 0:
@@ -367,7 +420,7 @@ class EmulatedDevice:
             raise ValueError(f"copy: dst shape {tuple(dst.shape)} != src shape {tuple(src.shape)}")
         stream = self.current_stream()
         source = src if self._late(src) else src.clone()
-        self._enqueue(stream, ("run", lambda: dst.copy_(source)))
+        self._enqueue(stream, ("run", lambda: _raw_copy(dst, source)))
         if not non_blocking or not self._late(dst):
             stream.synchronize()
 
@@ -388,7 +441,7 @@ class EmulatedDevice:
     # --- memory --------------------------------------------------------------------------------
     def empty(self, nbytes: int) -> torch.Tensor:
         self._check_thread()
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        buffer = torch.full((nbytes,), POISON, dtype=torch.uint8)
         with self._lock:
             self._device_ranges.append((buffer.data_ptr(), buffer.data_ptr() + nbytes))
         return buffer
@@ -470,6 +523,13 @@ class EmulatedDevice:
                     # an emulator bug ends in an error, not a hang
                     raise RuntimeError("emulated device: the host waits for work that can never run")
                 self._step(self._rng.choice(ready))
+
+
+def _raw_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """A copy as the device runs it: whichever thread runs it, in no autograd mode (inference mode: a
+    slot view taken under inference mode may be written by work another thread runs later)."""
+    with torch.inference_mode():
+        dst.copy_(src)
 
 
 def _waited(arg: tuple[EmulatedEvent, int]) -> bool:

@@ -17,6 +17,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from .config import OffloadConfig
+from .device import Device, device_thread
 from .sampling import MAX_SEED, OwnGeneratorSampler, own_generator
 from .stats import Counters, Stats, StatsCollector
 from .store import round_up
@@ -97,12 +98,31 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
+def bind_on_forward(model, dev: Device) -> None:
+    """Whatever thread runs `model`'s forward runs it on `dev` (cuda:N: its kernels, Triton's included,
+    and its loads); the thread's previous device is restored after."""
+    previous = threading.local()
+
+    def bind(module, args) -> None:
+        previous.index = dev.current_index()
+        dev.bind_thread()
+
+    def restore(module, args, out) -> None:
+        index = getattr(previous, "index", dev.index)
+        if index != dev.index:
+            dev.bind_device_index(index)
+
+    model.register_forward_pre_hook(bind)
+    model.register_forward_hook(restore, always_call=True)
+
+
 class Engine:
-    """What `moe_runtime.load` returns. `model` and `tokenizer` are plain transformers objects."""
+    """What `moe_runtime.load` returns. `model` and `tokenizer` are plain transformers objects.
+    `dev`: the Device the hierarchy's device memory goes through (device.py; None on a CPU)."""
 
     def __init__(self, model, tokenizer, config: OffloadConfig, shape: MoEShape, device: torch.device,
                  model_name: str, experts: list, transfer, tier, stats: StatsCollector,
-                 store_path: Path | None, host_cache=None, host_plan=None) -> None:
+                 store_path: Path | None, host_cache=None, host_plan=None, dev: Device | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -115,12 +135,15 @@ class Engine:
         self.store_path = store_path
         self.host_cache = host_cache  # host_cache.HostCache between the device slots and the disk (or None)
         self.host_plan = host_plan  # host_cache.HostPlan: how the host-RAM settings were resolved
+        self.dev = dev
         self._stats = stats
         self._lock = threading.Lock()
         # every forward pass (the prompt, then one per token) is a step of the stats: a snapshot is
         # taken between steps, so it holds every layer of a token or none
         model.register_forward_pre_hook(lambda module, args: stats.begin_step())
         model.register_forward_hook(lambda module, args, out: stats.end_step(), always_call=True)
+        if dev is not None:
+            bind_on_forward(model, dev)
 
     # --- statistics ---------------------------------------------------------------------------
     def stats(self, trace: bool = True) -> Stats:
@@ -212,7 +235,9 @@ class Engine:
             stopper = _StopOnEvent(stop, deadline)
             kwargs = self._generate_kwargs(input_ids, settings, stopper, streamer)
             errors: list[BaseException] = []
-            worker = threading.Thread(target=self._generate_into, args=(kwargs, errors), daemon=True)
+            worker = (threading.Thread(target=self._generate_into, args=(kwargs, errors), daemon=True)
+                      if self.dev is None  # else the generate thread binds itself to the engine's device
+                      else device_thread(self.dev, self._generate_into, name="generate", args=(kwargs, errors)))
             start = self._stats.counters()
             worker.start()
             text = ""
@@ -275,6 +300,8 @@ class Engine:
         return "length" if count >= settings.max_new_tokens else "stop"
 
     def close(self) -> None:
+        """Wait for the loads in flight; release the host arena, staging buffers and RAM records (pinned
+        memory goes back to the system: `dev.pinned_bytes()` is 0 after)."""
         if self.host_cache is not None:
             self.host_cache.drain()
         self.transfer.close()

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .cache import ExpertCache, Transfer
+from .device import Device, device_guard
 from .kernels import linear
 from .policies import make_policy
 from .quant import ExpertCodec
@@ -174,16 +175,23 @@ class OffloadedExperts(nn.Module):
 
 def build_offloaded_experts(tier: SlowTier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
                             cache_size: int, prefetch: int, policy: str, stats: StatsCollector,
-                            expert_fn, device: torch.device):
+                            expert_fn, device: torch.device, dev: Device | None = None):
     """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
     its own cache of `cache_size` slots, one `Transfer` for all. Where the tier shares its memory with
     the device (CPU) a slot is a view of the record where the tier holds it; otherwise the slots are a
-    pool preallocated on the device, each holding one record as stored (the device's compute form)."""
-    transfer = Transfer(tier, device, stats)
+    pool preallocated on the device (`dev.empty`; `dev`: the engine's Device, None on a CPU), each
+    holding one record as stored (the device's compute form)."""
+    transfer = Transfer(tier, device, stats, dev)
     stride = round_up(codec.nbytes)
     modules = []
     for layer in range(num_layers):
-        slots = None if tier.shares_memory else aligned_empty(cache_size * stride, device).view(cache_size, stride)
+        if tier.shares_memory:
+            slots = None
+        elif dev is None:
+            slots = aligned_empty(cache_size * stride, device).view(cache_size, stride)
+        else:
+            with device_guard(dev):
+                slots = dev.empty(cache_size * stride).view(cache_size, stride)
         cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats, cache_size=cache_size)
         modules.append(OffloadedExperts(layer, cache, codec, expert_fn, stats, num_experts, top_k, prefetch))
     return tier, transfer, modules

@@ -12,9 +12,12 @@ converted. A record missing from the arena is read from disk with O_DIRECT strai
 Three ways to stack the levels:
 
 - exclusive (CUDA; `exchanges`): an expert copied to the device leaves the arena (its slot is free
-  again), and one evicted from the device is written back into the arena (`exchange`: a device ->
-  host copy on the transfer stream, before the load that overwrites the device slot) instead of being
-  read from disk again. A disk read passes through a free slot (or a staging buffer) and evicts nothing.
+  again), and one evicted from the device is written back into the arena (`exchange`) instead of being
+  read from disk again. The write-back does not serialize the miss: on the load stream the evicted
+  slot is first copied device -> device into a spare device buffer (fast), then the load overwrites the
+  slot; the spare's device -> host copy into the arena runs on the write-back stream meanwhile (PCIe
+  copies both ways at once), ordered by events (below). A disk read passes through a free slot (or the
+  disk tier's staging buffer) and evicts nothing.
 - shared (CPU; `shares_memory`): the host arena is where experts compute. A layer's device slots are
   views of arena records (`attach` pins one; `detach` lets it go): a host hit costs no copy, a miss is
   one disk read into the arena. The host level (N records, its policy) keeps what it read, as the
@@ -30,6 +33,14 @@ guesses, so a guess never delays a demand load (it may finish the one read it st
 
 sim/hierarchy.py replays the same rules on a routing trace (shared replays as inclusive: same
 counts); tests check both agree.
+
+Device memory (`device.Device`: CudaDevice on CUDA, an EmulatedDevice in tests; None on a CPU): the
+arena is pinned by `dev.pin` at exactly its planned size and unpinned on `close`. Ordering of the
+device copies that touch the arena, by events: `arena_events[slot]` is the latest device copy into or
+out of an arena slot (each such copy waits on the one before, so it stands for all of them); a host
+write into the slot (a disk read) synchronizes on it first, a device copy waits on it on its stream.
+A spare goes back to its pool with the event after its device -> host copy; the next device -> device
+copy into it waits on that.
 """
 
 from __future__ import annotations
@@ -40,15 +51,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .device import BufferPool, Device, Event, arena_pin_bytes, device_guard, device_thread, pinned_size, slots_within
 from .policies import EvictionPolicy
 from .slots import SlotTable
 from .stats import StatsCollector
-from .store import SlowTier, aligned_empty
+from .store import STAGING_BUFFERS, SlowTier, aligned_empty
 
 IO_THREAD = "host-cache-io"  # name of the host cache's disk-read thread
 
 GB = 1e9
 HOST_HEADROOM_GB = 2.0  # left free by host_cache_gb="auto": activations, tokenizer, Python's own growth
+WRITE_BACK_SPARES = 2  # spare device buffers of the write-back: one per thread that loads (demand, prefetch)
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,8 @@ class HostPlan:
     budget_bytes: int  # what the setting allows (0: no host cache)
     needed_bytes: int  # every record that can be off the device at once
     exclusive: bool
+    pinned_bytes: int = 0  # what is pinned for it (device.py's sizes): the arena and the disk tier's
+    # staging buffers, or the RAM tier's blocks; 0 on a CPU, where nothing is pinned
 
 
 def available_ram_bytes() -> int:
@@ -69,13 +84,15 @@ def available_ram_bytes() -> int:
 
 
 def plan_host_memory(offload: str, host_cache_gb, *, num_layers: int, num_experts: int, cache_size: int,
-                     stride: int, exclusive: bool, available: int | None = None) -> HostPlan:
+                     stride: int, exclusive: bool, available: int | None = None, pinned: bool = False) -> HostPlan:
     """Resolve the host-memory settings against this machine, or raise ValueError with the numbers.
 
     offload="ram" is the strict request (every record in RAM); "disk" keeps the store on disk with
     a host cache of `host_cache_gb` (a number of GB, or "auto" = available minus HOST_HEADROOM_GB);
     "auto" is "ram" when every record fits the budget, else "disk". `exclusive`: the levels can be
     exclusive (CUDA). Records are in the device's compute form, so there is no conversion to plan for.
+    `pinned`: host memory is pinned (a GPU): the plan counts what `Device.pin` really pins (whole pages, no
+    power-of-two rounding), and the disk tier's `STAGING_BUFFERS` staging buffers come out of the budget.
     """
     available = available_ram_bytes() if available is None else available
     every = num_layers * num_experts * stride
@@ -100,11 +117,14 @@ def plan_host_memory(offload: str, host_cache_gb, *, num_layers: int, num_expert
             raise ValueError(f"offload=\"ram\" needs {every / GB:.2f} GB for every expert (+ {HOST_HEADROOM_GB:g} GB "
                              f"headroom), this machine has {available / GB:.2f} GB available: use offload=\"disk\" "
                              f"with host_cache_gb={suggest:.1f} (or \"auto\")")
-        return HostPlan("ram", 0, budget, every, exclusive)
+        ram_pinned = num_layers * pinned_size(num_experts * stride) if pinned else 0  # RamTier: a block per layer
+        return HostPlan("ram", 0, budget, every, exclusive, ram_pinned)
     if host_cache_gb == "auto" and budget < num_layers * stride:
         budget = 0  # "auto" on a machine without room for one expert per layer: no host cache
-    slots = min(budget, needed) // stride
-    return HostPlan("disk", int(slots), budget, needed, exclusive and slots > 0)
+    staging = STAGING_BUFFERS * pinned_size(stride) if pinned else 0
+    slots = slots_within(min(max(0, budget - staging), needed), stride)
+    arena = arena_pin_bytes(slots, stride) if pinned else 0
+    return HostPlan("disk", int(slots), budget, needed, exclusive and slots > 0, arena + staging)
 
 
 class _Unranked:
@@ -127,21 +147,34 @@ class _Unranked:
 class HostCache(SlowTier):
     """A slow tier over `inner` (the disk tier): at most `slots` records kept by the host level, in one
     host arena. `policy`: the host level's eviction policy over (layer, expert) keys. `shared`: the device
-    computes from the arena (CPU), whose extra `device_slots` (L*C) hold what the device level uses."""
+    computes from the arena (CPU), whose extra `device_slots` (L*C) hold what the device level uses.
+    `dev`: the Device of the separate device slots (None on a CPU): it pins the arena and runs the copies."""
 
     def __init__(self, inner: SlowTier, num_layers: int, slots: int, stride: int, policy: EvictionPolicy,
-                 exclusive: bool, pin: bool, stats: StatsCollector, shared: bool = False, device_slots: int = 0,
-                 max_records: int | None = None) -> None:
+                 exclusive: bool, stats: StatsCollector, shared: bool = False, device_slots: int = 0,
+                 max_records: int | None = None, dev: Device | None = None) -> None:
         if exclusive and shared:
             raise ValueError("a host cache is exclusive with separate device slots or shared with the device, "
                              "not both")
+        if shared and dev is not None:
+            raise ValueError("a host cache shared with the device computes in host RAM: it takes no Device")
         self.inner, self.stride, self.exclusive, self.stats = inner, stride, exclusive, stats
         self.shares_memory, self.exchanges = shared, exclusive
         self.nbytes = inner.nbytes
         self.capacity = slots  # records the host level keeps (its budget)
         physical = slots + (device_slots if shared else 0)
         physical = min(physical, max_records) if max_records is not None else physical
-        self.arena = aligned_empty(physical * stride, torch.device("cpu"), pin=pin).view(physical, stride)
+        self.dev = dev
+        self.wb_stream = None  # the write-back's device -> host copies
+        self.spares: BufferPool | None = None  # spare device buffers the evicted slot is copied to first
+        if dev is None or not physical:  # (an empty arena pins nothing)
+            self.arena = aligned_empty(physical * stride, torch.device("cpu")).view(physical, stride)
+        else:
+            with device_guard(dev):
+                self.arena = dev.pin(physical * stride).view(physical, stride)  # exactly the plan, page-aligned
+                if exclusive and physical:
+                    self.wb_stream = dev.new_stream()
+                    self.spares = BufferPool(lambda: dev.empty(stride), None, WRITE_BACK_SPARES)
         self.policy = policy
         # exclusive / inclusive: the arena's slots are the host level's (the table ranks them by `policy`);
         # shared: they hold the host level's records and the device level's, the host's ranked apart
@@ -149,10 +182,9 @@ class HostCache(SlowTier):
         self.kept: set[tuple[int, int]] = set()  # shared: the records the host level keeps (<= capacity)
         self.attached: set[tuple[int, int]] = set()  # shared: records the device level computes from
         self.reading: dict[tuple[int, int], threading.Event] = {}  # disk reads into the arena in flight
-        self.copied: list[torch.cuda.Event | None] = [None] * physical  # CUDA: last async copy out of the slot
+        self.arena_events: list[Event | None] = [None] * physical  # the latest device copy into or out of the slot
         self.active = 0  # device loads running (the I/O thread waits for 0)
         self._cond = threading.Condition()
-        self._local = threading.local()
         self._io = _IoThread(self)
 
     @property
@@ -174,20 +206,38 @@ class HostCache(SlowTier):
         return len(self.held()) * self.stride
 
     def arena_bytes(self) -> int:
-        return self.arena.numel()
+        return self.arena.numel() if self.arena is not None else 0
+
+    @property
+    def pinned(self) -> bool:
+        return self.dev is not None and self.arena is not None and self.dev.is_pinned(self.arena)
 
     def describe(self) -> dict:
         """This level now: bytes held, its budget (bytes and records), its arena, whether it is
         exclusive with the device level, whether its arena is pinned."""
         with self._cond:
             return {"held_bytes": self.held_bytes(), "budget_bytes": self.slots * self.stride, "slots": self.slots,
-                    "arena_bytes": self.arena_bytes(), "exclusive": self.exclusive, "pinned": self.arena.is_pinned()}
+                    "arena_bytes": self.arena_bytes(), "exclusive": self.exclusive, "pinned": self.pinned}
 
     def _wait_copied(self, slot: int) -> None:
-        event = self.copied[slot]
-        if event is not None:  # the slot's previous record may still be on its way to the device
+        """Before the host writes into `slot`: every device copy into or out of it has run."""
+        event = self.arena_events[slot]
+        if event is not None:  # the slot's previous record may still be on its way to or from the device
             event.synchronize()
-            self.copied[slot] = None
+            self.arena_events[slot] = None
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, stream=None) -> Event | None:
+        """dst <- src on `stream` (default: the current one) after the device is done with the arena
+        slots they name (`arena_events`); returns the event after it (None on a CPU: a plain copy)."""
+        if self.dev is None:
+            dst.copy_(src)
+            return None
+        stream = stream if stream is not None else self.dev.current_stream()
+        with self.dev.stream(stream):
+            self.dev.copy(dst, src, non_blocking=True)
+            event = self.dev.new_event()
+            event.record(stream)
+        return event
 
     def _begin(self) -> None:
         with self._cond:
@@ -243,11 +293,8 @@ class HostCache(SlowTier):
                 self.stats.record_disk_read(layer, self.nbytes)
             else:
                 self.stats.record_host_hit(layer)
-            dst.copy_(self.arena[slot, : dst.numel()], non_blocking=True)
-            if dst.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(dst.device))
-                self.copied[slot] = event
+            self._wait_device(slot)  # a write-back into the slot has landed
+            self.arena_events[slot] = self._copy(dst, self.arena[slot, : dst.numel()])
             ok = True
         finally:
             with self._cond:
@@ -347,57 +394,68 @@ class HostCache(SlowTier):
         """Exclusive levels: load (layer, expert) into the device slot `dst`, whose expert `evicted`
         goes back to the arena (a device -> host copy) instead of being dropped.
 
-        In the same order as sim/hierarchy.py: the load first (a host hit frees its arena slot),
-        then the evicted record takes a free slot, or the policy's victim. Its bytes are copied out
-        of `dst` before the load overwrites it: into a free arena slot, or a staging buffer."""
+        In the same order as sim/hierarchy.py: a free slot, if any, is reserved for the evicted record
+        during the load; the load (a host hit frees its arena slot); then, without a reserved slot, the
+        evicted record takes a free slot or the policy's victim (none: every slot is busy, and it comes
+        from disk next time). Its bytes leave `dst` before the load overwrites it: with a Device,
+        device -> device into a spare on the load stream (the current one), and the spare's device ->
+        host copy into the arena runs on the write-back stream, so the load does not wait for it; on a
+        CPU, into a host buffer at once."""
         if not self.exclusive or not self.slots:
             self.copy_to(layer, expert, dst)
             return
         back = (layer, evicted)
+        n = dst.numel()
         with self._cond:
             self.active += 1
-            reserved = self.table.free_slot()
-            if reserved is not None:
-                self.table.pins[reserved] += 1
+            slot = self.table.free_slot()  # reserved (pinned: the load's disk read passes elsewhere)
+            if slot is not None:
+                self.table.pins[slot] += 1
+        spare = spare_free = None
         try:
-            if reserved is not None:
-                self._wait_copied(reserved)
-                saved = self.arena[reserved]
+            if self.dev is None:  # into the reserved slot at once, or a host copy until a slot is found
+                saved = self.arena[slot, :n].copy_(dst) if slot is not None else dst.clone()
             else:
-                saved = self._staging()
-            saved[: dst.numel()].copy_(dst)  # device -> host, finished before the load below starts
+                spare, spare_free = self.spares.take()
+                if spare_free is not None:  # its previous device -> host copy has read it
+                    self.dev.current_stream().wait_event(spare_free)
+                saved = spare[:n]
+                spare_free = spared = self._copy(saved, dst)  # fast; the load below queues after it
             self._copy_to((layer, expert), dst)
-            staged = reserved is None  # the record waits in the staging buffer for a slot
             with self._cond:
                 if back in self.table:  # cannot happen while levels are exclusive; keep one copy
                     return
-                slot = reserved
-                if staged:
+                if slot is None:
                     slot = self.table.free_or_victim()[0]
                     if slot is None:
                         return  # every slot busy: it comes from disk next time
                     self.table.pins[slot] += 1
-            if staged:
-                self._wait_copied(slot)
-                self.arena[slot].copy_(saved)
+            if self.dev is None:
+                if saved.data_ptr() != self.arena[slot].data_ptr():
+                    self.arena[slot, :n].copy_(saved)
+            else:
+                self.wb_stream.wait_event(spared)  # the spare holds the evicted record
+                if self.arena_events[slot] is not None:  # the slot's previous record has left
+                    self.wb_stream.wait_event(self.arena_events[slot])
+                landed = self._copy(self.arena[slot, :n], saved, self.wb_stream)
+                self.arena_events[slot] = spare_free = landed  # a load of it waits for this
             with self._cond:
                 self.table.map(slot, back)
-                if staged:
-                    self.table.pins[slot] -= 1
-            self.stats.record_write_back(layer, dst.numel())
+            self.stats.record_write_back(layer, n)
         finally:
+            if spare is not None:
+                self.spares.give(spare, spare_free)
             with self._cond:
-                if reserved is not None:
-                    self.table.pins[reserved] -= 1
+                if slot is not None:
+                    self.table.pins[slot] -= 1
                 self.active -= 1
                 self._cond.notify_all()
 
-    def _staging(self) -> torch.Tensor:
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = aligned_empty(self.stride, torch.device("cpu"), pin=self.arena.is_pinned())
-            self._local.buf = buf
-        return buf
+    def _wait_device(self, slot: int) -> None:
+        """The current stream's next copy out of `slot` runs after the device's last copy into it."""
+        event = self.arena_events[slot]
+        if event is not None and self.dev is not None:
+            self.dev.current_stream().wait_event(event)
 
     # --- disk -> host prefetch --------------------------------------------------------------------
     def prefetch(self, keys: list[tuple[int, int]], on_device: Callable[[tuple[int, int]], bool]) -> None:
@@ -457,7 +515,15 @@ class HostCache(SlowTier):
         self._io.drain()
 
     def close(self) -> None:
+        """Stop the I/O thread; release the arena (unpinned), the spares and the inner tier's buffers."""
         self._io.close()
+        if self.dev is not None and self.arena is not None:
+            self.dev.synchronize()  # no copy into or out of the arena or a spare is still queued
+            if self.spares is not None:
+                self.spares.close()
+            if self.arena.numel():
+                self.dev.unpin(self.arena.view(-1))
+            self.arena = None
         self.inner.close()
 
 
@@ -479,7 +545,9 @@ class _IoThread:
                 return
             self.pending, self.on_device = list(keys), on_device
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name=IO_THREAD, daemon=True)
+                dev = self.cache.dev
+                self.thread = (threading.Thread(target=self._run, name=IO_THREAD, daemon=True) if dev is None
+                               else device_thread(dev, self._run, name=IO_THREAD))  # binds itself to dev
                 self.thread.start()
             self.cond.notify_all()
 

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from .arch import adapter_for
 from .checkpoint import INDEX_FILE, Checkpoint, ModelSource, WeightMap, open_model, open_safetensors, read_weight_map
 from .config import OffloadConfig
+from .device import Device, EmulatedDevice, make_device
 from .engine import Engine
 from .experts import build_offloaded_experts, link_speculators
 from .host_cache import HostCache, plan_host_memory
@@ -281,15 +282,15 @@ def _full_checkpoint(source: ModelSource, weights: WeightMap) -> Checkpoint:
 
 def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, adapter, hf_config,
                source: ModelSource,
-               weights: WeightMap, model_name: str, device: torch.device):
-    """(tier, store folder or None, dense tensors by parameter name -> reader).
+               weights: WeightMap, model_name: str, dev: Device | None):
+    """(tier, store folder or None, dense tensors by parameter name -> reader). `dev`: the engine's Device
+    (the RAM tier's records and the disk tier's staging buffers are pinned by it), None on a CPU.
 
     A complete store (experts + dense tensors) is used whenever there is one: the checkpoint's
     shards are then not opened, nor downloaded. Without one, an unquantized RAM tier packs the
     experts straight from the checkpoint and writes no store (the fast path for small models);
     every other setting, and `delete_shards`, builds the store first.
     """
-    pin = device.type == "cuda"
     delete = _deletes_shards(config, source, weights)
     identity = _identity(config, codec, source, weights)
     folder = store_folder(config.store_dir, model_name, identity)
@@ -305,16 +306,16 @@ def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, a
                 checkpoint = _full_checkpoint(source, weights)
                 reader = ExpertReader(checkpoint, adapter, shape, hf_config)
                 tier = RamTier.from_encoder(codec, shape.num_layers, shape.num_experts,
-                                            _shape_checked(reader, shape), pin)
+                                            _shape_checked(reader, shape), dev)
                 dense = {adapter.dense_key(key): partial(checkpoint.get, key)
                          for key in checkpoint.keys() if not adapter.is_expert_key(key, hf_config)}
                 return tier, None, dense
             _ensure_store(folder, config, codec, shape, adapter, hf_config, source, weights, identity, delete)
         try:
             if offload == "ram":
-                tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, pin)
+                tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, dev)
             else:
-                tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+                tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, dev)
             break
         except StoreDamaged as err:
             if attempt:
@@ -490,29 +491,42 @@ def host_policy(config: OffloadConfig, num_layers: int, num_experts: int, slots:
 
 
 def host_level(disk: DiskTier, num_layers: int, num_experts: int, host_slots: int, stride: int,
-               config: OffloadConfig, exclusive: bool, shared: bool, device: torch.device,
+               config: OffloadConfig, exclusive: bool, shared: bool, dev: Device | None,
                stats: StatsCollector) -> HostCache:
-    """The host cache over the disk tier: exclusive with GPU slots on CUDA; on a CPU shared with the
-    device level (the experts compute in the arena, which adds the device level's cache_size per layer)."""
+    """The host cache over the disk tier: exclusive with GPU slots on CUDA (its arena pinned by `dev`); on a
+    CPU shared with the device level (the experts compute in the arena, which adds the device level's
+    cache_size per layer)."""
     return HostCache(disk, num_layers, host_slots, stride, host_policy(config, num_layers, num_experts, host_slots),
-                     exclusive, pin=device.type == "cuda", stats=stats, shared=shared,
-                     device_slots=num_layers * config.cache_size, max_records=num_layers * num_experts)
+                     exclusive, stats=stats, shared=shared, device_slots=num_layers * config.cache_size,
+                     max_records=num_layers * num_experts, dev=dev)
 
 
 LEVELS = ("shared", "exclusive")
 
 
-def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str | None = None) -> Engine:
+def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str | None = None,
+         device_ops: EmulatedDevice | None = None) -> Engine:
     """Load a Mixture-of-Experts checkpoint with its experts offloaded as `config` says.
 
     `levels`: how the host cache stacks under the device slots, the device's own by default: "shared" on
     a CPU (experts compute in the host arena), "exclusive" on CUDA (separate slots, write-back).
     "exclusive" on a CPU runs the GPU's path on CPU tensors (tests). It applies to the host cache of
-    offload="disk"; a CPU computes from the RAM tier's records in place either way."""
+    offload="disk"; a CPU computes from the RAM tier's records in place either way.
+
+    `device_ops` (tests): an `device.EmulatedDevice` through which the hierarchy's device memory goes on a
+    CPU: device slots, pinned RAM records / arena / staging, side streams, events, deferred copies, each
+    thread's device, all with CUDA's semantics on CPU tensors (levels "exclusive"). On CUDA the engine
+    always uses a `CudaDevice` of its own device; on a CPU without it there is none (nothing is pinned)."""
     config = config or OffloadConfig()
     config.validate()
     if levels is not None and levels not in LEVELS:
         raise ValueError(f"levels={levels!r} is not allowed: use one of {', '.join(LEVELS)} (or None)")
+    if device_ops is not None and not isinstance(device_ops, EmulatedDevice):
+        raise ValueError(f"device_ops={type(device_ops).__name__} is not allowed: pass an EmulatedDevice "
+                         "(on CUDA the engine makes its CudaDevice itself)")
+    if device_ops is not None and levels == "shared":
+        raise ValueError("device_ops emulates a GPU's separate device memory: levels='shared' computes in host RAM; "
+                         "use levels='exclusive' (or None)")
     model_name = str(model)
     source = open_model(model_name, pull_store=pull)
     model_dir = source.folder
@@ -525,9 +539,13 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     config.validate_for_model(shape.num_experts, shape.top_k)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    levels = levels or ("shared" if device.type == "cpu" else "exclusive")
+    if device_ops is not None and device.type != "cpu":
+        raise ValueError(f"device_ops emulates CUDA on a CPU: device={config.device!r} is not the CPU; use "
+                         "device='cpu'")
+    levels = levels or ("shared" if device.type == "cpu" and device_ops is None else "exclusive")
     if levels == "shared" and device.type != "cpu":
         raise ValueError(f"levels='shared' needs a CPU device (the experts compute in host RAM), not {device}")
+    dev = device_ops if device_ops is not None else make_device(device) if device.type == "cuda" else None
     weights = None if packaged else read_weight_map(model_dir)
     codec = expert_codec(shape, config, device, dtype)
     if config.attn_bits is not None and (hf_config.hidden_size * shape.hidden_size) % config.attn_group_size:
@@ -536,7 +554,7 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     stride = round_up(codec.nbytes)
     host = plan_host_memory(config.offload, config.host_cache_gb, num_layers=shape.num_layers,
                             num_experts=shape.num_experts, cache_size=config.cache_size, stride=stride,
-                            exclusive=levels == "exclusive")  # refused here, if so
+                            exclusive=levels == "exclusive", pinned=dev is not None)  # refused here, if so
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as err:
@@ -544,18 +562,18 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
 
     hf_model = _build_model(hf_config, dtype, adapter.attn_implementation)  # meta device: names and shapes only
     if packaged:
-        tier, store_path, dense = open_store_model(model_dir, host.offload, shape, codec, device)
+        tier, store_path, dense = open_store_model(model_dir, host.offload, shape, codec, device, dev)
     else:
         _check_weight_names(weights, hf_model, adapter, shape, hf_config)
         _check_dense_shapes(weights, hf_model, adapter, hf_config)  # before any store is written
         tier, store_path, dense = _slow_tier(config, host.offload, codec, shape, adapter, hf_config, source, weights,
-                                             model_name, device)
+                                             model_name, dev)
     stats = StatsCollector(shape.num_layers, shape.num_experts, shape.top_k, config.cache_size,
                            config.prefetch, config.record_trace, model_name)
     host_cache = None
     if isinstance(tier, DiskTier):  # the host level between the device slots and the disk
         host_cache = tier = host_level(tier, shape.num_layers, shape.num_experts, host.host_slots, stride, config,
-                                       host.exclusive, levels == "shared", device, stats)
+                                       host.exclusive, levels == "shared", dev, stats)
         if host.exclusive:  # evicted device experts go back to the arena, not away
             host_cache.require("exchanges", "exclusive levels")
     layers = adapter.layers(hf_model)
@@ -563,7 +581,7 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
     tier, transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
-        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device)
+        stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device, dev=dev)
     for block, experts in zip(blocks, modules):
         block.experts = experts
     hf_model.to_empty(device=device)
@@ -581,4 +599,4 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
         hf_model.generation_config = GenerationConfig.from_pretrained(model_dir)
     hf_model.eval()
     return Engine(hf_model, tokenizer, config, shape, device, model_name, modules, transfer, tier, stats,
-                  store_path, host_cache=host_cache, host_plan=host)
+                  store_path, host_cache=host_cache, host_plan=host, dev=dev)

@@ -78,7 +78,7 @@ engine_variants=no-cache,lru,lru+prefetch,lru+host,resident
 start_all=$SECONDS
 if [ "$dry_run" = 1 ]; then
     step cuda-tests 120 bash -c 'python -m pytest -q -p no:cacheprovider --collect-only tests/test_cuda.py | tail -1 &&
-        python -m pytest -q -p no:cacheprovider -k emulated tests/test_device.py'
+        python -m pytest -q -p no:cacheprovider -k emulated tests/test_device.py tests/test_hierarchy_emulated.py'
     step kernel-bench 60 bash -c 'for b in 1 8; do python -m moe_runtime.kernels.bench --device cpu --hidden 64 \
         --intermediate 128 --bits 2 --batch "$b" --repeats 1; done'
     step mixtral-bench 120 python -m moe_runtime.bench --quick --parts workload-2bit --device cpu --layers 2 \

@@ -176,21 +176,25 @@ def _single_tokens(engine, tokens: int, check):
 @pytest.mark.parametrize("budget", ["some", "all"])
 def test_hierarchy_on_cuda_is_exclusive_writes_back_and_matches_the_simulator(tiny_dir, tmp_path, budget):
     from moe_runtime.sim.hierarchy import simulate_hierarchy
+    from moe_runtime.store import STAGING_BUFFERS
 
     probe = load(tiny_dir, OffloadConfig(device="cuda", dtype="float32", offload="disk", host_cache_gb=0,
                                          store_dir=str(tmp_path)))
     stride, layers, experts = probe.host_cache.stride, probe.shape.num_layers, probe.shape.num_experts
     probe.close()
     asked = layers + 1 if budget == "some" else layers * experts
+    # the budget pins the arena and the disk tier's staging buffers (+ 1 byte against float rounding)
+    gb = ((asked + STAGING_BUFFERS) * stride + 1) / 1e9
     engine = load(tiny_dir, OffloadConfig(device="cuda", dtype="float32", offload="disk", cache_size=1, prefetch=0,
-                                          host_cache_gb=asked * stride / 1e9, disk_prefetch_layers=0,
-                                          store_dir=str(tmp_path)))
-    host = engine.host_cache
+                                          host_cache_gb=gb, disk_prefetch_layers=0, store_dir=str(tmp_path)))
+    host, dev = engine.host_cache, engine.dev
     # exclusive levels never need more than every record off the device (L·(E − cache)) plus one
     # staging slot: a budget for all L·E records gets that many (host_cache.plan_host_memory)
     slots = min(asked, layers * (experts - 1) + 1)
     try:
         assert host.exclusive and host.arena.is_pinned() and host.slots == slots
+        # cudaHostRegister'd at exactly the plan (the arena and the staging buffers), within the budget
+        assert dev.pinned_bytes() == engine.host_plan.pinned_bytes <= engine.host_plan.budget_bytes
         levels = engine.describe()["levels"]
         assert levels["host"]["pinned"] and levels["host"]["exclusive"]
 
@@ -207,6 +211,7 @@ def test_hierarchy_on_cuda_is_exclusive_writes_back_and_matches_the_simulator(ti
             assert sum(c.disk_reads) == sim.distinct_experts  # each expert read from disk once
     finally:
         engine.close()
+    assert dev.pinned_bytes() == 0  # closing the engine unregistered it all
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])
@@ -295,6 +300,27 @@ def test_cuda_device_pins_exactly_the_plan_and_releases_it():
     dev.unpin(arena)
     dev.unpin(back)
     assert dev.pinned_bytes() == 0
+
+
+def test_cuda_engine_on_the_last_gpu_runs_there_from_any_thread(tiny_dir, tmp_path):
+    """cuda:N (N > 0 where the machine has several GPUs): the prefetch worker, the host cache's I/O thread,
+    the generate thread and the calling thread's forward all run on it; the caller's device is kept."""
+    index = torch.cuda.device_count() - 1
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).to(f"cuda:{index}").eval()
+    engine = load(tiny_dir, OffloadConfig(device=f"cuda:{index}", dtype="float32", offload="disk", cache_size=1,
+                                          prefetch=2, store_dir=str(tmp_path)))
+    try:
+        before = torch.cuda.current_device()
+        ids = torch.randint(0, engine.model.config.vocab_size, (1, 7), device=f"cuda:{index}")
+        with torch.no_grad():
+            torch.testing.assert_close(engine.model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+        assert torch.cuda.current_device() == before
+        from moe_runtime.engine import GenerationSettings
+
+        *_, last = engine.stream(ids, GenerationSettings(max_new_tokens=6, temperature=0))
+        assert last.new_tokens == 6 and sum(engine.counters().prefetch_used) > 0
+    finally:
+        engine.close()
 
 
 def test_cuda_device_threads_bind_to_the_engines_device():

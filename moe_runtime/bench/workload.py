@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..cache import ExpertCache
 from ..config import torch_dtype
+from ..device import make_device
 from ..experts import build_offloaded_experts, link_speculators
 from ..host_cache import HostCache
 from ..kernels import choose_format
@@ -206,16 +207,17 @@ class OffloadedStack:
         self.spec, self.replay, self.device = spec, replay, device
         codec = spec.codec()
         stride = round_up(codec.nbytes)
-        disk = DiskTier(folder, spec.experts, stride, codec.nbytes, device)
+        dev = make_device(device) if device.type == "cuda" else None  # device.py: the GPU's streams and pinning
+        disk = DiskTier(folder, spec.experts, stride, codec.nbytes, dev)
         self.stats = StatsCollector(spec.layers, spec.experts, spec.top_k, cache_size, prefetch, record_trace=False)
         # the host level (host_cache.py) below the device slots: with 0 slots it keeps nothing and counts
         # disk reads
         disk = HostCache(disk, spec.layers, host_slots, stride, make_policy(policy), levels == "exclusive",
-                         pin=device.type == "cuda", stats=self.stats, shared=levels == "shared",
-                         device_slots=spec.layers * cache_size, max_records=spec.layers * spec.experts)
+                         stats=self.stats, shared=levels == "shared", device_slots=spec.layers * cache_size,
+                         max_records=spec.layers * spec.experts, dev=dev)
         self.tier, self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
-            prefetch=prefetch, policy=policy, stats=self.stats, expert_fn=swiglu(F.silu), device=device)
+            prefetch=prefetch, policy=policy, stats=self.stats, expert_fn=swiglu(F.silu), device=device, dev=dev)
         self.speculators = [ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)
                             for layer in range(spec.layers - 1)]
         link_speculators(self.modules, self.speculators)

@@ -14,8 +14,8 @@ each load for the disk tier). A record that does not match raises `StoreDamaged`
 layer and expert, and removes store.json, so the next load rebuilds the store; nothing computes
 with it. Two tiers read the records:
 
-- `RamTier` holds all records in host memory (pinned when the compute device is CUDA, so copies
-  to the GPU are asynchronous DMA).
+- `RamTier` holds all records in host memory (pinned through the engine's `Device` when the experts
+  compute on a GPU, one block of exactly E records per layer, so copies to the GPU are asynchronous DMA).
 - `DiskTier` reads a record from the file each time it is needed. Records start on 4 KiB
   boundaries and are padded to a multiple of 4 KiB, so they can be read with O_DIRECT, which
   bypasses the OS page cache: a disk-tier load really costs a disk read, and the store never
@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -39,6 +38,7 @@ import torch
 import xxhash
 from tqdm.auto import tqdm
 
+from ..device import BufferPool, Device, device_guard
 from ..quant import ExpertCodec
 
 PAGE = 4096
@@ -475,17 +475,31 @@ class SlowTier:
 
 
 class RamTier(SlowTier):
-    """All expert records in host memory: `copy_to` is a (non-blocking on CUDA) copy; on a CPU device
-    the experts compute where they lie (`attach` returns the record itself)."""
+    """All expert records in host memory: `copy_to` is a copy (non-blocking, on the device's current
+    stream, where there is a `dev`); on a CPU device the experts compute where they lie (`attach`
+    returns the record itself).
 
-    def __init__(self, records: list[torch.Tensor], nbytes: int, shares_memory: bool = False) -> None:
+    `dev`: the Device the records are pinned by (`dev.pin`, exactly E * stride bytes per layer) and
+    copied with; None on a CPU (pageable records, plain copies)."""
+
+    def __init__(self, records: list[torch.Tensor], nbytes: int, shares_memory: bool = False,
+                 dev: Device | None = None) -> None:
         self.records = records  # per layer: uint8 [E, stride]
         self.nbytes = nbytes
         self.shares_memory = shares_memory  # the device is the CPU: experts compute from these records
+        self.dev = dev
+
+    @staticmethod
+    def _layer_block(num_experts: int, stride: int, dev: Device | None) -> torch.Tensor:
+        """uint8 [E, stride] for one layer's records: pinned by `dev` (no rounding beyond the page), or pageable."""
+        if dev is None:
+            return torch.empty((num_experts, stride), dtype=torch.uint8)
+        with device_guard(dev):
+            return dev.pin(num_experts * stride).view(num_experts, stride)
 
     @classmethod
     def from_file(cls, folder: Path, num_layers: int, num_experts: int, stride: int, nbytes: int,
-                  pin: bool) -> RamTier:
+                  dev: Device | None = None) -> RamTier:
         """Every record of the store in `folder`, each checked against its checksum (`StoreDamaged`
         names the first that does not match, and the store is marked for a rebuild)."""
         file = folder / STORE_FILE
@@ -494,29 +508,41 @@ class RamTier(SlowTier):
         records = []
         with open(file, "rb", buffering=0) as f:
             for layer in tqdm(range(num_layers), desc="loading experts to RAM", unit="layer"):
-                buf = torch.empty((num_experts, stride), dtype=torch.uint8, pin_memory=pin)
-                read_exactly(f.fileno(), buf, start + layer * num_experts * stride, f"{file} at layer {layer}")
-                for expert in range(num_experts):
-                    _verify(folder, sums, layer, expert, buf[expert])
-                records.append(buf)
-        return cls(records, nbytes, shares_memory=not pin)
+                buf = cls._layer_block(num_experts, stride, dev)
+                records.append(buf)  # released by close() (or below) even when a check fails
+                try:
+                    read_exactly(f.fileno(), buf, start + layer * num_experts * stride, f"{file} at layer {layer}")
+                    for expert in range(num_experts):
+                        _verify(folder, sums, layer, expert, buf[expert])
+                except BaseException:
+                    cls(records, nbytes, dev=dev).close()  # what was pinned is released
+                    raise
+        return cls(records, nbytes, shares_memory=dev is None, dev=dev)
 
     @classmethod
     def from_encoder(cls, codec: ExpertCodec, num_layers: int, num_experts: int, expert_weights,
-                     pin: bool) -> RamTier:
+                     dev: Device | None = None) -> RamTier:
         stride = round_up(codec.nbytes)
         records = []
-        with tqdm(total=num_layers * num_experts, desc="packing experts", unit="expert") as bar:
-            for layer in range(num_layers):
-                buf = torch.zeros((num_experts, stride), dtype=torch.uint8, pin_memory=pin)
-                for expert in range(num_experts):
-                    codec.encode(*expert_weights(layer, expert), out=buf[expert])
-                    bar.update()
-                records.append(buf)
-        return cls(records, codec.nbytes, shares_memory=not pin)
+        try:
+            with tqdm(total=num_layers * num_experts, desc="packing experts", unit="expert") as bar:
+                for layer in range(num_layers):
+                    buf = cls._layer_block(num_experts, stride, dev).zero_()
+                    records.append(buf)
+                    for expert in range(num_experts):
+                        codec.encode(*expert_weights(layer, expert), out=buf[expert])
+                        bar.update()
+        except BaseException:
+            cls(records, codec.nbytes, dev=dev).close()
+            raise
+        return cls(records, codec.nbytes, shares_memory=dev is None, dev=dev)
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        dst.copy_(self.records[layer][expert, : dst.numel()], non_blocking=True)
+        src = self.records[layer][expert, : dst.numel()]
+        if self.dev is None:
+            dst.copy_(src)
+        else:
+            self.dev.copy(dst, src, non_blocking=True)
 
     def attach(self, layer: int, expert: int) -> torch.Tensor:
         return self.records[layer][expert]
@@ -528,20 +554,35 @@ class RamTier(SlowTier):
         return "ram"
 
     def close(self) -> None:
-        self.records = []
+        records, self.records = self.records, []
+        if self.dev is not None:
+            for block in records:  # unpin waits for the copies queued from it
+                self.dev.unpin(block.view(-1))
+
+
+STAGING_BUFFERS = 2  # the disk tier's pinned staging buffers: one per thread that loads (demand, prefetch worker)
 
 
 class DiskTier(SlowTier):
-    """Expert records read from the store file on every load (O_DIRECT where allowed)."""
+    """Expert records read from the store file on every load (O_DIRECT where allowed).
 
-    def __init__(self, folder: Path, num_experts: int, stride: int, nbytes: int, device: torch.device) -> None:
+    `dev`: the Device a record read for a device slot is copied with, from one of `STAGING_BUFFERS`
+    page-aligned staging buffers pinned by `dev` (exactly `stride` bytes each, pinned here, as the plan
+    counts them, released on `close`); None on a CPU (pageable staging made on first need, plain copies)."""
+
+    def __init__(self, folder: Path, num_experts: int, stride: int, nbytes: int, dev: Device | None = None) -> None:
         self.folder, self.file = folder, folder / STORE_FILE
         self.sums = _record_sums(folder)
         self.start = _data_start(self.file)
         self.num_experts, self.stride, self.nbytes = num_experts, stride, nbytes
-        self.device = device
+        self.dev = dev
         self.fd, self.direct_io = self._open()
-        self._local = threading.local()
+        if dev is None:
+            self.staging = BufferPool(lambda: aligned_empty(stride, torch.device("cpu")), None, STAGING_BUFFERS)
+        else:
+            self.staging = BufferPool(lambda: dev.pin(stride), dev.unpin, STAGING_BUFFERS)
+            with device_guard(dev):
+                self.staging.fill()
 
     def _open(self) -> tuple[int, bool]:
         direct = getattr(os, "O_DIRECT", 0)
@@ -558,14 +599,6 @@ class DiskTier(SlowTier):
                     pass
         return os.open(self.file, os.O_RDONLY), False
 
-    def _staging(self) -> torch.Tensor:
-        """One aligned host buffer per thread (demand loads and the prefetch worker)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = aligned_empty(self.stride, torch.device("cpu"), pin=self.device.type == "cuda")
-            self._local.buf = buf
-        return buf
-
     def read(self, layer: int, expert: int, dst: torch.Tensor) -> None:
         """Read one whole record into `dst` (host, page-aligned, `stride` bytes) and check it."""
         offset = self.start + (layer * self.num_experts + expert) * self.stride
@@ -575,18 +608,27 @@ class DiskTier(SlowTier):
         _verify(self.folder, self.sums, layer, expert, dst)
 
     def copy_to(self, layer: int, expert: int, dst: torch.Tensor) -> None:
-        aligned_cpu = dst.device.type == "cpu" and dst.numel() == self.stride and dst.data_ptr() % PAGE == 0
-        if aligned_cpu:
+        # straight into host memory (the arena); never into device memory, which a CPU tensor can be under
+        # an emulated device: the read would overtake copies queued on the slot
+        host = dst.device.type == "cpu" and (self.dev is None or self.dev.is_pinned(dst))
+        if host and dst.numel() == self.stride and dst.data_ptr() % PAGE == 0:
             self.read(layer, expert, dst)
             return
-        staging = self._staging()
-        self.read(layer, expert, staging)
-        dst.copy_(staging[: dst.numel()], non_blocking=False)
+        staging, _ = self.staging.take()  # copies out of it are blocking: it is free when given back
+        try:
+            self.read(layer, expert, staging)
+            if self.dev is None:
+                dst.copy_(staging[: dst.numel()])
+            else:
+                self.dev.copy(dst, staging[: dst.numel()], non_blocking=False)
+        finally:
+            self.staging.give(staging)
 
     def level_of(self, layer: int, expert: int) -> str:
         return "disk"
 
     def close(self) -> None:
+        self.staging.close()
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None

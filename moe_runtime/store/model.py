@@ -92,8 +92,9 @@ def settle(folder: Path, config: OffloadConfig) -> OffloadConfig:
     return OffloadConfig.from_dict({**config.to_dict(), **adopted})
 
 
-def open_store_model(folder: Path, offload: str, shape, codec, device):
-    """(tier, folder, dense tensors by name -> reader) of a store folder; ValueError if it is incomplete."""
+def open_store_model(folder: Path, offload: str, shape, codec, device, dev=None):
+    """(tier, folder, dense tensors by name -> reader) of a store folder; ValueError if it is incomplete.
+    `dev`: the engine's Device (device.py) the tier pins and copies with, None on a CPU."""
     from ..checkpoint import open_safetensors
 
     meta = read_meta(folder) or {}
@@ -106,10 +107,9 @@ def open_store_model(folder: Path, offload: str, shape, codec, device):
                          f"`python -m moe_runtime.store verify {folder}` says what is wrong")
     stride = round_up(codec.nbytes)
     if offload == "ram":
-        tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes,
-                                 device.type == "cuda")
+        tier = RamTier.from_file(folder, shape.num_layers, shape.num_experts, stride, codec.nbytes, dev)
     else:
-        tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, device)
+        tier = DiskTier(folder, shape.num_experts, stride, codec.nbytes, dev)
     handle = open_safetensors(folder / DENSE_FILE)
     return tier, folder, {name: (lambda n=name: handle.get_tensor(n)) for name in handle.keys()}
 
