@@ -11,6 +11,7 @@ editable. A new setting is a new entry here, nothing else.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -77,6 +78,9 @@ def as_given(name: str, value):
 
 
 # --- the declaration -------------------------------------------------------------------------------
+INFO_CHARS = 120  # a widget's info line; longer help is cut at a word, the full text is in --help
+
+
 @dataclass(frozen=True)
 class Setting:
     """One engine setting on the Settings tab. `widget(value, label=, info=, interactive=)` makes its
@@ -96,8 +100,14 @@ class Setting:
     def help(self) -> str:
         return FIELD_DOCS[self.name]
 
+    @property
+    def info(self) -> str:
+        """The line under the widget: the help's first sentence (the whole text is `app.py --help`'s)."""
+        first = re.split(r"(?<=[.;:])\s", self.help, maxsplit=1)[0].rstrip(".;:")
+        return first if len(first) <= INFO_CHARS else first[: INFO_CHARS - 1].rsplit(" ", 1)[0] + "…"
+
     def make(self, config: OffloadConfig, editable: bool) -> gr.components.Component:
-        return self.widget(self.show(getattr(config, self.name)), label=self.label, info=self.help,
+        return self.widget(self.show(getattr(config, self.name)), label=self.label, info=self.info,
                            interactive=editable)
 
     def value(self, widget_value):
