@@ -34,6 +34,14 @@ def loader(calls: list, fail: set = frozenset()):
     return load
 
 
+def _serving_a(offload: str, fail: set = frozenset(), calls: list | None = None, **kw):
+    """An EngineService serving fake model "a" (it may reload "b"), and its engine."""
+    service = EngineService("a", OffloadConfig(offload=offload), loader=loader([] if calls is None else calls, fail),
+                            **kw)
+    service.policy.known_models = ("a", "b")
+    return service, service.start()
+
+
 @pytest.fixture(autouse=True)
 def _machine():
     RAM["free"] = 10
@@ -41,9 +49,7 @@ def _machine():
 
 def test_a_reload_frees_the_old_arena_before_planning_the_new_one(tmp_path):
     calls = []
-    service = EngineService("a", OffloadConfig(offload="disk"), allow_local_paths=True, loader=loader(calls))
-    service.policy.known_models = ("a", "b")
-    old = service.start()
+    service, old = _serving_a("disk", calls=calls, allow_local_paths=True)
     assert RAM["free"] == 4
     new = service.reload("b", OffloadConfig(offload="disk"))
     assert old.closed and not new.closed and service.engine is new
@@ -52,10 +58,7 @@ def test_a_reload_frees_the_old_arena_before_planning_the_new_one(tmp_path):
 
 
 def test_when_the_new_engine_fails_the_old_one_is_loaded_back(tmp_path):
-    calls = []
-    service = EngineService("a", OffloadConfig(offload="disk"), loader=loader(calls, fail={"b"}))
-    service.policy.known_models = ("a", "b")
-    old = service.start()
+    service, old = _serving_a("disk", fail={"b"})
     with pytest.raises(ValueError, match="could not load b .*closed first.*The previous engine was loaded back"):
         service.reload("b", OffloadConfig(offload="disk"))
     assert old.closed and service.engine is not old and service.engine.name == "a" and service.model == "a"
@@ -63,10 +66,7 @@ def test_when_the_new_engine_fails_the_old_one_is_loaded_back(tmp_path):
 
 
 def test_an_engine_without_a_host_arena_keeps_serving_while_the_next_loads(tmp_path):
-    calls = []
-    service = EngineService("a", OffloadConfig(offload="ram"), loader=loader(calls, fail={"b"}))
-    service.policy.known_models = ("a", "b")
-    old = service.start()
+    service, old = _serving_a("ram", fail={"b"})
     with pytest.raises(ValueError, match="could not load b"):
         service.reload("b", OffloadConfig(offload="ram"))
     assert service.engine is old and not old.closed  # loaded beside it, never closed

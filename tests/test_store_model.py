@@ -120,13 +120,18 @@ def test_push_uploads_the_store_folder_with_huggingface_hub(embedded_store, monk
     assert {"*.partial", "build.journal"} <= set(upload["ignore_patterns"])
 
 
+def _damaged_copy(store: Path, to: Path) -> Path:
+    """A copy of `store` with one byte of its last record (layer 3, expert 7) flipped."""
+    shutil.copytree(store, to)
+    data = bytearray((to / STORE_FILE).read_bytes())
+    data[-10] ^= 0xFF
+    (to / STORE_FILE).write_bytes(bytes(data))
+    return to
+
+
 def test_push_refuses_a_damaged_store(embedded_store, tmp_path, monkeypatch, capsys):
     store, _ = embedded_store
-    copy = tmp_path / "store"
-    shutil.copytree(store, copy)
-    data = bytearray((copy / STORE_FILE).read_bytes())
-    data[-10] ^= 0xFF
-    (copy / STORE_FILE).write_bytes(bytes(data))
+    copy = _damaged_copy(store, tmp_path / "store")
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: pytest.fail("a damaged store was uploaded"))
     assert store_cli(["push", str(copy), "--repo", "someone/tiny-store"]) == 2
     assert "damaged (layer 3, expert 7)" in capsys.readouterr().err
@@ -185,11 +190,7 @@ def test_load_pulls_a_store_repository_from_the_hub_cache(embedded_store, hub):
 
 def test_a_pulled_store_that_does_not_match_its_checksums_is_refused(embedded_store, tmp_path, hub):
     store, _ = embedded_store
-    origin = tmp_path / "origin"
-    shutil.copytree(store, origin)
-    data = bytearray((origin / STORE_FILE).read_bytes())
-    data[-10] ^= 0xFF
-    (origin / STORE_FILE).write_bytes(bytes(data))
+    origin = _damaged_copy(store, tmp_path / "origin")
     snapshot, _ = hub(origin)
     with pytest.raises(ValueError, match=r"does not match its checksums \(layer 3, expert 7\)"):
         load("someone/tiny-store", OffloadConfig(device="cpu", offload="disk"))
