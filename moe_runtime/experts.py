@@ -176,7 +176,7 @@ class OffloadedExperts(nn.Module):
 def build_offloaded_experts(tier: SlowTier, codec: ExpertCodec, *, num_layers: int, num_experts: int, top_k: int,
                             cache_size: int, prefetch: int, policy: str, stats: StatsCollector,
                             expert_fn, device: torch.device, dev: Device | None = None):
-    """(tier, transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
+    """(transfer, modules): one `OffloadedExperts` per MoE layer over one slow tier, each with
     its own cache of `cache_size` slots, one `Transfer` for all. Where the tier shares its memory with
     the device (CPU) a slot is a view of the record where the tier holds it; otherwise the slots are a
     pool preallocated on the device (`dev.empty`; `dev`: the engine's Device, None on a CPU), each
@@ -194,7 +194,7 @@ def build_offloaded_experts(tier: SlowTier, codec: ExpertCodec, *, num_layers: i
                 slots = dev.empty(cache_size * stride).view(cache_size, stride)
         cache = ExpertCache(layer, slots, codec.nbytes, make_policy(policy), transfer, stats, cache_size=cache_size)
         modules.append(OffloadedExperts(layer, cache, codec, expert_fn, stats, num_experts, top_k, prefetch))
-    return tier, transfer, modules
+    return transfer, modules
 
 
 def link_speculators(modules: list[OffloadedExperts], speculators: list[Speculation]) -> None:

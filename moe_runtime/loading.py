@@ -297,7 +297,7 @@ def _slow_tier(config: OffloadConfig, offload: str, codec: ExpertCodec, shape, a
     if not source.is_hub and weights.missing():  # shards gone: the store built from this folder, if any
         folder = find_built_from(Path(config.store_dir), source.folder, identity) or folder
     # store version 2 (one record format for every device, converted at run time) lived under this name
-    replace_legacy_store(store_folder(config.store_dir, model_name, _version2_identity(config, codec, source, weights)),
+    replace_legacy_store(store_folder(config.store_dir, model_name, _version2_identity(identity, weights)),
                          folder)
     stride = round_up(codec.nbytes)
     for attempt in range(2):  # a store found damaged while its records are read is rebuilt once
@@ -336,14 +336,10 @@ def _identity(config: OffloadConfig, codec: ExpertCodec, source: ModelSource, we
     }
 
 
-def _version2_identity(config: OffloadConfig, codec: ExpertCodec, source: ModelSource, weights: WeightMap) -> dict:
-    """The identity store version 2 was named by (file sizes or the index; no form): to find and replace it."""
-    return {
-        "config": json.loads((source.folder / "config.json").read_text()),
-        "weights": weights.identity,
-        "expert_bits": config.expert_bits, "group_size": config.expert_group,
-        "quantize_meta": config.quantize_meta, "hqq_optimize": config.hqq_optimize, "dtype": str(codec.dtype),
-    }
+def _version2_identity(identity: dict, weights: WeightMap) -> dict:
+    """The identity store version 2 was named by: this one without the form, its weights named by file
+    sizes or the index (WeightMap.identity); to find and replace such a store."""
+    return {**{k: v for k, v in identity.items() if k != "form"}, "weights": weights.identity}
 
 
 def _ensure_store(folder: Path, config: OffloadConfig, codec: ExpertCodec, shape, adapter, hf_config,
@@ -578,7 +574,7 @@ def load(model: str | Path, config: OffloadConfig | None = None, *, levels: str 
             host_cache.require("exchanges", "exclusive levels")
     layers = adapter.layers(hf_model)
     blocks = _moe_blocks(adapter, layers, shape)
-    tier, transfer, modules = build_offloaded_experts(
+    transfer, modules = build_offloaded_experts(
         tier, codec, num_layers=shape.num_layers, num_experts=shape.num_experts, top_k=shape.top_k,
         cache_size=config.cache_size, prefetch=config.prefetch, policy=config.policy,
         stats=stats, expert_fn=adapter.expert_fn(hf_config), device=device, dev=dev)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -256,9 +257,10 @@ class ExpertCodec:
         """The record's form: "dense" (unquantized), or the matrix format's name ("int4-cpu", "hqq", ...)."""
         return "dense" if self.fmt is None else self.fmt.name
 
-    @property
+    @cached_property
     def converted_bytes_per_use(self) -> int:
-        """Bytes a use of one expert converts (dense matrices made from the record): 0 but for the hqq fallback."""
+        """Bytes a use of one expert converts (dense matrices made from the record): 0 but for the hqq
+        fallback. Asked per expert use on the decode path, so computed once."""
         if self.fmt is None or not self.fmt.converts_per_use:
             return 0
         return sum(math.prod(self.shapes[name]) for name in MATRICES) * self.dtype.itemsize

@@ -215,7 +215,8 @@ class OffloadedStack:
         disk = HostCache(disk, spec.layers, host_slots, stride, make_policy(policy), levels == "exclusive",
                          stats=self.stats, shared=levels == "shared", device_slots=spec.layers * cache_size,
                          max_records=spec.layers * spec.experts, dev=dev)
-        self.tier, self.transfer, self.modules = build_offloaded_experts(
+        self.tier = disk
+        self.transfer, self.modules = build_offloaded_experts(
             disk, codec, num_layers=spec.layers, num_experts=spec.experts, top_k=spec.top_k, cache_size=cache_size,
             prefetch=prefetch, policy=policy, stats=self.stats, expert_fn=swiglu(F.silu), device=device, dev=dev)
         self.speculators = [ReplaySpeculator(replay.guess[layer + 1], self.modules[layer + 1].cache, prefetch)

@@ -54,6 +54,6 @@ def choose_format(bits: int, group_size: int, shapes: list[tuple[int, int]], dev
         warnings.warn(f"no fused kernel for {bits}-bit matrices with group size {group_size} and input sizes "
                       f"{inputs} on {torch.device(device).type} (CPU: groups of 32/64/128/256 dividing the input "
                       "size, output sizes a multiple of 64 or of 16 below 64; CUDA: the triton package, input sizes "
-                      "divisible by 64 and by the group): they are dequantized by hqq on every use, which is slow",
+                      "a multiple of 8 and of the group size): they are dequantized by hqq on every use, which is slow",
                       stacklevel=3)
     return HQQ_STORED
