@@ -161,11 +161,12 @@ class Handlers:
         self._stops[session] = stop
         user = {"role": "user", "content": message}
         try:
-            new = history + [user, {"role": "assistant", "content": "", "footer": "waiting for the model…"}]
-            yield chatbot_messages(new), new, ""
+            shown = chatbot_messages(history)  # once: per token only the new pair is rendered
+            reply = {"role": "assistant", "content": "", "footer": "waiting for the model…"}
+            yield shown + chatbot_messages([user, reply]), history + [user, reply], ""
             for update in self.service.chat(messages, settings, stop, waited=waited):
-                new = history + [user, {"role": "assistant", "content": update.text, "footer": reply_footer(update)}]
-                yield chatbot_messages(new), new, ""
+                reply = {"role": "assistant", "content": update.text, "footer": reply_footer(update)}
+                yield shown + chatbot_messages([user, reply]), history + [user, reply], ""
         except Exception as err:  # the app keeps serving; the user keeps their message
             gr.Warning(f"The reply failed: {self.shown(err)}")
             yield chatbot_messages(history), history, kept
@@ -267,9 +268,6 @@ class Handlers:
         except ValueError as err:
             raise gr.Error(self.shown(err)) from None
 
-    def after_reply(self, timeline_tokens: float = plots.TIMELINE_TOKENS):
-        return self.stats_view(timeline_tokens)
-
     def reset_stats(self, operator_token: str = ""):
         """Zero the shared counters (the operator's, on a public host); returns the stats view."""
         try:
@@ -320,7 +318,10 @@ class Handlers:
                 if setting.text:
                     limits.check_text(setting.name, values[setting.name], limits.MAX_FIELD_BYTES)
             self.operator.check(values["operator_token"], "changing the settings")
-            model = self.model_names().get(values["model"], values["model"])  # a display name -> the name to load
+            model = values["model"]
+            if not isinstance(model, str):
+                raise ValueError(f"model={model!r:.40} is not allowed: give a model's name")
+            model = self.model_names().get(model, model)  # a display name -> the name to load
             config = self.service.settings(**{setting.name: setting.value(values[setting.name])
                                               for setting in SETTINGS})
             values["progress"](0, desc=f"loading {model}")
@@ -456,7 +457,7 @@ def stats_tab(editable: bool) -> SimpleNamespace:
             gr.Markdown(plots.CAPTIONS[name], elem_classes="caption")
 
         figure("cache_map", "Live cache map", "cache-map")
-        timeline_tokens = gr.Slider(1, 256, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
+        timeline_tokens = gr.Slider(1, MAX_TIMELINE_TOKENS, value=plots.TIMELINE_TOKENS, step=1, elem_id="timeline-tokens",
                                     label="Timeline: newest tokens shown")
         figure("timeline", "Load/compute timeline", "timeline")
         figure("experts", "Expert selections", "expert-heatmap")
@@ -539,7 +540,7 @@ def wire_chat(h: Handlers, chat: SimpleNamespace, history: gr.State, stats: Simp
     for trigger in (chat.message.submit, chat.send.click):
         reply = trigger(h.respond, inputs, outputs, concurrency_id=ENGINE, concurrency_limit=1,
                         show_progress="minimal", **PRIVATE)
-        reply.then(h.after_reply, stats.timeline_tokens, stats.outputs, show_progress="hidden",
+        reply.then(h.stats_view, stats.timeline_tokens, stats.outputs, show_progress="hidden",
                    concurrency_id=STATS_VIEW, concurrency_limit=1, **PRIVATE)
         replies.append(reply)
     chat.stop.click(h.stop, None, None, queue=False, **PRIVATE)

@@ -133,7 +133,7 @@ def test_every_stats_endpoint_and_the_timer_are_bounded(service):
     # outside gradio's queue (cheap), so bounded by its handler: see the next test
     assert len(timer) == 1 and timer[0].queue is False
     assert timer[0].trigger_mode == "once" and "visibilityState" in timer[0].js  # hidden pages skip
-    stats = [fn for fn in demo.fns.values() if fn.name in ("stats_view", "after_reply")]
+    stats = [fn for fn in demo.fns.values() if fn.name == "stats_view"]
     assert stats and all(fn.concurrency_id == app.STATS_VIEW and fn.concurrency_limit == 1 for fn in stats)
     for fn in demo.fns.values():  # nothing queued runs without a limit ("default": launch's, which is 1)
         if fn.queue:

@@ -136,3 +136,12 @@ def test_crafted_uploads_are_refused_before_they_cost_memory(tmp_path):
         tracemalloc.stop()
     assert peak < 1 << 20, f"{peak} bytes for a 30-token trace"  # a dense table: 31 x 65536 floats, ~16 MB
     assert result.hits[0] + result.misses[0] == 60
+
+
+def test_a_trace_without_its_routing_is_refused_naming_what_is_missing(tmp_path):
+    """A trace file that declares its shape but carries no 'selected' experts is refused at upload,
+    not accepted as a trace with no tokens."""
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": whatif.TRACE_FORMAT, "num_layers": 2, "num_experts": 4, "top_k": 2}))
+    with pytest.raises(ValueError, match="missing or malformed 'selected'"):
+        whatif.load_trace(str(path))

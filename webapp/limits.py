@@ -56,16 +56,11 @@ class Listeners:
 
     def __init__(self) -> None:
         self._open: dict[str, int] = {}
-        self._seen: dict[str, float] = {}  # session -> when a stream of it last opened
         self._changed = threading.Condition()
 
     def opened(self, session: str) -> None:
         with self._changed:
             self._open[session] = self._open.get(session, 0) + 1
-            self._seen[session] = time.monotonic()
-            if len(self._seen) > 4 * MAX_QUEUE + 4096:  # forget the oldest sessions that have no stream
-                for old in sorted((s for s in self._seen if s not in self._open), key=self._seen.get)[:1024]:
-                    del self._seen[old]
             self._changed.notify_all()
 
     def closed(self, session: str) -> None:
@@ -75,9 +70,6 @@ class Listeners:
                 self._open[session] = left
             else:
                 self._open.pop(session, None)
-
-    def listening(self, session: str) -> bool:
-        return session in self._open
 
     def wait_for(self, session: str, until: float) -> bool:
         """Whether `session` listens (or starts to, before the monotonic time `until`)."""
@@ -225,7 +217,4 @@ class GuardState:
         (no session, no queue) are never abandoned."""
         if session is None or joined is None or self.blocks is None:
             return False
-        return not self.state_wait(session, joined + LISTEN_GRACE_S)
-
-    def state_wait(self, session: str, until: float) -> bool:
-        return self.listeners.wait_for(session, until)
+        return not self.listeners.wait_for(session, joined + LISTEN_GRACE_S)

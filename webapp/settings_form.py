@@ -70,6 +70,8 @@ def whole_number(name: str, value) -> int:
 
 
 def stripped(name: str, value) -> str:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name}={value!r:.40} is not allowed: give it as text (e.g. cpu or cuda:0)")
     return (value or "").strip()
 
 

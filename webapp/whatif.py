@@ -107,7 +107,7 @@ def load_trace(path: str | Path) -> RoutingTrace:
                              f"{MAX_LAYERS} layers, {MAX_EXPERTS} experts, top-{MAX_TOP_K})")
     try:
         trace = RoutingTrace(num_layers=data["num_layers"], num_experts=data["num_experts"], top_k=data["top_k"],
-                             model=str(data.get("model", ""))[:200], selected=data.get("selected"),
+                             model=str(data.get("model", ""))[:200], selected=data["selected"],
                              guess=data.get("guess") or [], phase=data.get("phase") or [])
     except (KeyError, TypeError) as err:
         raise ValueError(f"not a valid routing trace: missing or malformed {err}") from None
