@@ -168,6 +168,9 @@ class ExpertCache:
         self.transfer = transfer
         self.stats = stats
         size = slots.shape[0] if slots is not None else cache_size
+        if not isinstance(size, int) or size < 1 or cache_size not in (None, size):
+            raise ValueError(f"cache_size={cache_size!r} is not allowed: a layer cache needs cache_size >= 1, "
+                             f"equal to the slots given ({None if slots is None else slots.shape[0]})")
         self.table = SlotTable(size, policy)  # expert -> slot, slot -> expert, pins (a load, a layer computing)
         self.tickets: list[LoadTicket | None] = [None] * size  # [C] the slot's latest load
         # [C] with a Device: recorded on the compute stream when the slot was last released; a new load

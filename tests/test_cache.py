@@ -166,6 +166,11 @@ def test_capabilities_are_declared_and_checked_where_the_plan_needs_them():
     with pytest.raises(ValueError, match="takes no device slots"):
         ExpertCache(0, torch.zeros(2, STRIDE, dtype=torch.uint8), STRIDE, LRU(), Transfer(sharing, torch.device("cpu")),
                     stats)
+    with pytest.raises(ValueError, match=r"cache_size=None is not allowed: a layer cache needs cache_size >= 1"):
+        ExpertCache(0, None, STRIDE, LRU(), Transfer(sharing, torch.device("cpu")), stats)
+    with pytest.raises(ValueError, match=r"cache_size=3 is not allowed.*equal to the slots given \(2\)"):
+        ExpertCache(0, torch.zeros(2, STRIDE, dtype=torch.uint8), STRIDE, LRU(), Transfer(copying, torch.device("cpu")),
+                    stats, cache_size=3)
     with pytest.raises(ValueError, match="needs a CPU device"):
         Transfer(sharing, torch.device("cuda"))
     with pytest.raises(NotImplementedError, match="does not take evicted experts back"):

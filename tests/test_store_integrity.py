@@ -186,3 +186,15 @@ def test_records_are_on_disk_before_store_json_names_them(tiny_dir, tmp_path, mo
     assert ("fsync", "dense.safetensors.partial") in before, events
     assert ("fsync", f"store.json.{os.getpid()}.partial") in before, events  # a name of this process's own
     assert before.index(("replace", "experts.safetensors")) < meta_at
+
+
+def test_a_safetensors_header_length_past_the_file_is_a_clear_error_not_an_allocation(tmp_path):
+    """A corrupt 8-byte header length (here 2**62) is refused from the file's size, before any read."""
+    from moe_runtime.store.check import _damaged_dense
+    from moe_runtime.store.identity import _header
+
+    bad = tmp_path / "dense.safetensors"
+    bad.write_bytes((2**62).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="header length .* runs past the end of the file"):
+        _header(bad)
+    assert _damaged_dense(bad, {}) == [f"{bad} cannot be read: its header length runs past the end of the file"]

@@ -46,9 +46,12 @@ def _damaged_dense(file: Path, sums: dict) -> list[str]:
     try:
         with open(file, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
+            if 8 + length > file.stat().st_size:  # a corrupt length would otherwise allocate it
+                return [f"{file} cannot be read: its header length runs past the end of the file"]
             header = json.loads(f.read(length))
             header.pop("__metadata__", None)
             bad = [f"dense tensor {name} (not in the file)" for name in sorted(set(sums) - set(header))]
+            bad += [f"dense tensor {name} (no checksum in store.json)" for name in sorted(set(header) - set(sums))]
             for name in sorted(set(header) & set(sums)):
                 begin, end = header[name]["data_offsets"]
                 f.seek(8 + length + begin)

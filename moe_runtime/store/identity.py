@@ -46,6 +46,8 @@ def _header(file: Path) -> tuple[dict, int]:
     try:
         with open(file, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
+            if 8 + length > file.stat().st_size:  # a corrupt length would otherwise allocate it
+                raise ValueError(f"its header length {length} runs past the end of the file")
             return json.loads(f.read(length)), 8 + length
     except (OSError, ValueError) as err:
         raise ValueError(f"{file} is not a readable safetensors file (corrupt or truncated?): {err}") from None

@@ -98,7 +98,7 @@ def open_store_model(folder: Path, offload: str, shape, codec, device, dev=None)
     from ..checkpoint import open_safetensors
 
     meta = read_meta(folder) or {}
-    if meta.get("version") == STORE_VERSION and meta.get("form") != codec.form_name:
+    if meta and (meta.get("version") != STORE_VERSION or meta.get("form") != codec.form_name):
         raise ValueError(f"the store {folder.name} cannot run here: {stale_reason(meta, codec)} (a store is written "
                          f"in the form of the device it was built for); build one for this device from the original "
                          f"checkpoint: python -m moe_runtime.store build MODEL --device {device.type} ...")
@@ -117,8 +117,6 @@ def open_store_model(folder: Path, offload: str, shape, codec, device, dev=None)
 def find_built_from(store_dir: Path, source_path: Path, identity: dict) -> Path | None:
     """A store in `store_dir` built from the local folder `source_path` with the settings of `identity`
     (all but its weights' part, which needs the shards): how a folder whose shards are gone finds its store."""
-    from . import read_meta
-
     wanted = str(Path(source_path).resolve())
     settings = {k: v for k, v in identity.items() if k != "weights"}
     for info_file in sorted(Path(store_dir).glob(f"*/{SETTINGS_FILE}")):
